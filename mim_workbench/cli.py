@@ -1,0 +1,120 @@
+"""mim-workbench command line: the same core functions the GUI calls.
+
+Every subcommand is a pair ``_add_<name>(sub)`` / ``_run_<name>(args) -> int``.
+Errors derived from :class:`MimError` become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import MimError
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------- info
+def _add_info(sub: argparse._SubParsersAction) -> Runner:
+    p = sub.add_parser("info", help="print one JSON line per image file: shape, spacing, window, range")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--keep-color", action="store_true", help="do not convert RGB to grey")
+    return _run_info
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .io import info_records
+
+    status = 0
+    for path in args.paths:
+        for rec in info_records(path, keep_color=args.keep_color):
+            if "error" in rec:
+                print(f"mim-workbench info: {rec['error']}", file=sys.stderr)
+                status = 2
+            else:
+                print(json.dumps(rec), flush=True)
+    return status
+
+
+# --------------------------------------------------------------------- gui / demo
+def _add_gui(sub: argparse._SubParsersAction) -> Runner:
+    p = sub.add_parser("gui", help="open napari with the workbench docked and a sample chest X-ray")
+    p.add_argument("paths", nargs="*", help="images to open instead of the sample")
+    p.add_argument("--demo-out", default="mim-demo", help="where the headless demo writes when no display exists")
+    return _run_gui
+
+
+def _has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
+
+
+def _run_gui(args: argparse.Namespace) -> int:
+    if not _has_display():
+        print("mim-workbench gui: no display found (DISPLAY is unset); running the headless demo instead "
+              f"(pictures go to {args.demo_out}/)", file=sys.stderr)
+        return _run_demo(argparse.Namespace(out=args.demo_out, seconds=60.0, device="auto"))
+    from .gui_launch import launch
+
+    return launch(args.paths)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> Runner:
+    p = sub.add_parser("demo", help="headless end-to-end run on the sample data; writes pictures")
+    p.add_argument("--out", default="mim-demo", help="output folder")
+    p.add_argument("--seconds", type=float, default=60.0, help="pretraining time budget")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    return _run_demo
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), seconds=args.seconds, device=args.device)
+    return 0
+
+
+# --------------------------------------------------------------------- engine commands
+# (pretrain, reconstruct, export, cache) are registered below by _ENGINE_COMMANDS.
+from .cli_engine import ENGINE_COMMANDS  # noqa: E402
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], Runner]] = [_add_info, _add_gui, _add_demo, *ENGINE_COMMANDS]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
+    parser = argparse.ArgumentParser(prog="mim-workbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mim-workbench {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    runners: dict[str, Runner] = {}
+    for add in COMMANDS:
+        before = set(sub.choices)
+        runner = add(sub)
+        for name in set(sub.choices) - before:
+            runners[name] = runner
+    return parser, runners
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, runners = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return runners[args.command](args)
+    except MimError as exc:
+        print(f"mim-workbench {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mim-workbench {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

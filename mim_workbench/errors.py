@@ -1,0 +1,30 @@
+"""Typed errors: every user-facing failure names the file or value at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MimError(Exception):
+    """Base class for errors the CLI and GUI show as one clear line."""
+
+
+class ReaderError(MimError):
+    """A file could not be read as an image or mask; ``path`` names it."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class DatasetError(MimError):
+    """A dataset folder or manifest is malformed."""
+
+
+class ConfigError(MimError):
+    """A setting has a value we cannot use; the message names it."""
+
+
+class CheckpointError(MimError):
+    """A checkpoint is missing, incomplete or of the wrong kind."""

@@ -1,0 +1,29 @@
+"""Turn core results (LoadedImage) into napari layer data tuples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mim_workbench.io import LoadedImage
+
+LayerData = tuple[Any, dict, str]
+
+
+def to_layer_data(loaded: LoadedImage, *, name: str | None = None) -> LayerData:
+    meta = loaded.meta
+    name = name or Path(meta.source).stem
+    kwargs: dict[str, Any] = {
+        "name": name,
+        "scale": tuple(loaded.scale),
+        "metadata": {"mim_workbench": meta.to_dict(), "source": meta.source},
+    }
+    if meta.kind == "mask":
+        kwargs["name"] = f"region: {name}"
+        kwargs["opacity"] = 0.45
+        return loaded.data, kwargs, "labels"
+    kwargs.update(colormap="gray", contrast_limits=(0.0, 1.0), rgb=bool(meta.color))
+    if meta.color:
+        kwargs.pop("colormap")
+        kwargs.pop("contrast_limits")
+    return loaded.data, kwargs, "image"

@@ -1,0 +1,53 @@
+"""napari reader: DICOM (files, extension-less files, folders), PNG/JPEG/TIFF, zarr, npy.
+
+Files whose name or folder says "mask" open as region Labels layers. Read errors become
+a napari notification naming the file (and nothing is added), never a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from mim_workbench.errors import MimError
+from mim_workbench.io import is_supported, read_mask, read_path
+
+from ._layers import LayerData, to_layer_data
+
+
+def _looks_like_mask(path: Path) -> bool:
+    words = (path.stem.lower(), path.parent.name.lower())
+    return any("mask" in w for w in words)
+
+
+def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    paths = [path] if isinstance(path, str) else list(path)
+    if not paths or not all(is_supported(p) for p in paths):
+        return None
+    return read_layers
+
+
+def read_layers(path: str | list[str]) -> list[LayerData]:
+    paths = [path] if isinstance(path, str) else list(path)
+    layers: list[LayerData] = []
+    for p in map(Path, paths):
+        try:
+            if p.is_file() and _looks_like_mask(p) and p.suffix.lower() in (".png", ".tif", ".tiff", ".npy"):
+                layers.append((read_mask(p), {"name": f"region: {p.stem}", "opacity": 0.45,
+                                              "metadata": {"source": str(p)}}, "labels"))
+            else:
+                layers.extend(to_layer_data(li) for li in read_path(p))
+        except MimError as exc:
+            _notify_error(str(exc))
+    return layers
+
+
+def _notify_error(message: str) -> None:
+    try:
+        from napari.utils.notifications import show_error
+
+        show_error(message)
+    except Exception:  # napari absent (core tests): surface it as a warning instead
+        import warnings
+
+        warnings.warn(message, stacklevel=2)

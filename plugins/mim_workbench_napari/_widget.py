@@ -1,0 +1,164 @@
+"""The Workbench dock widget: data & regions, masking preview.
+
+Thin skin: every computation (reading masks, building masks, saving) is a core call;
+this module only wires napari layers and magicgui controls to it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, SpinBox, CheckBox)
+
+from mim_workbench.errors import MimError
+
+if TYPE_CHECKING:
+    import napari
+
+PREVIEW_PREFIX = "masking preview: "
+
+
+def _notify(message: str, error: bool = False) -> None:
+    from napari.utils.notifications import show_error, show_info
+
+    (show_error if error else show_info)(message)
+
+
+class WorkbenchWidget(Container):
+    """Data & regions: pick the image, create/import/save its region mask, preview masking."""
+
+    def __init__(self, viewer: "napari.viewer.Viewer") -> None:
+        super().__init__(labels=True)
+        self.viewer = viewer
+        self.image = ComboBox(label="Image", choices=self._image_layers)
+        self.region = ComboBox(label="Region", choices=self._label_layers, nullable=True)
+        self.new_region = PushButton(text="New region layer")
+        self.import_path = FileEdit(label="Import mask", mode="r", filter="*.png *.tif *.tiff *.npy *.dcm")
+        self.save_path = FileEdit(label="Save mask as", mode="w", filter="*.png *.tif *.tiff *.npy")
+        self.save = PushButton(text="Save region mask")
+        self.strategy = ComboBox(label="Strategy", choices=["random", "block", "region"], value="region")
+        self.ratio = FloatSlider(label="Mask ratio", min=0.05, max=0.95, step=0.05, value=0.75)
+        self.patch = SpinBox(label="Patch size", min=4, max=128, value=16)
+        self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
+        self.show_preview = CheckBox(text="Show masking preview", value=False)
+        self.status = Label(value="")
+        self.extend([self.image, self.region, self.new_region, self.import_path, self.save_path, self.save,
+                     self.strategy, self.ratio, self.patch, self.seed, self.show_preview, self.status])
+
+        self.new_region.changed.connect(self.create_region_layer)
+        self.import_path.changed.connect(lambda: self.import_region(self.import_path.value))
+        self.save.changed.connect(lambda: self.save_region(self.save_path.value))
+        for w in (self.image, self.region, self.strategy, self.ratio, self.patch, self.seed, self.show_preview):
+            w.changed.connect(self.update_preview)
+        viewer.layers.events.inserted.connect(self._refresh_choices)
+        viewer.layers.events.removed.connect(self._refresh_choices)
+        self._watched = None
+        self._refresh_choices()
+
+    # ------------------------------------------------------------------ layer lists
+    def _image_layers(self, _=None) -> list:
+        from napari.layers import Image
+
+        return [l for l in self.viewer.layers if isinstance(l, Image) and not l.name.startswith(PREVIEW_PREFIX)]
+
+    def _label_layers(self, _=None) -> list:
+        from napari.layers import Labels
+
+        return [l for l in self.viewer.layers if isinstance(l, Labels) and not l.name.startswith(PREVIEW_PREFIX)]
+
+    def _refresh_choices(self, event=None) -> None:
+        self.image.reset_choices()
+        self.region.reset_choices()
+        if self.region.value is None:
+            img = self.image.value
+            match = [l for l in self._label_layers() if img is not None and l.name == f"region: {img.name}"]
+            if match:
+                self.region.value = match[0]
+        self._watch_region()
+
+    def _watch_region(self) -> None:
+        layer = self.region.value
+        if layer is self._watched:
+            return
+        if self._watched is not None:
+            try:
+                self._watched.events.paint.disconnect(self.update_preview)
+            except (TypeError, ValueError, AttributeError):
+                pass
+        self._watched = layer
+        if layer is not None and hasattr(layer.events, "paint"):
+            layer.events.paint.connect(self.update_preview)
+
+    # ------------------------------------------------------------------ regions
+    def create_region_layer(self) -> None:
+        img = self.image.value
+        if img is None:
+            _notify("Open an image first: the region layer takes its shape and scale.", error=True)
+            return
+        shape = img.data.shape[:2]
+        layer = self.viewer.add_labels(np.zeros(shape, dtype=np.uint8), name=f"region: {img.name}",
+                                       scale=img.scale[-2:], translate=img.translate[-2:], opacity=0.45)
+        layer.mode = "paint"
+        self.region.value = layer
+
+    def import_region(self, path: Path | str) -> None:
+        from mim_workbench.io import read_mask
+
+        img = self.image.value
+        if img is None or not str(path) or Path(path).is_dir():
+            return
+        try:
+            mask = read_mask(path, shape=img.data.shape[:2])
+        except MimError as exc:
+            _notify(str(exc), error=True)
+            return
+        name = f"region: {img.name}"
+        if name in self.viewer.layers:
+            self.viewer.layers[name].data = mask
+        else:
+            self.viewer.add_labels(mask, name=name, scale=img.scale[-2:], translate=img.translate[-2:], opacity=0.45)
+        self.region.value = self.viewer.layers[name]
+
+    def save_region(self, path: Path | str) -> None:
+        from mim_workbench.io.mask_writer import save_mask
+
+        layer = self.region.value
+        if layer is None or not str(path) or Path(path).is_dir():
+            _notify("Choose a region layer and a file name to save to.", error=True)
+            return
+        try:
+            out = save_mask(path, np.asarray(layer.data))
+        except MimError as exc:
+            _notify(str(exc), error=True)
+            return
+        self.status.value = f"saved {out.name}"
+
+    # ------------------------------------------------------------------ masking preview
+    def update_preview(self, event=None) -> None:
+        self._watch_region()
+        img = self.image.value
+        name = PREVIEW_PREFIX + (img.name if img is not None else "")
+        if not self.show_preview.value or img is None:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            return
+        from mim_workbench.masking import preview_mask
+
+        region = None if self.region.value is None else np.asarray(self.region.value.data)
+        try:
+            masked = preview_mask(img.data.shape[:2], strategy=self.strategy.value, ratio=float(self.ratio.value),
+                                  patch_size=int(self.patch.value), region=region, seed=int(self.seed.value))
+        except MimError as exc:
+            _notify(str(exc), error=True)
+            return
+        overlay = masked.astype(np.uint8)
+        if name in self.viewer.layers:
+            self.viewer.layers[name].data = overlay
+        else:
+            layer = self.viewer.add_labels(overlay, name=name, scale=img.scale[-2:], translate=img.translate[-2:],
+                                           opacity=0.35)
+            layer.editable = False
+        n = int(overlay.sum() / max(1, self.patch.value ** 2))
+        self.status.value = f"{self.strategy.value}: {masked.mean():.0%} of pixels masked (~{n} patches)"

@@ -1,0 +1,43 @@
+"""Shared fixtures. torch is imported first: importing triton after napari has made its
+GL context segfaulted under Xvfb/Mesa."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  (import order matters, see above)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    env = os.environ.get("MIM_SHARED_DATA")
+    root = Path(env) if env else REPO.parent / "shared" / "data"
+    return root if root.is_dir() else None
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    root = shared_data_dir()
+    if root is None:
+        pytest.skip("../shared/data is not present")
+    return root
+
+
+@pytest.fixture
+def sample_root() -> Path:
+    from mim_workbench.sample import sample_root
+
+    return sample_root()
+
+
+def pytest_collection_modifyitems(config, items):
+    # GUI tests need a display; without one (no Xvfb) they skip instead of crashing Qt.
+    if os.environ.get("DISPLAY"):
+        return
+    skip = pytest.mark.skip(reason="no display: run the suite through scripts/test.sh (Xvfb)")
+    for item in items:
+        if "gui" in item.keywords:
+            item.add_marker(skip)
