@@ -1,0 +1,203 @@
+"""On-disk cache of decoded, letterboxed training samples.
+
+Why: decoding a JPEG 2000 DICOM and resizing it costs far more than one training
+step; every epoch would repeat it. Entries hold the *pre-augmentation* arrays
+(``image``, ``region``, ``fine``), so augmentation stays random per epoch.
+
+Correctness first: the key is a sha256 over the source files' resolved paths,
+sizes and ``mtime_ns`` (image and mask), the geometry (img_size, fine_scale,
+in_chans), the reader settings, :data:`CACHE_FORMAT` and the package version.
+Editing a file, changing a setting or upgrading the reader therefore misses;
+a stale entry can never be served.
+
+Layout: ``<root>/<key[:2]>/<key>.zarr`` -- one zarr group per entry, written to a
+temporary name and renamed into place, so concurrent DataLoader workers or DDP
+ranks never see half-written entries. Eviction is LRU: every hit stamps the
+entry's ``zarr.json`` access time explicitly (kernel atime is unreliable under
+``noatime``/``relatime``), and when the total exceeds ``max_bytes`` the least
+recently used entries are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+#: Bump when the reader or letterbox output changes for identical inputs.
+CACHE_FORMAT = 1
+DEFAULT_MAX_BYTES = 2 * 1024**3
+_MARKER = "zarr.json"
+
+
+def default_cache_root() -> Path:
+    """``$MIM_WORKBENCH_CACHE/decoded``, else ``~/.cache/mim-workbench/decoded``.
+
+    ``MIM_WORKBENCH_CACHE`` names the workbench's cache base (sample data uses
+    ``<base>/samples``), so the decoded samples get their own sub-folder.
+    """
+    env = os.environ.get("MIM_WORKBENCH_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
+    return base / "decoded"
+
+
+def _fingerprint(path: Path) -> list:
+    """(resolved path, size, mtime_ns) -- for a directory store, over all its files."""
+    p = Path(path).resolve()
+    st = p.stat()
+    if not p.is_dir():
+        return [str(p), st.st_size, st.st_mtime_ns]
+    size, newest = 0, st.st_mtime_ns
+    for dirpath, _dirs, files in os.walk(p):
+        for name in files:
+            fst = os.stat(os.path.join(dirpath, name))
+            size += fst.st_size
+            newest = max(newest, fst.st_mtime_ns)
+    return [str(p), size, newest]
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class DecodeCache:
+    """Letterboxed arrays keyed by source files + settings, LRU-capped at ``max_bytes``."""
+
+    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_cache_root()
+        self.max_bytes = int(max_bytes)
+        self._total: int | None = None  # lazily scanned, then tracked
+
+    def __repr__(self) -> str:
+        return f"DecodeCache(root={str(self.root)!r}, max_bytes={self.max_bytes})"
+
+    # ---------------------------------------------------------------- keys
+    @staticmethod
+    def key(sources: Sequence[str | os.PathLike | None], settings: Mapping) -> str:
+        """sha256 of the sources' identity (path, size, mtime_ns) and the settings."""
+        from mim_workbench import __version__
+
+        payload = {
+            "format": CACHE_FORMAT,
+            "version": __version__,
+            "sources": [None if s is None else _fingerprint(Path(s)) for s in sources],
+            "settings": dict(settings),
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def _entry(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.zarr"
+
+    # ---------------------------------------------------------------- access
+    def get(self, key: str) -> dict[str, np.ndarray] | None:
+        """The stored arrays, or None (missing, or removed/damaged under us)."""
+        import zarr
+
+        entry = self._entry(key)
+        if not (entry / _MARKER).is_file():
+            return None
+        try:
+            group = zarr.open_group(str(entry), mode="r")
+            arrays = {name: np.asarray(arr[...]) for name, arr in group.arrays()}
+        except Exception:
+            return None
+        now = time.time()
+        try:
+            os.utime(entry / _MARKER, (now, now))
+        except OSError:
+            pass
+        return arrays
+
+    def put(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Store arrays atomically; silently skipped when the cache cannot hold them."""
+        import zarr
+
+        nbytes = sum(int(np.asarray(a).nbytes) for a in arrays.values())
+        if nbytes > self.max_bytes:
+            return
+        final = self._entry(key)
+        if (final / _MARKER).is_file():
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{uuid.uuid4().hex}.zarr"
+        try:
+            group = zarr.open_group(str(tmp), mode="w")
+            for name, value in arrays.items():
+                value = np.ascontiguousarray(value)
+                arr = group.create_array(name, shape=value.shape, dtype=value.dtype, chunks=value.shape)
+                arr[...] = value
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another worker stored it first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        size = _dir_size(final)
+        if self._total is None:
+            self._total = self.size_bytes()
+        else:
+            self._total += size
+        if self._total > self.max_bytes:
+            self.evict()
+
+    # ---------------------------------------------------------------- housekeeping
+    def _entries(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [e for sub in self.root.iterdir() if sub.is_dir() for e in sub.glob("*.zarr") if not e.name.startswith(".")]
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+    def size_bytes(self) -> int:
+        """Bytes used by all entries (a full scan)."""
+        return sum(_dir_size(e) for e in self._entries())
+
+    def evict(self, target_bytes: int | None = None) -> int:
+        """Delete least-recently-used entries until at most ``target_bytes`` remain; returns bytes freed."""
+        target = self.max_bytes if target_bytes is None else int(target_bytes)
+        entries = []
+        for e in self._entries():
+            try:
+                used = os.stat(e / _MARKER).st_atime
+            except OSError:
+                used = 0.0
+            entries.append((used, e, _dir_size(e)))
+        total = sum(size for _, _, size in entries)
+        freed = 0
+        for _used, e, size in sorted(entries, key=lambda t: (t[0], t[1].name)):
+            if total <= target:
+                break
+            shutil.rmtree(e, ignore_errors=True)
+            total -= size
+            freed += size
+        self._total = total
+        return freed
+
+    def clear(self) -> int:
+        """Remove every entry (and stray temporaries); returns bytes freed."""
+        freed = 0
+        if self.root.is_dir():
+            for sub in self.root.iterdir():
+                if sub.is_dir() and len(sub.name) == 2:
+                    freed += _dir_size(sub)
+                    shutil.rmtree(sub, ignore_errors=True)
+        self._total = 0
+        return freed
