@@ -24,7 +24,7 @@ def preview_mask(shape: tuple[int, int], *, strategy: str, ratio: float, patch_s
     h, w = int(shape[0]), int(shape[1])
     cell = max(1.0, patch_size * max(h, w) / img_size)   # source pixels per model patch
     gh, gw = max(1, math.ceil(h / cell)), max(1, math.ceil(w / cell))
-    cov = None
+    cov = torch.zeros(1, gh, gw)  # no region yet (nothing painted): region masking falls back to random
     if region is not None:
         reg = np.asarray(region)[:h, :w] > 0
         rows = np.minimum((np.arange(h) / cell).astype(int), gh - 1)

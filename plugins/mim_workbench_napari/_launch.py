@@ -25,5 +25,7 @@ def open_workbench(viewer, paths: list[str] | None = None):
             viewer.open(str(Path(p)), plugin="mim-workbench")
     else:
         viewer.open_sample("mim-workbench", "chest_xray")
-    _, widget = viewer.window.add_plugin_dock_widget("mim-workbench", "Workbench")
+    # the tab docked last is the one shown: Workbench (data & regions) comes first for a new user
+    viewer.window.add_plugin_dock_widget("mim-workbench", "Pretrain")
+    _, widget = viewer.window.add_plugin_dock_widget("mim-workbench", "Workbench", tabify=True)
     return widget

@@ -7,17 +7,17 @@ this module only wires napari layers and magicgui controls to it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, SpinBox, CheckBox)
 
 from mim_workbench.errors import MimError
 
-if TYPE_CHECKING:
-    import napari
+import napari  # the viewer annotation must resolve: napari injects it by type
 
 PREVIEW_PREFIX = "masking preview: "
+# layers the workbench itself makes; they are never offered as inputs
+PREVIEW_PREFIXES = (PREVIEW_PREFIX, "masked: ", "recon: ", "recon+visible: ", "error: ")
 
 
 def _notify(message: str, error: bool = False) -> None:
@@ -29,9 +29,9 @@ def _notify(message: str, error: bool = False) -> None:
 class WorkbenchWidget(Container):
     """Data & regions: pick the image, create/import/save its region mask, preview masking."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer") -> None:
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
-        self.viewer = viewer
+        self.viewer = napari_viewer
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.region = ComboBox(label="Region", choices=self._label_layers, nullable=True)
         self.new_region = PushButton(text="New region layer")
@@ -52,8 +52,8 @@ class WorkbenchWidget(Container):
         self.save.changed.connect(lambda: self.save_region(self.save_path.value))
         for w in (self.image, self.region, self.strategy, self.ratio, self.patch, self.seed, self.show_preview):
             w.changed.connect(self.update_preview)
-        viewer.layers.events.inserted.connect(self._refresh_choices)
-        viewer.layers.events.removed.connect(self._refresh_choices)
+        self.viewer.layers.events.inserted.connect(self._refresh_choices)
+        self.viewer.layers.events.removed.connect(self._refresh_choices)
         self._watched = None
         self._refresh_choices()
 
@@ -61,12 +61,12 @@ class WorkbenchWidget(Container):
     def _image_layers(self, _=None) -> list:
         from napari.layers import Image
 
-        return [l for l in self.viewer.layers if isinstance(l, Image) and not l.name.startswith(PREVIEW_PREFIX)]
+        return [l for l in self.viewer.layers if isinstance(l, Image) and not l.name.startswith(PREVIEW_PREFIXES)]
 
     def _label_layers(self, _=None) -> list:
         from napari.layers import Labels
 
-        return [l for l in self.viewer.layers if isinstance(l, Labels) and not l.name.startswith(PREVIEW_PREFIX)]
+        return [l for l in self.viewer.layers if isinstance(l, Labels) and not l.name.startswith(PREVIEW_PREFIXES)]
 
     def _refresh_choices(self, event=None) -> None:
         self.image.reset_choices()
@@ -144,7 +144,7 @@ class WorkbenchWidget(Container):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
             return
-        from mim_workbench.masking import preview_mask
+        from mim_workbench.masking.preview import preview_mask
 
         region = None if self.region.value is None else np.asarray(self.region.value.data)
         try:
@@ -153,12 +153,12 @@ class WorkbenchWidget(Container):
         except MimError as exc:
             _notify(str(exc), error=True)
             return
-        overlay = masked.astype(np.uint8)
+        overlay = masked.astype(np.float32)
         if name in self.viewer.layers:
             self.viewer.layers[name].data = overlay
         else:
-            layer = self.viewer.add_labels(overlay, name=name, scale=img.scale[-2:], translate=img.translate[-2:],
-                                           opacity=0.35)
-            layer.editable = False
+            # an additive cyan wash, so the region's labels colour stays readable underneath
+            self.viewer.add_image(overlay, name=name, scale=img.scale[-2:], translate=img.translate[-2:],
+                                  colormap="cyan", contrast_limits=(0.0, 1.0), blending="additive", opacity=0.45)
         n = int(overlay.sum() / max(1, self.patch.value ** 2))
         self.status.value = f"{self.strategy.value}: {masked.mean():.0%} of pixels masked (~{n} patches)"

@@ -1,0 +1,115 @@
+"""Run ``pretrain`` in a child process and stream its events back.
+
+Why a process and not a thread: training in a GUI thread slows the viewer (micro-sam
+removed its thread workers for this) and GPU memory is only returned when the process
+that took it exits. The child is started with "spawn" so it inherits neither Qt nor an
+initialised CUDA context; events come back on a multiprocessing queue, stop/pause go
+down through :class:`ProcessControl`. The caller (a napari ``thread_worker``, or any
+loop) polls :meth:`TrainingProcess.poll`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue as queue_mod
+import traceback
+from typing import Any
+
+from .control import ProcessControl
+from .events import Event, Failed, Finished
+
+_DONE = "__mim_workbench_done__"
+
+
+def default_threads() -> int:
+    """Leave the GUI one core: torch threads = cores − 1 (at least 1)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def _child_main(config: dict[str, Any], events: Any, control: ProcessControl) -> None:
+    try:
+        from .config import PretrainConfig
+        from .pretrain import pretrain
+
+        pretrain(PretrainConfig.from_dict(config), on_event=events.put, control=control)
+    except BaseException as exc:  # report every failure; the parent must never hang waiting
+        events.put(Failed(message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()))
+    finally:
+        events.put(_DONE)
+
+
+class TrainingProcess:
+    """A pretraining run in a spawned child process.
+
+    >>> run = TrainingProcess(config.to_dict()); run.start()
+    >>> while run.running: handle(run.poll(0.1))
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        cfg = dict(config)
+        if cfg.get("threads") is None:
+            cfg["threads"] = default_threads()
+        self.config = cfg
+        self._ctx = multiprocessing.get_context("spawn")
+        self._events = self._ctx.Queue()
+        self.control = ProcessControl(self._ctx)
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._done = False
+        self.finished: Finished | None = None
+        self.failed: Failed | None = None
+
+    def start(self) -> None:
+        self._proc = self._ctx.Process(target=_child_main, args=(self.config, self._events, self.control),
+                                       name="mim-workbench-pretrain", daemon=True)
+        self._proc.start()
+
+    @property
+    def running(self) -> bool:
+        return not self._done
+
+    def poll(self, timeout: float = 0.1) -> list[Event]:
+        """Events that arrived, waiting up to ``timeout`` for the first one."""
+        out: list[Event] = []
+        block = True
+        while not self._done:
+            try:
+                item = self._events.get(timeout=timeout) if block else self._events.get_nowait()
+            except queue_mod.Empty:
+                break
+            block = False
+            if isinstance(item, str) and item == _DONE:
+                self._done = True
+                break
+            if isinstance(item, Finished):
+                self.finished = item
+            elif isinstance(item, Failed):
+                self.failed = item
+            out.append(item)
+        if not self._done and self._proc is not None and not self._proc.is_alive() and self._events.empty():
+            # The child died without saying so (killed, out of memory): report it, never hang.
+            self._done = True
+            msg = f"training process exited unexpectedly (exit code {self._proc.exitcode})"
+            self.failed = Failed(message=msg)
+            out.append(self.failed)
+        return out
+
+    def pause(self) -> None:
+        self.control.request_pause()
+
+    def resume(self) -> None:
+        self.control.resume()
+
+    def stop(self) -> None:
+        """Ask the loop to checkpoint and finish; it ends at the next step."""
+        self.control.request_stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._proc is not None:
+            self._proc.join(timeout)
+
+    def terminate(self) -> None:
+        """Last resort when a stop request is not honoured in time."""
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)

@@ -1,0 +1,260 @@
+"""Pretrain dock: settings, Start / Pause / Stop / Resume, progress, live loss, previews.
+
+Training runs in a child process (:class:`mim_workbench.training.runner.TrainingProcess`)
+supervised by a napari ``thread_worker`` that only forwards events; this widget turns
+them into a progress bar, a loss curve and preview layers updated in place by name.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton,
+                              SpinBox)
+
+from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preview, Progress, Started
+
+import napari  # the viewer annotation must resolve: napari injects it by type
+
+MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
+
+
+def detected_devices() -> list[str]:
+    import torch
+
+    found = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class LossPlot:
+    """A small matplotlib canvas with train and val loss, redrawn at most every 0.5 s."""
+
+    def __init__(self) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3.2, 2.0), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.axes = self.figure.add_subplot(111)
+        self.train: tuple[list[int], list[float]] = ([], [])
+        self.val: tuple[list[int], list[float]] = ([], [])
+        self._last_draw = 0.0
+        self.clear()
+
+    def clear(self) -> None:
+        self.train = ([], [])
+        self.val = ([], [])
+        self.redraw(force=True)
+
+    def add(self, step: int, loss: float, val_loss: float | None) -> None:
+        if math.isfinite(loss):
+            self.train[0].append(step)
+            self.train[1].append(loss)
+        if val_loss is not None and math.isfinite(val_loss):
+            self.val[0].append(step)
+            self.val[1].append(val_loss)
+        self.redraw()
+
+    def redraw(self, force: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.5:
+            return
+        self._last_draw = now
+        ax = self.axes
+        ax.clear()
+        ax.plot(*self.train, lw=1, label="train")
+        if self.val[0]:
+            ax.plot(*self.val, "o-", ms=3, lw=1, label="val")
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if self.train[0]:
+            ax.legend(fontsize=7)
+        self.canvas.draw_idle()
+
+
+class PretrainWidget(Container):
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        from mim_workbench.sample import sample_root
+
+        self.viewer = napari_viewer
+        self.data = FileEdit(label="Dataset folder", mode="d", value=str(sample_root()))
+        self.out = FileEdit(label="Run folder", mode="d", value=str(Path.home() / "mim-workbench-runs" / "run"))
+        self.method = ComboBox(label="Method", choices=["mae", "simmim", "miram"], value="mae")
+        self.strategy = ComboBox(label="Masking", choices=["region", "random", "block"], value="region")
+        self.model = ComboBox(label="Model", choices=MODELS, value=MODELS[0])
+        self.img_size = SpinBox(label="Image size", min=32, max=1024, step=16, value=224)
+        self.ratio = FloatSpinBox(label="Mask ratio", min=0.05, max=0.95, step=0.05, value=0.75)
+        self.epochs = SpinBox(label="Epochs", min=1, max=10000, value=20)
+        self.batch = SpinBox(label="Batch", min=1, max=4096, value=16)
+        self.blr = FloatSpinBox(label="Base lr", min=1e-6, max=1.0, step=1e-5, value=1.5e-4)
+        devices = detected_devices()
+        self.device = ComboBox(label="Device", choices=devices, value="auto")
+        self.resume_from = FileEdit(label="Resume from", mode="r", value="")
+        self.start = PushButton(text="Start")
+        self.pause = PushButton(text="Pause")
+        self.stop = PushButton(text="Stop")
+        self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
+        self.status = Label(value=f"ready (devices: {', '.join(d for d in devices if d != 'auto')})")
+        self.checkpoints = ComboBox(label="Checkpoints", choices=[])
+        self.extend([self.data, self.out, self.method, self.strategy, self.model, self.img_size, self.ratio,
+                     self.epochs, self.batch, self.blr, self.device, self.resume_from, self.start, self.pause,
+                     self.stop, self.progress, self.status, self.checkpoints])
+        self.plot = LossPlot()
+        self.native.layout().addWidget(self.plot.canvas)
+
+        self.start.changed.connect(self.start_training)
+        self.pause.changed.connect(self.toggle_pause)
+        self.stop.changed.connect(self.stop_training)
+        self.run = None
+        self.worker = None
+        self._paused = False
+        self._preview_name = "preview"
+        self._set_running(False)
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.shutdown)
+        self.native.destroyed.connect(self.shutdown)
+
+    # ------------------------------------------------------------------ settings → config
+    def config_dict(self) -> dict:
+        from mim_workbench.training import PretrainConfig
+
+        resume = str(self.resume_from.value) if str(self.resume_from.value) not in ("", ".") else None
+        cfg = PretrainConfig(
+            data=str(self.data.value), out=str(self.out.value), method=self.method.value,
+            strategy=self.strategy.value, model=self.model.value,
+            img_size=(int(self.img_size.value), int(self.img_size.value)), ratio=float(self.ratio.value),
+            epochs=int(self.epochs.value), batch_size=int(self.batch.value), blr=float(self.blr.value),
+            device=self.device.value, resume=resume,
+        )
+        return cfg.to_dict()
+
+    # ------------------------------------------------------------------ control
+    def _set_running(self, running: bool) -> None:
+        self.start.enabled = not running
+        self.pause.enabled = running
+        self.stop.enabled = running
+        for w in (self.data, self.out, self.method, self.strategy, self.model, self.img_size, self.ratio,
+                  self.epochs, self.batch, self.blr, self.device, self.resume_from):
+            w.enabled = not running
+
+    def start_training(self) -> None:
+        from napari.qt.threading import thread_worker
+        from napari.utils.notifications import show_error
+
+        from mim_workbench.errors import MimError
+        from mim_workbench.training.runner import TrainingProcess
+
+        try:
+            config = self.config_dict()
+        except MimError as exc:
+            show_error(str(exc))
+            return
+        self.run = TrainingProcess(config)
+        self.plot.clear()
+        self._paused = False
+        self.pause.text = "Pause"
+        self._preview_name = Path(str(self.data.value)).name or "preview"
+
+        @thread_worker
+        def supervise(run):
+            run.start()
+            while run.running:
+                yield from run.poll(0.1)
+
+        self.worker = supervise(self.run)
+        self.worker.yielded.connect(self.on_event)
+        self.worker.finished.connect(self._on_worker_done)
+        self._set_running(True)
+        self.status.value = "starting…"
+        self.worker.start()
+
+    def toggle_pause(self) -> None:
+        if self.run is None:
+            return
+        if self._paused:
+            self.run.resume()
+            self.pause.text = "Pause"
+            self.status.value = "resumed"
+        else:
+            self.run.pause()
+            self.pause.text = "Continue"
+            self.status.value = "paused"
+        self._paused = not self._paused
+
+    def stop_training(self) -> None:
+        if self.run is not None:
+            self.run.stop()
+            self.status.value = "stopping: saving a checkpoint…"
+
+    def shutdown(self, *_) -> None:
+        """Viewer closing: ask the run to checkpoint and stop, wait briefly, then end it."""
+        run, self.run = self.run, None
+        if run is None or not run.running:
+            return
+        run.stop()
+        run.join(timeout=30)
+        run.terminate()
+
+    def _on_worker_done(self) -> None:
+        self._set_running(False)
+        self.worker = None
+
+    # ------------------------------------------------------------------ events → widgets and layers
+    def on_event(self, event) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        if isinstance(event, Started):
+            self.progress.max = max(1, event.stop_at or event.total_steps)
+            self.progress.value = event.start_step
+            self.status.value = f"training on {event.device} ({event.n_train} images)"
+        elif isinstance(event, Progress):
+            self.progress.value = min(event.step, self.progress.max)
+            self.status.value = (f"step {event.step}/{event.total}  loss {event.loss:.4f}  "
+                                 f"{event.images_per_s:.1f} img/s  ETA {_fmt_eta(event.eta_s)}")
+            self.plot.add(event.step, event.loss, event.val_loss)
+        elif isinstance(event, Preview):
+            self._show_preview(event)
+        elif isinstance(event, CheckpointSaved):
+            choices = [*self.checkpoints.choices, event.path]
+            self.checkpoints.choices = choices
+            self.checkpoints.value = event.path
+        elif isinstance(event, Finished):
+            self.status.value = f"finished ({event.reason}) at step {event.step}"
+            if event.last_checkpoint:
+                self.resume_from.value = event.last_checkpoint
+                show_info(f"Pretraining {event.reason}; last checkpoint: {event.last_checkpoint}")
+        elif isinstance(event, Failed):
+            self.status.value = "failed; ready"
+            hint = f" Last checkpoint: {event.last_checkpoint}" if event.last_checkpoint else ""
+            show_error(f"Pretraining failed: {event.message}.{hint}")
+
+    def _show_preview(self, event: Preview) -> None:
+        layers = {"masked": event.masked, "recon": event.reconstruction, "error": event.error}
+        for prefix, data in layers.items():
+            name = f"{prefix}: {self._preview_name}"
+            if name in self.viewer.layers:
+                self.viewer.layers[name].data = data
+            else:
+                cmap = "inferno" if prefix == "error" else "gray"
+                self.viewer.add_image(data, name=name, colormap=cmap,
+                                      contrast_limits=(0.0, max(1e-6, float(data.max())) if prefix == "error" else 1.0))
