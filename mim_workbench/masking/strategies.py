@@ -1,0 +1,277 @@
+"""Masking strategies: which patches the model must reconstruct.
+
+Every strategy has the same signature::
+
+    fn(batch_size, grid, ratio, *, region=None, generator=None, device=None, **opts)
+        -> torch.BoolTensor[batch_size, gh * gw]          # True = masked
+
+and masks the *same number of patches in every sample*, so MAE-style encoders can
+drop the masked tokens and still work on a rectangular batch.  All of them are
+vectorised over the batch (one sort per call, no Python loop per image) and draw
+every random number from ``generator``, so a seed reproduces a mask exactly.
+
+Random numbers are drawn on the generator's device and the result is moved to
+``device``: the same CPU generator gives the same mask whether the model runs on
+the CPU or a GPU.  Making masks on the CPU (in the data loader or the training
+loop) and moving them with the batch is the cheapest option: the models then
+derive their gather indices without a host/device synchronisation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+Grid = tuple[int, int]
+Strategy = Callable[..., torch.Tensor]
+
+
+class RegionFallbackWarning(UserWarning):
+    """Region-guided masking met samples without any region and masked them at random."""
+
+
+# --------------------------------------------------------------------- helpers
+def _check_common(batch_size: int, grid: Grid, ratio: float) -> tuple[int, int, int]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    try:
+        gh, gw = (int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ConfigError(f"grid must be (rows, cols) of patches, got {grid!r}") from None
+    if gh < 1 or gw < 1:
+        raise ConfigError(f"grid must be positive, got {grid!r}")
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"mask ratio must be a number in [0, 1], got {ratio!r}") from None
+    if not 0.0 <= r <= 1.0:
+        raise ConfigError(f"mask ratio must be in [0, 1], got {ratio!r}")
+    return gh, gw, gh * gw
+
+
+def _check_opts(name: str, opts: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(opts) - set(allowed))
+    if unknown:
+        valid = ", ".join(allowed) if allowed else "none"
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for mask strategy {name!r} (valid: {valid})")
+
+
+def _out_device(device: torch.device | str | None, region: torch.Tensor | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if region is not None:
+        return region.device
+    return torch.device("cpu")
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """U[0, 1) noise drawn on the generator's device (reproducible), then moved to ``device``."""
+    src = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=src).to(device, non_blocking=True)
+
+
+def _smallest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool ``[B, L]`` marking the ``k`` smallest scores of each row (exactly ``k`` per row)."""
+    B, L = score.shape
+    mask = torch.zeros(B, L, dtype=torch.bool, device=score.device)
+    if k <= 0:
+        return mask
+    if k >= L:
+        return mask.fill_(True)
+    ids = torch.topk(score, k, dim=1, largest=False, sorted=False).indices  # [B, k]
+    return mask.scatter_(1, ids, True)
+
+
+def _count(ratio: float, n: int) -> int:
+    """Python's ``round`` (ties to even), as documented for every strategy."""
+    return int(round(ratio * n))
+
+
+# --------------------------------------------------------------------- random (MAE)
+def random_mask(
+    batch_size: int,
+    grid: Grid,
+    ratio: float,
+    *,
+    region: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    **opts: Any,
+) -> torch.Tensor:
+    """MAE masking: each sample hides ``round(gh*gw*ratio)`` patches chosen uniformly.
+
+    Equivalent to MAE's per-sample ``argsort`` of uniform noise (the patches with
+    the smallest noise are masked); ``region`` is ignored.
+    """
+    _check_opts("random", opts, ())
+    gh, gw, L = _check_common(batch_size, grid, ratio)
+    dev = _out_device(device, region)
+    noise = _uniform((batch_size, L), generator, dev)  # [B, L]
+    return _smallest_k(noise, _count(ratio, L))
+
+
+# --------------------------------------------------------------------- block (SimMIM)
+def block_mask(
+    batch_size: int,
+    grid: Grid,
+    ratio: float,
+    *,
+    region: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    patch_size: int | None = None,
+    mask_patch_size: int = 32,
+    **opts: Any,
+) -> torch.Tensor:
+    """SimMIM masking: whole cells of ``mask_patch_size`` pixels, on the model's patch grid.
+
+    The patch grid is cut into cells of ``s = mask_patch_size // patch_size`` patches
+    a side; ``round(ratio * L / s²)`` cells' worth of patches (L = gh*gw) are masked
+    in every sample, so when the grid divides by ``s`` exactly
+    ``round(ratio * n_cells)`` whole cells are masked, as in SimMIM.
+
+    When it does not divide, the last row/column of cells is partial.  Cells are
+    then taken in random order until the patch budget is met and the last cell
+    taken may be filled only in part (random patches of it): the masked-patch count
+    stays identical across the batch (so the mask also suits MAE-style models) and
+    the mask stays blocky everywhere else.
+    """
+    _check_opts("block", opts, ())
+    gh, gw, L = _check_common(batch_size, grid, ratio)
+    if patch_size is None:
+        raise ConfigError("block masking needs the model's patch_size option (e.g. patch_size=16)")
+    for name, value in (("patch_size", patch_size), ("mask_patch_size", mask_patch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if mask_patch_size % patch_size:
+        raise ConfigError(
+            f"mask_patch_size {mask_patch_size} must be a multiple of the model patch_size {patch_size}"
+        )
+    s = mask_patch_size // patch_size
+    dev = _out_device(device, region)
+    ch, cw = -(-gh // s), -(-gw // s)  # cells per column / row (ceil)
+    n_cells = ch * cw
+    m = min(L, _count(ratio, L / (s * s)) * s * s)
+
+    # Cell id of every patch, raster order.                                    [L]
+    rows = torch.arange(gh, device=dev) // s
+    cols = torch.arange(gw, device=dev) // s
+    cell_of_patch = (rows[:, None] * cw + cols[None, :]).reshape(L)
+
+    cell_noise = _uniform((batch_size, n_cells), generator, dev)            # [B, n_cells]
+    patch_noise = _uniform((batch_size, L), generator, dev)                 # [B, L] tie-break
+    order = torch.argsort(cell_noise, dim=1)                                # [B, n_cells]
+    cell_rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(n_cells, device=dev).expand(batch_size, -1)
+    )                                                                       # [B, n_cells]
+    # Integer cell rank dominates, the [0, 1) noise only orders patches inside a cell.
+    score = cell_rank.gather(1, cell_of_patch.expand(batch_size, -1)).to(torch.float32) + patch_noise
+    return _smallest_k(score, m)
+
+
+# --------------------------------------------------------------------- region (RGMIM)
+def region_mask(
+    batch_size: int,
+    grid: Grid,
+    ratio: float,
+    *,
+    region: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    min_overlap: float = 0.0,
+    ratio_of: str = "total",
+    **opts: Any,
+) -> torch.Tensor:
+    """RGMIM masking: patches that overlap the region are masked first.
+
+    A patch is *valid* when its region coverage is ``>= min_overlap`` (when
+    ``min_overlap > 0``) or ``> 0`` (any overlap, the default).  Patches are ranked
+    by ``rand + (not valid)``, so valid patches come first in random order and
+    random invalid patches fill in when fewer than the budget are valid.
+
+    Budget ``m`` (identical for every sample):
+      * ``ratio_of="total"`` (default): ``round(gh*gw*ratio)``;
+      * ``ratio_of="valid"``: ``round(ratio * min_b n_valid)`` (at least 1 when
+        ``ratio > 0``), i.e. the ratio applies to the valid patches of the sample
+        with the smallest region, so no sample needs to borrow invalid patches.
+
+    A sample with an empty region is masked at random (its ranking is pure noise)
+    and one :class:`RegionFallbackWarning` per call says how many samples that was;
+    with ``ratio_of="valid"`` such samples count as all-valid for the budget.
+    """
+    _check_opts("region", opts, ())
+    gh, gw, L = _check_common(batch_size, grid, ratio)
+    if region is None:
+        raise ConfigError(
+            "region masking needs region coverage [B, gh, gw] "
+            "(make it with mim_workbench.masking.patch_coverage(mask, patch_size))"
+        )
+    if ratio_of not in ("total", "valid"):
+        raise ConfigError(f"ratio_of must be 'total' or 'valid', got {ratio_of!r}")
+    try:
+        min_overlap = float(min_overlap)
+    except (TypeError, ValueError):
+        raise ConfigError(f"min_overlap must be a number in [0, 1], got {min_overlap!r}") from None
+    if not 0.0 <= min_overlap <= 1.0:
+        raise ConfigError(f"min_overlap must be in [0, 1], got {min_overlap!r}")
+    if tuple(region.shape) not in ((batch_size, gh, gw), (batch_size, L)):
+        raise ConfigError(
+            f"region coverage must have shape [{batch_size}, {gh}, {gw}], got {tuple(region.shape)}"
+        )
+    dev = _out_device(device, region)
+    cov = region.reshape(batch_size, L).to(dev)                               # [B, L]
+    valid = cov >= min_overlap if min_overlap > 0 else cov > 0                # [B, L]
+    n_valid = valid.sum(dim=1)                                                # [B]
+    empty = n_valid == 0                                                      # [B]
+    n_empty = int(empty.sum())
+    if n_empty:
+        warnings.warn(
+            f"region-guided masking: {n_empty} of {batch_size} sample(s) have an empty region "
+            "and were masked at random",
+            RegionFallbackWarning,
+            stacklevel=3,
+        )
+    if ratio_of == "total":
+        m = _count(ratio, L)
+    else:
+        n_eff = torch.where(empty, torch.full_like(n_valid, L), n_valid)     # [B]
+        m = _count(ratio, int(n_eff.min()))
+        if ratio > 0:
+            m = max(m, 1)
+    noise = _uniform((batch_size, L), generator, dev)                        # [B, L]
+    score = noise + (~valid).to(noise.dtype)                                  # valid in [0,1), invalid in [1,2)
+    return _smallest_k(score, m)
+
+
+# --------------------------------------------------------------------- registry
+STRATEGIES: dict[str, Strategy] = {
+    "random": random_mask,
+    "block": block_mask,
+    "region": region_mask,
+}
+
+
+def make_mask(
+    strategy: str,
+    batch_size: int,
+    grid: Grid,
+    ratio: float,
+    *,
+    region: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    **opts: Any,
+) -> torch.Tensor:
+    """Look ``strategy`` up in :data:`STRATEGIES` and call it; unknown names raise ConfigError."""
+    try:
+        fn = STRATEGIES[strategy]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown mask strategy {strategy!r} (valid: {', '.join(sorted(STRATEGIES))})"
+        ) from None
+    return fn(batch_size, grid, ratio, region=region, generator=generator, device=device, **opts)

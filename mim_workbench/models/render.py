@@ -1,0 +1,112 @@
+"""Turn a forward pass into pictures in image space (GUI previews, ``reconstruct``).
+
+Rules:
+* masked patches are only ever filled with the model's predictions, de-normalised
+  with the model's *predicted* statistics when ``norm_pix_loss`` is on - the true
+  statistics of a masked patch are never used (that would leak the answer into
+  the picture and into any PSNR computed from it);
+* ``masked`` shows the input with masked patches set to ``fill`` (default 0.5, a
+  mid grey, which stands out against both black background and bright bone);
+* ``reconstruction`` is what the model produced: every patch for models that
+  predict every patch (SimMIM), otherwise predicted masked patches with the visible
+  pixels kept - for MAE/MIRAM it therefore equals ``recon_plus_visible``;
+* ``recon_plus_visible`` is the input with masked patches replaced by predictions;
+* ``error`` is the per-patch MSE between prediction and truth on masked patches,
+  broadcast to the patch's pixels, 0 on visible patches, one channel ``[B, 1, H, W]``
+  (the MSE is over all channels of the patch); ``patch_mse`` is the same on the grid.
+
+Values are not clipped to [0, 1], so metrics see what the model really predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .patches import denormalise_patches, gather_patches, patchify, unpatchify
+
+if TYPE_CHECKING:
+    from .base import MIMModel, MIMOutput
+
+
+@dataclass
+class Rendered:
+    """Detached float32 pictures; images ``[B, C, H, W]`` unless stated."""
+
+    masked: torch.Tensor
+    reconstruction: torch.Tensor
+    recon_plus_visible: torch.Tensor
+    error: torch.Tensor                               # [B, 1, H, W]
+    patch_mse: torch.Tensor                           # [B, gh, gw], 0 on visible patches
+    mask: torch.Tensor                                # [B, 1, H, W], 1.0 on masked pixels
+    fine_reconstruction: torch.Tensor | None = None   # [B, C, s*H, s*W] (MIRAM)
+
+
+def _to_pixels(pred: torch.Tensor, stats: torch.Tensor | None, normalized: bool, chans: int) -> torch.Tensor:
+    """Predictions ``[B, M, F]`` in target space -> pixels, using predicted statistics only."""
+    if not normalized:
+        return pred
+    if stats is None:
+        raise ValueError("normalised predictions need predicted statistics to be rendered")
+    return denormalise_patches(pred, stats[..., :chans], stats[..., chans:], chans)
+
+
+def _scatter_rows(base: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Copy of ``base [B, L, F]`` with rows ``ids [B, M]`` replaced by ``rows [B, M, F]``."""
+    return base.scatter(1, ids[..., None].expand(-1, -1, base.shape[-1]), rows)
+
+
+def _upsample_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, gh, gw]`` -> ``[B, 1, gh*p, gw*p]`` by repetition."""
+    return x[:, None].repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+
+
+@torch.no_grad()
+def render(model: MIMModel, out: MIMOutput, images: torch.Tensor, *, fill: float = 0.5) -> Rendered:
+    """Pictures for ``out`` (from ``model(images, mask)``); see the module docstring."""
+    p, C, grid = model.patch_size, model.in_chans, model.grid
+    B = images.shape[0]
+    images = images.detach().float()
+    truth = patchify(images, p)                                                       # [B, L, C*p*p]
+    ids = out.ids_masked                                                              # [B, M]
+    pred_px = _to_pixels(out.pred.detach().float(),
+                         None if out.pred_stats is None else out.pred_stats.detach().float(),
+                         out.normalized, C)                                           # [B, M, C*p*p]
+
+    recon_vis = _scatter_rows(truth, ids, pred_px)                                    # [B, L, C*p*p]
+    if out.full_pred is not None:
+        recon = out.full_pred.detach().float()
+    else:
+        recon = recon_vis
+    masked = _scatter_rows(truth, ids, torch.full_like(pred_px, fill))
+
+    err = (pred_px - gather_patches(truth, ids)).pow(2).mean(dim=-1)                  # [B, M]
+    patch_mse = torch.zeros(B, grid[0] * grid[1], device=images.device).scatter(1, ids, err)
+    patch_mse = patch_mse.view(B, *grid)                                              # [B, gh, gw]
+    mask_px = _upsample_patches(out.mask.view(B, *grid).float(), p)                   # [B, 1, H, W]
+
+    fine_rec = None
+    if out.fine_pred is not None:
+        s = model.cfg.miram_scale
+        fp = s * p
+        if out.fine is not None:
+            base = out.fine.detach().float()      # visible patches: the given fine image
+        else:                                     # display only: no fine image, upsample the input
+            base = F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
+        fine_px = _to_pixels(out.fine_pred.detach().float(),
+                             None if out.fine_stats is None else out.fine_stats.detach().float(),
+                             out.normalized, C)                                       # [B, M, C*(sp)^2]
+        fine_rec = unpatchify(_scatter_rows(patchify(base, fp), ids, fine_px), fp, grid, C)
+
+    return Rendered(
+        masked=unpatchify(masked, p, grid, C),
+        reconstruction=unpatchify(recon, p, grid, C),
+        recon_plus_visible=unpatchify(recon_vis, p, grid, C),
+        error=_upsample_patches(patch_mse, p),
+        patch_mse=patch_mse,
+        mask=mask_px,
+        fine_reconstruction=fine_rec,
+    )
