@@ -78,3 +78,27 @@ def test_workbench_docks_with_sample_and_previews_masking(make_napari_viewer, tm
 
     widget.create_region_layer()  # replaces the name? no: napari renames duplicates
     assert any(l.name.startswith("region: cxr0162") and l.data.max() == 0 for l in viewer.layers)
+
+
+def test_painted_region_is_autosaved_and_restored(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from mim_workbench.io.autosave import autosave_path
+    from mim_workbench_napari._widget import WorkbenchWidget
+
+    monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path))
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.random.rand(80, 100).astype(np.float32), name="film")
+    w = WorkbenchWidget(viewer)
+    w.image.value = image
+    w.create_region_layer()
+    region = viewer.layers["region: film"]
+    region.paint((40, 50), 1)  # a brush stroke, as the user paints
+    qtbot.waitUntil(lambda: autosave_path("film").is_file(), timeout=5000)
+    saved = np.load(autosave_path("film"))
+    assert saved.sum() > 0 and np.array_equal(saved, region.data)
+
+    # the viewer dies; a new session restores the painting
+    viewer.layers.remove(region)
+    w2 = WorkbenchWidget(viewer)
+    w2.image.value = image
+    w2.create_region_layer()
+    assert np.array_equal(viewer.layers["region: film"].data, saved)

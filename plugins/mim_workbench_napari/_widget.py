@@ -55,6 +55,13 @@ class WorkbenchWidget(Container):
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
         self._watched = None
+        from qtpy.QtCore import QTimer
+
+        # painting fires many events: save once it pauses for a second
+        self._autosave_timer = QTimer()
+        self._autosave_timer.setSingleShot(True)
+        self._autosave_timer.setInterval(1000)
+        self._autosave_timer.timeout.connect(self.autosave)
         self._refresh_choices()
 
     # ------------------------------------------------------------------ layer lists
@@ -83,13 +90,38 @@ class WorkbenchWidget(Container):
         if layer is self._watched:
             return
         if self._watched is not None:
-            try:
-                self._watched.events.paint.disconnect(self.update_preview)
-            except (TypeError, ValueError, AttributeError):
-                pass
+            for ev in ("paint", "data"):
+                for slot in (self.update_preview, self._schedule_autosave):
+                    try:
+                        getattr(self._watched.events, ev).disconnect(slot)
+                    except (TypeError, ValueError, AttributeError, RuntimeError):
+                        pass
         self._watched = layer
-        if layer is not None and hasattr(layer.events, "paint"):
+        if layer is not None:
             layer.events.paint.connect(self.update_preview)
+            layer.events.paint.connect(self._schedule_autosave)
+            layer.events.data.connect(self._schedule_autosave)
+
+    # ------------------------------------------------------------------ autosave
+    def _image_key(self) -> str | None:
+        img = self.image.value
+        if img is None:
+            return None
+        return str(img.metadata.get("source") or img.source.path or img.name)
+
+    def _schedule_autosave(self, event=None) -> None:
+        self._autosave_timer.start()
+
+    def autosave(self) -> None:
+        from mim_workbench.io.autosave import autosave_mask
+
+        key, layer = self._image_key(), self.region.value
+        if key is None or layer is None:
+            return
+        try:
+            autosave_mask(key, np.asarray(layer.data))
+        except (OSError, MimError) as exc:
+            _notify(f"Could not autosave the region mask: {exc}", error=True)
 
     # ------------------------------------------------------------------ regions
     def create_region_layer(self) -> None:
@@ -97,11 +129,17 @@ class WorkbenchWidget(Container):
         if img is None:
             _notify("Open an image first: the region layer takes its shape and scale.", error=True)
             return
+        from mim_workbench.io.autosave import load_autosave
+
         shape = img.data.shape[:2]
-        layer = self.viewer.add_labels(np.zeros(shape, dtype=np.uint8), name=f"region: {img.name}",
+        restored = load_autosave(self._image_key(), shape)
+        data = restored if restored is not None else np.zeros(shape, dtype=np.uint8)
+        layer = self.viewer.add_labels(data, name=f"region: {img.name}",
                                        scale=img.scale[-2:], translate=img.translate[-2:], opacity=0.45)
         layer.mode = "paint"
         self.region.value = layer
+        if restored is not None:
+            _notify(f"Restored the autosaved region mask of {img.name}.")
 
     def import_region(self, path: Path | str) -> None:
         from mim_workbench.io import read_mask
