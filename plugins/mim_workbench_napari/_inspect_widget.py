@@ -99,7 +99,7 @@ class InspectWidget(Container):
 
         self.metrics.value = "reconstructing…"
         self.run_button.enabled = False
-        self.worker = create_worker(work)
+        self.worker = create_worker(work, _ignore_errors=True)  # reported through errored, below
         self.worker.returned.connect(lambda result: self._show(result, img))
         self.worker.errored.connect(self._failed)
         self.worker.finished.connect(self._done)
