@@ -1,0 +1,312 @@
+"""Reconstruct a masked X-ray with a pretrained model, and measure how well it did.
+
+``reconstruct`` letterboxes the image to the model's training size (aspect kept,
+padded bottom/right with 0, see :mod:`mim_workbench.io.letterbox`), masks it,
+runs the model and returns 2-D pictures at that size plus the letterbox geometry
+to map them back onto the source.
+
+Metrics are computed in [0, 1] image space, only on pixels that are masked *and*
+inside the letterboxed content (padding is not part of the image).  The baseline
+fills every masked pixel with the mean of the visible content pixels: a model
+that learned nothing about anatomy cannot beat it by much, so ``psnr`` >
+``psnr_baseline`` is the sanity check that pretraining learned something.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+_DEFAULT_STRATEGY = {"mae": "random", "simmim": "block", "miram": "random"}
+_DEFAULT_RATIO = {"mae": 0.75, "simmim": 0.6, "miram": 0.75}
+
+
+@dataclass
+class ReconstructionResult:
+    """2-D float32 pictures ``[H, W]`` at the letterboxed training size."""
+
+    image: np.ndarray               # the letterboxed input (grey)
+    masked: np.ndarray              # input with masked patches shown as mid grey
+    reconstruction: np.ndarray      # what the model produced
+    recon_plus_visible: np.ndarray  # input with masked patches replaced by predictions
+    error: np.ndarray               # squared error on masked content pixels, 0 elsewhere
+    mask: np.ndarray                # bool, True on masked pixels
+    content: np.ndarray             # bool, True inside the letterboxed content (not padding)
+    letterbox: Any                  # io.Letterbox: canvas -> source mapping
+    metrics: dict[str, Any] = field(default_factory=dict)
+    fine_reconstruction: np.ndarray | None = None   # MIRAM's 2x head, [2H, 2W]
+
+    def to_source(self, array: np.ndarray, *, order: int = 1) -> np.ndarray:
+        """Map a canvas-sized picture back to the source image's shape."""
+        return self.letterbox.restore(array, order=order)
+
+    def save(self, out_dir: str | Path, *, extra: dict[str, Any] | None = None) -> list[Path]:
+        """Write the pictures (PNG, letterbox padding cropped off) and ``metrics.json``.
+
+        ``image.png``, ``masked.png``, ``reconstruction.png``, ``recon_plus_visible.png``
+        are grey in [0, 1]; ``error.png`` is the squared error in a black-red-yellow
+        heat map scaled to its 99th percentile on masked pixels (the scale is in
+        ``metrics.json`` as ``error_png_scale``).  ``extra`` adds keys to the JSON.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        crop = self.letterbox.crop
+        paths = []
+        for name in ("image", "masked", "reconstruction", "recon_plus_visible"):
+            paths.append(_write_grey(out / f"{name}.png", crop(getattr(self, name))))
+        err = crop(self.error)
+        on_mask = err[crop(self.mask)]
+        scale = float(np.percentile(on_mask, 99)) if on_mask.size else 0.0
+        paths.append(_write_rgb(out / "error.png", heat(err / scale if scale > 0 else err)))
+        lb = self.letterbox
+        record = {**self.metrics, **(extra or {}), "error_png_scale": scale,
+                  "letterbox": {"source_shape": list(lb.source_shape), "size": list(lb.size),
+                                "content_shape": list(lb.content_shape), "offset": list(lb.offset)}}
+        (out / "metrics.json").write_text(json.dumps(json_safe(record), indent=2) + "\n", encoding="utf-8")
+        paths.append(out / "metrics.json")
+        return paths
+
+
+# ====================================================================== loading
+def model_from_checkpoint(checkpoint: Any, device: str | torch.device = "cpu"):
+    """(model in eval mode, Checkpoint) from anything ``load_checkpoint`` accepts."""
+    from ..models import ModelConfig, build_model
+    from ..training.checkpoint import Checkpoint, load_checkpoint
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    if ckpt.is_legacy or not ckpt.model_config:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{ckpt.path}: no model configuration stored; it cannot be rebuilt on its own")
+    model = build_model(ModelConfig.from_dict(ckpt.model_config))
+    try:
+        model.load_state_dict(ckpt.model_state(), strict=True)
+    except RuntimeError as exc:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"{ckpt.path}: weights do not fit the stored model configuration: {exc}") from None
+    return model.to(torch.device(device)).eval(), ckpt
+
+
+def _as_unit_array(image: Any) -> np.ndarray:
+    """Path / LoadedImage / array -> float32 numpy (H, W) or (H, W, C) in [0, 1]."""
+    from ..io import read_image
+
+    if isinstance(image, (str, Path)):
+        image = read_image(image, keep_color=False)
+    data = getattr(image, "data", image)
+    arr = np.asarray(data.compute() if hasattr(data, "compute") else data)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # (C, H, W) -> (H, W, C)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise ConfigError(f"image must be 2-D (H, W) or (H, W, C), got shape {arr.shape}")
+    if arr.dtype.kind in "ui":
+        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
+    elif arr.dtype == bool:
+        arr = arr.astype(np.float32)
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise ConfigError("image contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:  # a raw float array: map to [0, 1] (readers already window images)
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return arr
+
+
+def _channels(arr: np.ndarray, in_chans: int) -> np.ndarray:
+    """(H, W[, C]) -> (in_chans, H, W)."""
+    if arr.ndim == 2:
+        return np.repeat(arr[None], in_chans, axis=0)
+    arr = arr[..., :3]
+    if in_chans == 1:
+        return arr.mean(axis=-1, keepdims=False)[None]
+    if arr.shape[-1] == in_chans:
+        return np.moveaxis(arr, -1, 0)
+    return np.repeat(arr.mean(axis=-1)[None], in_chans, axis=0)
+
+
+# ====================================================================== main entry
+@torch.no_grad()
+def reconstruct(
+    checkpoint_or_model: Any,
+    image: Any,
+    *,
+    region_mask: Any = None,
+    strategy: str | None = None,
+    ratio: float | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> ReconstructionResult:
+    """Mask ``image``, reconstruct it with the model, and score the reconstruction.
+
+    Args:
+        checkpoint_or_model: a checkpoint (directory, file inside it, run directory,
+            or a loaded ``Checkpoint``) or a ``MIMModel``.
+        image: path, ``LoadedImage`` or array in [0, 1] (integer arrays are scaled).
+        region_mask: organ mask (path or array of the image's shape) for the
+            ``region`` strategy.
+        strategy, ratio: default to the checkpoint's training settings.
+        seed: seeds the mask, so a result is reproducible.
+    """
+    from ..io import letterbox
+    from ..models import MIMModel
+
+    ckpt = None
+    if isinstance(checkpoint_or_model, MIMModel):
+        model = checkpoint_or_model
+        was_training = model.training
+        dev = next(model.parameters()).device
+    else:
+        model, ckpt = model_from_checkpoint(checkpoint_or_model, device)
+        was_training, dev = False, torch.device(device)
+    train_cfg = ckpt.config if ckpt is not None else {}
+    method = model.cfg.method
+    notes: list[str] = []
+    strategy = strategy or train_cfg.get("strategy") or _DEFAULT_STRATEGY[method]
+    ratio = float(ratio if ratio is not None else (train_cfg.get("ratio") or _DEFAULT_RATIO[method]))
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"ratio={ratio!r}: must be a fraction strictly between 0 and 1")
+
+    src = _as_unit_array(image)
+    H, W = model.cfg.img_size
+    canvas, lb = letterbox(src, (H, W), order=1)
+    content = np.zeros((H, W), dtype=bool)
+    (r0, c0), (ch, cw) = lb.offset, lb.content_shape
+    content[r0:r0 + ch, c0:c0 + cw] = True
+    x = torch.from_numpy(_channels(canvas, model.in_chans)).float()[None].to(dev)     # [1, C, H, W]
+    fine = None
+    if method == "miram":
+        s = int(model.cfg.miram_scale)
+        fine_canvas, _ = letterbox(src, (s * H, s * W), order=1)
+        fine = torch.from_numpy(_channels(fine_canvas, model.in_chans)).float()[None].to(dev)
+
+    region = None
+    if region_mask is not None:
+        region = torch.from_numpy(_region_canvas(region_mask, src.shape[:2], (H, W)).astype(np.float32))[None]
+    if strategy == "region" and region is None:
+        notes.append("strategy region needs a region mask; none given, masked at random instead")
+        strategy = "random"
+    opts = dict(train_cfg.get("mask_options") or {})
+    opts = {k: v for k, v in opts.items() if strategy == "region" or k not in ("min_overlap", "ratio_of")}
+    if strategy != "block":
+        opts.pop("mask_patch_size", None)
+    gen = torch.Generator().manual_seed(int(seed))
+    mask = model.make_mask(strategy, 1, ratio, region=region, generator=gen, **opts)
+
+    model.eval()
+    try:
+        out = model(x, mask, fine=fine)
+        r = model.render(out, x)
+    finally:
+        model.train(was_training)
+
+    def grey(t: torch.Tensor) -> np.ndarray:
+        return t[0].float().mean(dim=0).cpu().numpy().astype(np.float32)
+
+    img = grey(x)
+    recon = grey(r.reconstruction)
+    rpv = grey(r.recon_plus_visible)
+    pix_mask = r.mask[0, 0].cpu().numpy() > 0.5
+    metrics = masked_metrics(x[0].cpu().numpy(), r.recon_plus_visible[0].float().cpu().numpy(), pix_mask, content)
+    error = np.where(pix_mask & content, (rpv - img) ** 2, 0.0).astype(np.float32)
+    metrics.update({"ratio": ratio, "strategy": strategy, "seed": int(seed),
+                    "masked_fraction": float(mask.float().mean()), "notes": notes})
+    fine_rec = grey(r.fine_reconstruction) if getattr(r, "fine_reconstruction", None) is not None else None
+    return ReconstructionResult(image=img, masked=grey(r.masked), reconstruction=recon, recon_plus_visible=rpv,
+                                error=error, mask=pix_mask, content=content, letterbox=lb, metrics=metrics,
+                                fine_reconstruction=fine_rec)
+
+
+def _region_canvas(region_mask: Any, source_shape: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Region mask (path or array) -> {0, 1} at the letterboxed size, like the image."""
+    from ..io import letterbox, read_mask
+
+    if isinstance(region_mask, (str, Path)):
+        m = read_mask(region_mask, shape=source_shape)
+    else:
+        m = np.asarray(region_mask)
+        if m.ndim == 3:
+            m = m[..., 0]
+        m = (m > 0).astype(np.uint8)
+        if m.shape != tuple(source_shape):
+            from ..io.masks import resample_nearest
+
+            m = resample_nearest(m, source_shape)
+    canvas, _ = letterbox(m, size, order=0)
+    return canvas > 0
+
+
+def masked_metrics(truth: np.ndarray, pred: np.ndarray, masked: np.ndarray, content: np.ndarray) -> dict[str, Any]:
+    """MSE / PSNR of ``pred`` and of the visible-mean fill on masked content pixels.
+
+    ``truth`` and ``pred`` are ``[C, H, W]`` in [0, 1]; ``masked`` and ``content``
+    are bool ``[H, W]``.  PSNR uses a data range of 1.
+    """
+    sel = masked & content
+    vis = ~masked & content
+    n = int(sel.sum())
+    out: dict[str, Any] = {"n_pixels": n}
+    if n == 0:
+        out.update(mse=None, psnr=None, mse_baseline=None, psnr_baseline=None)
+        return out
+    t = truth[:, sel].astype(np.float64)                      # [C, n]
+    p = pred[:, sel].astype(np.float64)
+    fill = truth[:, vis].mean(axis=1, keepdims=True) if vis.any() else np.full((truth.shape[0], 1), 0.5)
+    mse = float(np.mean((p - t) ** 2))
+    mse_b = float(np.mean((fill - t) ** 2))
+    out.update(mse=mse, psnr=psnr(mse), mse_baseline=mse_b, psnr_baseline=psnr(mse_b))
+    return out
+
+
+def psnr(mse: float) -> float:
+    return math.inf if mse <= 0 else 10.0 * math.log10(1.0 / mse)
+
+
+# ====================================================================== pictures
+def _write_grey(path: Path, arr: np.ndarray) -> Path:
+    from PIL import Image
+
+    a = np.clip(np.nan_to_num(np.asarray(arr, dtype=np.float32)), 0.0, 1.0)
+    Image.fromarray((a * 255.0 + 0.5).astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def _write_rgb(path: Path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray((np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="RGB").save(path)
+    return path
+
+
+# Anchors of a black-red-yellow-white heat colormap (ordered in lightness, so it also
+# reads in greyscale); matplotlib is a GUI-only dependency, so no colormap from there.
+_HEAT = ((0.0, (0.0, 0.0, 0.0)), (0.35, (0.55, 0.05, 0.25)), (0.65, (0.95, 0.35, 0.05)),
+         (0.9, (1.0, 0.85, 0.25)), (1.0, (1.0, 1.0, 0.9)))
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] -> [H, W, 3] RGB in [0, 1]."""
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32)), 0.0, 1.0)
+    xs = [a for a, _ in _HEAT]
+    return np.stack([np.interp(v, xs, [c[i] for _, c in _HEAT]) for i in range(3)], axis=-1)
+
+
+def json_safe(v: Any) -> Any:
+    """inf / nan are not JSON: null instead."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v

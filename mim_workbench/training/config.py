@@ -1,0 +1,319 @@
+"""Pretraining settings: one dataclass shared by the API, the CLI and the GUI.
+
+``PretrainConfig`` holds what the user chose; ``resolved()`` fills the method
+dependent defaults (strategy, ratio, gradient clipping) so that ``config.json`` in
+a run directory records exactly what ran.  Defaults are sized for a laptop CPU;
+``preset="rgmim-paper"`` gives the RGMIM paper's Table 1 set-up.
+
+Settings come from keyword arguments, a dict, a JSON file or a TOML file; an
+unknown key is an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+METHODS = ("mae", "simmim", "miram")
+STRATEGY_NAMES = ("random", "block", "region")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# Method-dependent defaults applied by ``resolved()`` when a field is left as None.
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mae": {"strategy": "random", "ratio": 0.75, "clip_grad": None},
+    "simmim": {"strategy": "block", "ratio": 0.6, "clip_grad": 5.0},
+    "miram": {"strategy": "random", "ratio": 0.75, "clip_grad": None},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Li et al., RGMIM, Table 1: ViT-B/16, MAE-style decoder 512-d x 8 blocks x 16 heads,
+    # batch 256, base lr 1.5e-4, weight decay 0.05, 40 pretraining epochs, ratio 0.75,
+    # region-guided masking of the lungs.
+    "rgmim-paper": {
+        "method": "mae",
+        "strategy": "region",
+        "model": "vit_base_patch16_224",
+        "img_size": (224, 224),
+        "decoder_embed_dim": 512,
+        "decoder_depth": 8,
+        "decoder_num_heads": 16,
+        "batch_size": 256,
+        "blr": 1.5e-4,
+        "weight_decay": 0.05,
+        "epochs": 40,
+        "ratio": 0.75,
+        "warmup_epochs": 5.0,
+    },
+    # The dataclass defaults, by name, so the GUI can list it.
+    "cpu": {},
+}
+
+# Fields that only control *how* a run executes, not what it computes: when resuming
+# they come from the new config, everything else from the checkpoint.
+RUN_CONTROL_FIELDS = frozenset({
+    "out", "resume", "epochs", "max_steps", "time_budget_s", "device", "threads", "num_workers",
+    "preview_every", "checkpoint_every", "keep_checkpoints", "cache", "data", "masks", "val_every",
+    "checkpoint_interval_s",
+})
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``pretrain`` needs.  Sizes are pixels, ratios and fractions in 0–1.
+
+    ``batch_size`` is the *global* batch of one forward pass: under torchrun each of
+    the N processes takes ``batch_size / N`` samples of it, so a run gives the same
+    result on 1 or N processes.  One optimiser step consumes ``batch_size *
+    accum_steps`` samples, and with ``lr=None`` the learning rate is
+    ``blr * batch_size * accum_steps / 256`` (the MAE linear scaling rule).
+
+    The learning-rate schedule spans ``epochs``; ``max_steps`` and ``time_budget_s``
+    only stop the run early (with a checkpoint), so a run cut short and resumed
+    follows the same schedule as an uninterrupted one.
+    """
+
+    # data and run directory
+    data: str | None = None
+    masks: str | None = None
+    out: str | None = None
+    val_fraction: float = 0.1
+    val_every: int = 1                     # epochs between validations (0 = never); tiny data sets have 1-step epochs
+    exclude_ids: list[str] = field(default_factory=list)   # sample ids kept out of training and validation
+    augment: bool = True
+    cache: bool = False
+    num_workers: int = 0
+    # method and masking
+    method: str = "mae"
+    strategy: str | None = None            # None: random (mae, miram), block (simmim)
+    ratio: float | None = None             # None: 0.75 (mae, miram), 0.6 (simmim)
+    mask_options: dict[str, Any] = field(default_factory=dict)   # e.g. mask_patch_size, min_overlap, ratio_of
+    # model
+    model: str = "vit_tiny_patch16_224"
+    img_size: tuple[int, int] = (224, 224)
+    in_chans: int = 1
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    decoder_embed_dim: int = 128
+    decoder_depth: int = 4
+    decoder_num_heads: int = 4
+    norm_pix_loss: bool | None = None       # None: the model's default (ModelConfig)
+    model_options: dict[str, Any] = field(default_factory=dict)  # other ModelConfig fields
+    init: str | None = None
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 16
+    accum_steps: int = 1
+    blr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 1.0
+    clip_grad: float | None = None         # None: 5.0 for simmim, off otherwise
+    amp: str = "auto"                      # CUDA only; "auto" = bf16 when supported, else fp16
+    # execution
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+    resume: str | None = None
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    preview_every: int = 25                # steps; 0 = never
+    preview_size: int = 256                # longest side of preview arrays
+    checkpoint_every: int | str = "epoch"  # steps, or "epoch"
+    checkpoint_interval_s: float = 60.0    # "epoch" checkpoints no more often than this (0 = every epoch)
+    keep_checkpoints: int = 3              # 0 = keep all
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        self.img_size = parse_img_size(self.img_size)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # type: ignore[assignment]
+        for name in ("data", "masks", "out", "init", "resume"):
+            v = getattr(self, name)
+            if isinstance(v, Path):
+                setattr(self, name, str(v))
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ConfigError naming the first unusable value."""
+        def bad(name: str, why: str) -> None:
+            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if self.method not in METHODS:
+            bad("method", f"choose one of {', '.join(METHODS)}")
+        if self.strategy is not None and self.strategy not in STRATEGY_NAMES:
+            bad("strategy", f"choose one of {', '.join(STRATEGY_NAMES)}")
+        if self.ratio is not None and not (0.0 < self.ratio < 1.0):
+            bad("ratio", "must be a fraction strictly between 0 and 1")
+        if not (0.0 <= self.val_fraction < 1.0):
+            bad("val_fraction", "must be a fraction in [0, 1)")
+        if self.amp not in AMP_MODES:
+            bad("amp", f"choose one of {', '.join(AMP_MODES)}")
+        if self.device not in DEVICES and not str(self.device).startswith(("cuda:", "mps:")):
+            bad("device", f"choose one of {', '.join(DEVICES)} (or cuda:N)")
+        for name in ("epochs", "batch_size", "accum_steps", "in_chans"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, "must be a positive integer")
+        for name in ("threads", "max_steps", "embed_dim", "depth", "num_heads", "patch_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                bad(name, "must be a positive integer or unset")
+        for name in ("num_workers", "preview_every", "keep_checkpoints", "val_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(name, "must be an integer >= 0")
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every > 0) and self.checkpoint_every != "epoch":
+            bad("checkpoint_every", 'must be a positive number of steps or "epoch"')
+        for name in ("blr", "weight_decay", "min_lr", "warmup_epochs", "checkpoint_interval_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(name, "must be a finite number >= 0")
+        if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
+            bad("lr", "must be a positive number or unset")
+        if self.clip_grad is not None and (not math.isfinite(self.clip_grad) or self.clip_grad <= 0):
+            bad("clip_grad", "must be a positive number or unset")
+        if self.time_budget_s is not None and not (self.time_budget_s > 0):
+            bad("time_budget_s", "must be positive seconds or unset")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            bad("betas", "must be two numbers in [0, 1)")
+        if not isinstance(self.exclude_ids, (list, tuple)) or not all(isinstance(i, str) for i in self.exclude_ids):
+            bad("exclude_ids", "must be a list of sample ids")
+        self.exclude_ids = list(self.exclude_ids)
+        if not isinstance(self.mask_options, dict):
+            bad("mask_options", "must be a mapping")
+        if not isinstance(self.model_options, dict):
+            bad("model_options", "must be a mapping")
+        if self.preset is not None and self.preset not in PRESETS:
+            bad("preset", f"choose one of {', '.join(PRESETS)}")
+
+    # ------------------------------------------------------------------ derived values
+    def resolved(self) -> PretrainConfig:
+        """A copy with the method-dependent defaults and the absolute ``lr`` filled in."""
+        d = _METHOD_DEFAULTS[self.method]
+        return dataclasses.replace(
+            self,
+            strategy=self.strategy or d["strategy"],
+            ratio=self.ratio if self.ratio is not None else d["ratio"],
+            clip_grad=self.clip_grad if self.clip_grad is not None else d["clip_grad"],
+            lr=self.absolute_lr(),
+        )
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimiser step (all processes together)."""
+        return self.batch_size * self.accum_steps
+
+    def absolute_lr(self) -> float:
+        """``lr`` when given, else the MAE scaling rule ``blr * effective batch / 256``."""
+        return self.lr if self.lr is not None else self.blr * self.effective_batch / 256.0
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["img_size"] = list(self.img_size)
+        out["betas"] = list(self.betas)
+        return out
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
+        """Build from a mapping; ``preset`` is applied first, explicit keys win.
+
+        Unknown keys raise ConfigError listing all of them.  Dashes in keys are read
+        as underscores so a file may use the CLI spelling (``batch-size``).
+        """
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a mapping of settings, got {type(values).__name__}")
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        merged: dict[str, Any] = {}
+        preset = values.get("preset")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
+            merged.update(PRESETS[preset])
+        merged.update(values)
+        try:
+            return cls(**merged)
+        except TypeError as exc:  # wrong value types that the dataclass itself rejects
+            raise ConfigError(f"invalid config: {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PretrainConfig:
+        """Read a JSON (``.json``) or TOML (``.toml``) file."""
+        return cls.from_dict(read_config_file(path))
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> PretrainConfig:
+        return cls.from_dict({"preset": name, **overrides})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings mapping stored in a JSON or TOML file (``[pretrain]`` table optional)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ModuleNotFoundError:
+                raise ConfigError(f"{p}: reading TOML needs Python >= 3.11 or the 'tomli' package") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of settings at the top level")
+    # Allow the settings to sit in a [pretrain] table next to other sections.
+    if set(data) == {"pretrain"} and isinstance(data["pretrain"], dict):
+        data = data["pretrain"]
+    return data
+
+
+def parse_img_size(value: Any) -> tuple[int, int]:
+    """``224``, ``"224"``, ``"256x320"``, ``[256, 320]`` -> ``(H, W)``."""
+    try:
+        if isinstance(value, str):
+            parts = value.lower().replace("×", "x").split("x")
+            nums = [int(p) for p in parts]
+        elif isinstance(value, (int,)) and not isinstance(value, bool):
+            nums = [value]
+        else:
+            nums = [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"img_size={value!r}: use N or HxW (e.g. 224 or 256x320)") from None
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2 or min(nums) < 1:
+        raise ConfigError(f"img_size={value!r}: use N or HxW with positive sizes")
+    return nums[0], nums[1]

@@ -1,0 +1,627 @@
+"""The pretraining loop: ``pretrain(config, on_event, control) -> RunResult``.
+
+One function for the CLI, the GUI's child process and ``torchrun``.  What leaves
+the loop leaves through ``on_event`` (see :mod:`.events`); what enters it enters
+through ``control`` (polled once per step).  Everything that decides a number the
+run computes - sample order, augmentation, masks, optimiser - is a function of the
+config and the step, so a run stopped and resumed from a checkpoint continues
+exactly, and N processes compute the same thing as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ConfigError, MimError
+from . import checkpoint as ckpt_mod
+from .config import RUN_CONTROL_FIELDS, PretrainConfig
+from .control import Control, NullControl
+from .events import (
+    CheckpointSaved,
+    EventHandler,
+    Failed,
+    Finished,
+    Preview,
+    Progress,
+    RunResult,
+    Started,
+    null_handler,
+)
+from .metrics import MetricsLog
+from .optim import build_optimizer, lr_at, set_lr
+from .runtime import DistContext, resolve_amp, select_device
+from .sampler import LocalBatches, StepPlan
+
+# Fixed seeds (offsets from config.seed) of the generators that must not depend on
+# how far training got: validation masks and preview masks.
+_MASK_SEED_OFFSET = 1
+_VAL_SEED_OFFSET = 4_242
+_PREVIEW_SEED_OFFSET = 9_999
+
+
+def pretrain(config: PretrainConfig, on_event: EventHandler | None = None,
+             control: Control | None = None) -> RunResult:
+    """Pretrain a masked-image model as ``config`` says; see the module docstring.
+
+    Raises MimError subclasses for problems the user can fix (bad settings, data,
+    checkpoints); a Failed event is emitted before any exception propagates, and
+    checkpoints already written stay complete.
+    """
+    emit = on_event or null_handler
+    control = control or NullControl()
+    dist_ctx: DistContext | None = None
+    trainer: _Trainer | None = None
+    try:
+        dist_ctx = DistContext.from_env(config.device)
+        trainer = _Trainer(config, emit, control, dist_ctx)
+        return trainer.run()
+    except BaseException as exc:
+        last = trainer.last_checkpoint if trainer else None
+        run_dir = str(trainer.run_dir) if trainer and trainer.run_dir else config.out
+        err: BaseException = exc
+        if isinstance(exc, torch.OutOfMemoryError):
+            err = ConfigError(
+                f"out of memory on {trainer.device if trainer else 'the device'} with batch_size="
+                f"{config.batch_size}: lower the batch size (accum_steps keeps the effective batch)"
+            )
+        if isinstance(err, KeyboardInterrupt):
+            msg = "interrupted"
+        elif isinstance(err, MimError):
+            msg = str(err)
+        else:
+            msg = f"{type(err).__name__}: {err}"
+        try:
+            emit(Failed(message=msg, run_dir=run_dir, last_checkpoint=last,
+                        traceback=None if isinstance(err, (MimError, KeyboardInterrupt)) else traceback.format_exc()))
+        except Exception:  # a broken handler must not hide the original error
+            pass
+        if err is not exc:
+            raise err from exc
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist_ctx is not None:
+            dist_ctx.close()
+
+
+# ====================================================================== config on resume
+def merge_resume_config(given: PretrainConfig, saved: PretrainConfig) -> PretrainConfig:
+    """The config of a resumed run: the checkpoint's, with the run-control fields of ``given``.
+
+    Fields that decide what is computed (model, method, optimiser, batch, seed...)
+    must match the checkpoint; a differing value that is not the default is an
+    error rather than being silently ignored.
+    """
+    default = PretrainConfig()
+    values = saved.to_dict()
+    g, d = given.to_dict(), default.to_dict()
+    conflicts = []
+    for name, gv in g.items():
+        if name in ("resume", "preset"):
+            continue
+        if name in RUN_CONTROL_FIELDS:
+            if gv != d[name]:
+                values[name] = gv
+        elif gv != d[name] and gv is not None and gv != values.get(name):
+            conflicts.append(f"{name}={gv!r} (checkpoint: {values.get(name)!r})")
+    if conflicts:
+        raise ConfigError("cannot change settings when resuming: " + "; ".join(conflicts)
+                          + " - start a new run with --init instead")
+    values["resume"] = given.resume
+    values["preset"] = None
+    return PretrainConfig.from_dict(values)
+
+
+def model_config_for(cfg: PretrainConfig):
+    """The models.ModelConfig of a (resolved) PretrainConfig."""
+    from ..models import ModelConfig
+
+    values: dict[str, Any] = {
+        "model": cfg.model, "img_size": tuple(cfg.img_size), "in_chans": cfg.in_chans, "method": cfg.method,
+        "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
+        "decoder_embed_dim": cfg.decoder_embed_dim, "decoder_depth": cfg.decoder_depth,
+        "decoder_num_heads": cfg.decoder_num_heads,
+    }
+    if cfg.norm_pix_loss is not None:
+        values["norm_pix_loss"] = cfg.norm_pix_loss
+    if "mask_patch_size" in cfg.mask_options:  # SimMIM's cell size lives in the model config too
+        values["mask_patch_size"] = cfg.mask_options["mask_patch_size"]
+    values.update(cfg.model_options)
+    try:
+        return ModelConfig.from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"model settings: {exc}") from None
+
+
+# ====================================================================== the trainer
+class _Trainer:
+    def __init__(self, config: PretrainConfig, emit: EventHandler, control: Control, dist_ctx: DistContext) -> None:
+        self.dist = dist_ctx
+        self._emit_raw = emit
+        self.control = control
+        self.last_checkpoint: str | None = None
+        self.run_dir: Path | None = None
+        self.device = torch.device("cpu")
+        self.metrics: MetricsLog | None = None
+        self.notes: list[str] = list(dist_ctx.notes)
+        self._region_fallbacks = 0
+        self._saved_clock = time.monotonic()   # when the last checkpoint was written (or the run began)
+        self._setup(config)
+
+    # ------------------------------------------------------------------ events
+    def emit(self, event: Any) -> None:
+        if self.dist.is_main:  # one voice per job: rank 0 logs, checkpoints and reports
+            self._emit_raw(event)
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, config: PretrainConfig) -> None:
+        resume = None
+        if config.resume:
+            resume = ckpt_mod.load_checkpoint(config.resume, kind="pretrain")
+            saved = PretrainConfig.from_dict(resume.config)
+            config = merge_resume_config(config, saved)
+            if not config.out:
+                config = dataclasses.replace(config, out=str(resume.run_dir))
+            if config.init:
+                self.notes.append("init ignored: resuming restores the checkpoint's weights")
+        cfg = config.resolved()
+        if not cfg.data:
+            raise ConfigError("data: no dataset given (--data PATH)")
+        if not cfg.out:
+            raise ConfigError("out: no run directory given (--out DIR)")
+        self.cfg = cfg
+        self.resume = resume
+        self.run_dir = Path(cfg.out).expanduser()
+
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.device = select_device(cfg.device, local_rank=self.dist.local_rank)
+        self.amp_dtype, amp_notes = resolve_amp(cfg.amp, self.device)
+        self.notes += amp_notes
+        self._seed_everything(cfg.seed)
+
+        self.model_cfg = model_config_for(cfg)
+        self._setup_data(cfg)
+        self._setup_model(cfg, resume)
+        self._setup_schedule(cfg, resume)
+        self._setup_run_dir(cfg, resume)
+
+    def _seed_everything(self, seed: int) -> None:
+        # Model initialisation draws from the global generators; the loop itself uses
+        # dedicated generators (sampler, masks, augmentation), see sampler.py.
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def _setup_data(self, cfg: PretrainConfig) -> None:
+        from ..io.datasets import MIMDataset, discover, patient_split
+
+        index = discover(cfg.data, masks=cfg.masks)
+        samples = list(index.samples)
+        if cfg.exclude_ids:  # held out by the caller (e.g. the demo's test image): never trained on
+            excluded = set(cfg.exclude_ids)
+            missing = excluded - {s.id for s in samples}
+            if missing:
+                self.notes.append(f"exclude_ids not in the dataset: {', '.join(sorted(missing))}")
+            samples = [s for s in samples if s.id not in excluded]
+        if not samples:
+            raise ConfigError(f"data={cfg.data!r}: no images found")
+        splits = patient_split(samples, val=cfg.val_fraction, seed=cfg.seed)
+        self.train_samples = list(splits["train"])
+        self.val_samples = list(splits.get("val", []))
+        if not self.train_samples:
+            raise ConfigError(f"data={cfg.data!r}: the training split is empty (val_fraction={cfg.val_fraction})")
+        if cfg.strategy == "region" and not any(s.mask is not None for s in self.train_samples):
+            raise ConfigError(
+                "strategy=region needs region masks, but no training image has one "
+                "(pass --masks DIR, or use --strategy random)"
+            )
+        cache = self._make_cache(cfg)
+        fine_scale = int(self.model_cfg.miram_scale) if cfg.method == "miram" else None
+        common = dict(img_size=tuple(cfg.img_size), in_chans=cfg.in_chans, fine_scale=fine_scale,
+                      seed=cfg.seed, cache=cache)
+        self.train_ds = MIMDataset(self.train_samples, augment=cfg.augment, **common)
+        self.val_ds = MIMDataset(self.val_samples, augment=False, **common) if self.val_samples else None
+        # The preview image: a fixed held-back image (a training image when none is held back).
+        self.preview_ds = MIMDataset([(self.val_samples or self.train_samples)[0]], augment=False, **common)
+        self.data_signature = ckpt_mod.dataset_signature(self.train_samples + self.val_samples)
+        self.data_notes = list(getattr(index, "notes", []) or [])
+
+    def _make_cache(self, cfg: PretrainConfig) -> Any:
+        if not cfg.cache:
+            return None
+        from ..io.cache import DecodeCache
+
+        return DecodeCache()
+
+    def _setup_model(self, cfg: PretrainConfig, resume: ckpt_mod.Checkpoint | None) -> None:
+        from ..models import build_model
+
+        model = build_model(self.model_cfg, init=None if resume else cfg.init)
+        if resume is not None:
+            try:
+                model.load_state_dict(resume.model_state(), strict=True)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{resume.path}: weights do not fit the model: {exc}") from None
+        self.model = model.to(self.device)
+        self.model.train()
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.lr = float(cfg.lr)  # resolved(): given, or blr * effective batch / 256
+        self.optimizer = build_optimizer(self.model, lr=self.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        if resume is not None:
+            state = resume.optimizer_state()
+            if state is not None:
+                try:
+                    self.optimizer.load_state_dict(state)
+                except (ValueError, KeyError, RuntimeError) as exc:
+                    raise CheckpointError(f"{resume.path}: optimiser state does not fit: {exc}") from None
+            if self.scaler is not None and resume.meta.get("scaler"):
+                self.scaler.load_state_dict(resume.meta["scaler"])
+        self.ddp_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _setup_schedule(self, cfg: PretrainConfig, resume: ckpt_mod.Checkpoint | None) -> None:
+        self.plan = StepPlan(n=len(self.train_ds), batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
+                             seed=cfg.seed, world_size=self.dist.world_size, rank=self.dist.rank)
+        spe = self.plan.steps_per_epoch
+        self.total_steps = cfg.epochs * spe
+        self.warmup_steps = min(self.total_steps, int(round(cfg.warmup_epochs * spe)))
+        self.stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        # Masks for training come from one generator shared (identically seeded) by all
+        # processes; its state is part of every checkpoint.
+        self.mask_gen = torch.Generator().manual_seed(cfg.seed + _MASK_SEED_OFFSET)
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.skipped = 0
+        self._elapsed_before = 0.0     # training seconds of the interrupted run(s), for metrics.csv
+        self.last_val: float | None = None
+        self.last_loss: float | None = None
+        if resume is not None:
+            self.step = resume.step
+            sampler = resume.meta.get("sampler", {})
+            if int(sampler.get("n_train", -1)) == self.plan.n and int(sampler.get("steps_per_epoch", -1)) == spe:
+                self.epoch, self.position = int(sampler["epoch"]), int(sampler["position"])
+            else:
+                self.epoch, self.position = divmod(self.step, spe)
+                self.notes.append("the training set changed size since the checkpoint; resuming at the same "
+                                  "step, but the sample order differs from the interrupted run")
+            if resume.meta.get("dataset_signature") not in (None, self.data_signature):
+                self.notes.append("the dataset differs from the checkpoint's (files changed or moved)")
+            ckpt_mod.restore_rng_state(resume.meta.get("rng", {}), self.mask_gen)
+            metrics = resume.meta.get("metrics", {})
+            self.skipped = int(metrics.get("skipped_steps", 0))
+            self.last_val = metrics.get("val_loss")
+            self._elapsed_before = float(metrics.get("elapsed_s") or 0.0)
+            self.last_checkpoint = str(resume.path)
+        self.mask_opts = {**self.model.mask_options(cfg.strategy), **cfg.mask_options}
+
+    def _setup_run_dir(self, cfg: PretrainConfig, resume: ckpt_mod.Checkpoint | None) -> None:
+        rd = self.run_dir
+        assert rd is not None
+        same_dir = resume is not None and rd.resolve() == resume.run_dir.resolve()
+        self._same_dir = same_dir
+        if not same_dir and ckpt_mod.list_checkpoints(rd):
+            raise ConfigError(f"out={str(rd)!r} already holds a run (checkpoints found); "
+                              "resume it with --resume DIR or choose another --out")
+        self.dist.barrier()  # every process checked before rank 0 writes anything
+        if self.dist.is_main:
+            rd.mkdir(parents=True, exist_ok=True)
+            ckpt_mod.clean_stale_temp(rd)
+            (rd / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n",
+                                            encoding="utf-8")
+            self.metrics = MetricsLog(rd / "metrics.csv", resume_step=self.step if same_dir else None)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        self.emit(Started(
+            run_dir=str(self.run_dir), config=cfg.to_dict(),
+            total_steps=self.total_steps, device=str(self.device), start_step=self.step,
+            steps_per_epoch=self.plan.steps_per_epoch, world_size=self.dist.world_size,
+            n_train=len(self.train_samples), n_val=len(self.val_samples), n_params=self.n_params, lr=self.lr,
+            amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off"),
+            stop_at=self.stop_at, notes=tuple(self.notes + self.data_notes),
+        ))
+        history: list[dict[str, Any]] = []
+        self._t_active = 0.0           # seconds of training, pauses excluded
+        self._step_s: float | None = None  # smoothed seconds per step
+        if cfg.preview_every:  # a first picture right away (also when resuming)
+            self._preview()
+        reason = "completed"
+        saved_at = -1
+        stopped = False
+        while self.step < self.stop_at and not stopped:
+            self.train_ds.set_epoch(self.epoch)
+            batches = self._loader(self.epoch, self.position)
+            while self.position < self.plan.steps_per_epoch and self.step < self.stop_at:
+                stop_reason = self._check_stop()
+                if stop_reason:
+                    reason, stopped = stop_reason, True
+                    break
+                row = self._train_step(batches)
+                history.append(row)
+                epoch_done = self.position == self.plan.steps_per_epoch
+                if epoch_done and cfg.val_every and (self.epoch + 1) % cfg.val_every == 0:
+                    self.last_val = self._validate()
+                    row["val_loss"] = self.last_val
+                self._report(row)
+                if epoch_done:
+                    self.epoch, self.position = self.epoch + 1, 0
+                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                    self._preview()
+                every = cfg.checkpoint_every
+                # Small data sets have 1-step epochs: epoch checkpoints are rate-limited in time.
+                epoch_due = epoch_done and time.monotonic() - self._saved_clock >= cfg.checkpoint_interval_s
+                if epoch_done and self.dist.enabled:  # clocks differ: all processes must agree
+                    epoch_due = self.dist.sum_floats([float(epoch_due)], self.device)[0] > 0
+                if (every == "epoch" and epoch_due) or (isinstance(every, int) and self.step % every == 0):
+                    self._save()
+                    saved_at = self.step
+                if epoch_done:
+                    break  # next epoch: new order, new loader
+        if not stopped and self.stop_at < self.total_steps:
+            reason = "max_steps"
+        # Always end on a checkpoint, unless the newest one already holds this exact state.
+        unchanged = self.resume is not None and self.step == self.resume.step and self._same_dir
+        if saved_at != self.step and not unchanged:
+            self._save()
+        if cfg.preview_every and self.step % cfg.preview_every:
+            self._preview()
+        self.dist.barrier()
+        self.emit(Finished(run_dir=str(self.run_dir), step=self.step, last_checkpoint=self.last_checkpoint,
+                           reason=reason))
+        return RunResult(run_dir=str(self.run_dir), step=self.step, last_checkpoint=self.last_checkpoint,
+                         reason=reason, final_loss=self.last_loss, val_loss=self.last_val,
+                         skipped_steps=self.skipped, history=history)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+    # ------------------------------------------------------------------ control
+    def _check_stop(self) -> str | None:
+        """Pause (sleep-polling) and stop requests, agreed on by all processes."""
+        if self.control.pause_requested() and not self.control.stop_requested():
+            while self.control.pause_requested() and not self.control.stop_requested():
+                time.sleep(0.05)
+        stop = 1.0 if self.control.stop_requested() else 0.0
+        over = 1.0 if (self.cfg.time_budget_s is not None and self._t_active >= self.cfg.time_budget_s) else 0.0
+        if self.dist.enabled:
+            stop, over = self.dist.sum_floats([stop, over], self.device)
+        if stop:
+            return "stopped"
+        if over:
+            return "time_budget"
+        return None
+
+    # ------------------------------------------------------------------ data
+    def _loader(self, epoch: int, start_step: int):
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            self.train_ds,
+            batch_sampler=LocalBatches(self.plan, epoch, start_step),
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # A private generator: creating the iterator must not consume global RNG state.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+        return iter(loader)
+
+    def _masks(self, batch: dict[str, torch.Tensor], n_global: int, generator: torch.Generator,
+               local: slice | None, *, count_fallbacks: bool = True) -> torch.Tensor:
+        """Masks for a *global* micro-batch from ``generator``, cut to this process's rows.
+
+        Every process draws the whole global batch's masks from the same generator,
+        so sample k of a global batch gets the same mask on 1 or N processes.
+        Region-guided masking needs the regions of the whole batch: gathered.
+        """
+        region = None
+        if self.cfg.strategy == "region":
+            from ..masking import patch_coverage
+
+            cov = patch_coverage(batch["region"].float(), self.model.patch_size)  # [b, gh, gw]
+            region = self.dist.gather_rows(cov, self.device) if local is not None else cov
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mask = self.model.make_mask(self.cfg.strategy, n_global, float(self.cfg.ratio), region=region,
+                                        generator=generator, **self.mask_opts)
+        if count_fallbacks:  # reported once per step instead of one warning per batch
+            self._region_fallbacks += len(caught)
+        return mask[local] if local is not None else mask
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor):
+        images = batch["image"].to(self.device, non_blocking=True)
+        fine = batch.get("fine")
+        if fine is not None:
+            fine = fine.to(self.device, non_blocking=True)
+        ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+               else contextlib.nullcontext())
+        with ctx:
+            out = model(images, mask, fine=fine)
+        return out, images
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, batches) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                   lr=self.lr, min_lr=cfg.min_lr)
+        set_lr(self.optimizer, lr)
+        local = self.plan.local_slice() if self.dist.enabled else None
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for k in range(cfg.accum_steps):
+            batch = next(batches)
+            mask = self._masks(batch, cfg.batch_size, self.mask_gen, local)
+            sync = k == cfg.accum_steps - 1 or not self.dist.enabled
+            ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()  # type: ignore[operator]
+            with ctx:
+                out, _ = self._forward(self.ddp_model, batch, mask)
+                loss = out.loss.float() / cfg.accum_steps
+                # A non-finite loss still goes through backward (every process must take
+                # part in the gradient all-reduce); the step is dropped below.
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += out.loss.detach().double().cpu()
+        local_loss = float(loss_sum) / cfg.accum_steps
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.clip_grad if cfg.clip_grad is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        finite_loss = math.isfinite(local_loss)
+        sums = self.dist.sum_floats([local_loss if finite_loss else 0.0, 0.0 if finite_loss else 1.0], self.device)
+        n_bad = sums[1]
+        loss = sums[0] / self.dist.world_size if not n_bad else float("nan")
+        message = None
+        if n_bad or not math.isfinite(grad_norm):
+            # MAE issues #65/#167: mixed precision can produce NaN/inf; skip the update, keep going.
+            self.skipped += 1
+            what = "loss" if n_bad else "gradient norm"
+            message = f"step {self.step + 1} skipped: non-finite {what}"
+            if self.scaler is not None:
+                self.scaler.update()  # lower the loss scale for fp16 overflow
+        elif self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._region_fallbacks:
+            message = (message + "; " if message else "") + (
+                f"{self._region_fallbacks} region-guided mask(s) fell back to random (empty region)")
+            self._region_fallbacks = 0
+        self.step += 1
+        self.position += 1
+        if math.isfinite(loss):
+            self.last_loss = loss
+        dt = time.perf_counter() - t0
+        self._t_active += dt
+        # Smoothed step time; the first step (allocation, warm-up) is not representative.
+        self._step_s = dt if self._step_s is None else 0.8 * self._step_s + 0.2 * dt
+        return {"step": self.step, "epoch": self.epoch, "loss": loss, "val_loss": None, "lr": lr,
+                "images_per_s": cfg.effective_batch / self._step_s if self._step_s > 0 else 0.0,
+                "grad_norm": grad_norm, "skipped": self.skipped, "elapsed_s": self._elapsed_before + self._t_active,
+                "message": message}
+
+    def _report(self, row: dict[str, Any]) -> None:
+        eta = (self.stop_at - self.step) * (self._step_s or 0.0)
+        if self.cfg.time_budget_s is not None:
+            eta = min(eta, max(0.0, self.cfg.time_budget_s - self._t_active))
+        if self.metrics is not None:
+            self.metrics.write(row)
+        self.emit(Progress(step=row["step"], total=self.stop_at, epoch=row["epoch"], loss=row["loss"],
+                           lr=row["lr"], images_per_s=row["images_per_s"], eta_s=eta, val_loss=row["val_loss"],
+                           skipped_steps=self.skipped, message=row["message"]))
+
+    # ------------------------------------------------------------------ validation / preview
+    @torch.no_grad()
+    def _validate(self) -> float | None:
+        """Mean loss on the held-back split, with masks from a fixed seed.
+
+        Every process evaluates the whole (small) split on its own copy of the model:
+        no communication, and the same number as a single process.
+        """
+        if self.val_ds is None or len(self.val_ds) == 0:
+            return None
+        t0 = time.perf_counter()
+        from torch.utils.data import DataLoader
+
+        gen = torch.Generator().manual_seed(self.cfg.seed + _VAL_SEED_OFFSET)
+        B, b = self.cfg.batch_size, self.plan.local_batch
+        loader = DataLoader(self.val_ds, batch_size=B, shuffle=False, num_workers=0)
+        total, count = 0.0, 0
+        self.model.eval()
+        try:
+            for batch in loader:
+                n = batch["image"].shape[0]
+                mask = self._masks(batch, n, gen, None, count_fallbacks=False)
+                for i in range(0, n, b):
+                    part = {k: (v[i:i + b] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+                    out, _ = self._forward(self.model, part, mask[i:i + b])
+                    m = part["image"].shape[0]
+                    total += float(out.loss.float()) * m
+                    count += m
+        finally:
+            self.model.train()
+        self._t_active += time.perf_counter() - t0
+        return total / count if count else None
+
+    @torch.no_grad()
+    def _preview(self) -> None:
+        if not self.dist.is_main:
+            return
+        t0 = time.perf_counter()
+        item = self.preview_ds[0]
+        batch = {k: (v[None] if isinstance(v, torch.Tensor) else torch.as_tensor([v])) for k, v in item.items()}
+        gen = torch.Generator().manual_seed(self.cfg.seed + _PREVIEW_SEED_OFFSET)
+        mask = self._masks(batch, 1, gen, None, count_fallbacks=False)
+        self.model.eval()
+        try:
+            out, images = self._forward(self.model, batch, mask)
+            r = self.model.render(out, images.float())
+        finally:
+            self.model.train()
+        size = self.cfg.preview_size
+        self.emit(Preview(
+            step=self.step,
+            image=_small(images, size),
+            masked=_small(r.masked, size),
+            reconstruction=_small(r.reconstruction, size),
+            error=_small(r.error, size),
+            recon_plus_visible=_small(r.recon_plus_visible, size),
+        ))
+        self._t_active += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self) -> None:
+        if self.dist.is_main:
+            t0 = time.perf_counter()
+            meta = {
+                "kind": "pretrain",
+                "config": self.cfg.to_dict(),
+                "model_config": self.model_cfg.to_dict(),
+                "epoch": self.epoch,
+                "sampler": {"epoch": self.epoch, "position": self.position, "seed": self.cfg.seed,
+                            "n_train": self.plan.n, "steps_per_epoch": self.plan.steps_per_epoch},
+                "rng": ckpt_mod.capture_rng_state(self.mask_gen),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "dataset_signature": self.data_signature,
+                "world_size": self.dist.world_size,
+                "metrics": {"loss": self.last_loss, "val_loss": self.last_val, "skipped_steps": self.skipped,
+                            "elapsed_s": self._elapsed_before + self._t_active},
+            }
+            path = ckpt_mod.save_checkpoint(self.run_dir, self.step, model_state=self.model.state_dict(),
+                                            optimizer_state=self.optimizer.state_dict(), meta=meta,
+                                            keep=self.cfg.keep_checkpoints)
+            self.last_checkpoint = str(path)
+            self._t_active += time.perf_counter() - t0
+            self.emit(CheckpointSaved(path=str(path), step=self.step))
+        self._saved_clock = time.monotonic()
+        self.dist.barrier()
+
+
+def _small(t: torch.Tensor, size: int) -> np.ndarray:
+    """First image of a ``[B, C, H, W]`` batch as a grey float32 array, longest side <= ``size``."""
+    x = t[0].detach().float().mean(dim=0, keepdim=True)[None]   # [1, 1, H, W]
+    h, w = x.shape[-2:]
+    f = max(1, math.ceil(max(h, w) / size))
+    if f > 1:
+        x = torch.nn.functional.avg_pool2d(x, f, ceil_mode=True)
+    return x[0, 0].cpu().numpy().astype(np.float32)

@@ -1,0 +1,96 @@
+"""PretrainConfig: defaults, presets, files, validation, and the resume merge rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mim_workbench.errors import ConfigError
+from mim_workbench.training.config import PRESETS, PretrainConfig, parse_img_size, read_config_file
+from mim_workbench.training.pretrain import merge_resume_config
+
+
+def test_defaults_are_cpu_sized_and_resolve_per_method():
+    c = PretrainConfig()
+    assert (c.model, c.img_size, c.batch_size) == ("vit_tiny_patch16_224", (224, 224), 16)
+    assert (c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads) == (128, 4, 4)
+    assert c.betas == (0.9, 0.95) and c.weight_decay == 0.05 and c.blr == 1.5e-4
+    r = c.resolved()
+    assert (r.strategy, r.ratio, r.clip_grad) == ("random", 0.75, None)
+    assert r.lr == pytest.approx(1.5e-4 * 16 / 256)
+    s = PretrainConfig(method="simmim").resolved()
+    assert (s.strategy, s.ratio, s.clip_grad) == ("block", 0.6, 5.0)
+    m = PretrainConfig(method="miram", strategy="region", ratio=0.5).resolved()
+    assert (m.strategy, m.ratio) == ("region", 0.5)
+
+
+def test_lr_scales_with_effective_batch_unless_given():
+    assert PretrainConfig(batch_size=32, accum_steps=4).absolute_lr() == pytest.approx(1.5e-4 * 128 / 256)
+    assert PretrainConfig(batch_size=32, lr=1e-3).resolved().lr == 1e-3
+
+
+def test_rgmim_paper_preset_and_explicit_override():
+    c = PretrainConfig.from_dict({"preset": "rgmim-paper"})
+    assert c.model == "vit_base_patch16_224"
+    assert (c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads) == (512, 8, 16)
+    assert (c.batch_size, c.blr, c.weight_decay, c.epochs, c.strategy, c.ratio) == (256, 1.5e-4, 0.05, 40, "region", 0.75)
+    c2 = PretrainConfig.from_dict({"preset": "rgmim-paper", "batch_size": 8})
+    assert c2.batch_size == 8 and c2.model == "vit_base_patch16_224"
+    assert "cpu" in PRESETS
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match="bach_size.*epoks|epoks.*bach_size"):
+        PretrainConfig.from_dict({"bach_size": 4, "epoks": 3})
+
+
+def test_json_round_trip(tmp_path):
+    c = PretrainConfig(data="d", out="o", img_size="96x128", method="simmim", mask_options={"mask_patch_size": 32},
+                       checkpoint_every=10, betas=(0.8, 0.9))
+    f = tmp_path / "c.json"
+    c.to_json(f)
+    back = PretrainConfig.from_file(f)
+    assert back == c
+    assert back.img_size == (96, 128) and back.betas == (0.8, 0.9)
+    assert json.loads(f.read_text())["img_size"] == [96, 128]
+
+
+def test_toml_file_with_dashes_and_table(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[pretrain]\ndata = "x"\nbatch-size = 8\nimg_size = "128"\nmethod = "miram"\n', encoding="utf-8")
+    c = PretrainConfig.from_file(f)
+    assert (c.data, c.batch_size, c.img_size, c.method) == ("x", 8, (128, 128), "miram")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("data = \n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="TOML"):
+        read_config_file(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        read_config_file(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("values, name", [
+    ({"ratio": 1.5}, "ratio"), ({"method": "beit"}, "method"), ({"strategy": "grid"}, "strategy"),
+    ({"batch_size": 0}, "batch_size"), ({"amp": "fp8"}, "amp"), ({"device": "tpu"}, "device"),
+    ({"checkpoint_every": "hourly"}, "checkpoint_every"), ({"val_fraction": 1.0}, "val_fraction"),
+    ({"preset": "huge"}, "preset"), ({"img_size": "12x"}, "img_size"), ({"lr": -1.0}, "lr"),
+])
+def test_bad_values_name_the_setting(values, name):
+    with pytest.raises(ConfigError, match=name):
+        PretrainConfig.from_dict(values)
+
+
+def test_parse_img_size():
+    assert parse_img_size(224) == (224, 224)
+    assert parse_img_size("256x320") == (256, 320)
+    assert parse_img_size([64, 96]) == (64, 96)
+
+
+def test_resume_merge_keeps_checkpoint_settings_and_takes_run_control():
+    saved = PretrainConfig(data="d", out="o", batch_size=8, epochs=5, seed=3).resolved()
+    given = PretrainConfig(resume="o", epochs=9, max_steps=100, threads=1)
+    merged = merge_resume_config(given, saved)
+    assert (merged.batch_size, merged.seed, merged.data) == (8, 3, "d")
+    assert (merged.epochs, merged.max_steps, merged.threads, merged.resume) == (9, 100, 1, "o")
+    with pytest.raises(ConfigError, match="batch_size"):
+        merge_resume_config(PretrainConfig(resume="o", batch_size=4), saved)
