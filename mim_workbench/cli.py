@@ -45,6 +45,7 @@ def _add_gui(sub: argparse._SubParsersAction) -> Runner:
     p = sub.add_parser("gui", help="open napari with the workbench docked and a sample chest X-ray")
     p.add_argument("paths", nargs="*", help="images to open instead of the sample")
     p.add_argument("--demo-out", default="mim-demo", help="where the headless demo writes when no display exists")
+    p.add_argument("--demo-seconds", type=float, default=60.0, help="the headless demo's pretraining time budget")
     return _run_gui
 
 
@@ -56,7 +57,7 @@ def _run_gui(args: argparse.Namespace) -> int:
     if not _has_display():
         print("mim-workbench gui: no display found (DISPLAY is unset); running the headless demo instead "
               f"(pictures go to {args.demo_out}/)", file=sys.stderr)
-        return _run_demo(argparse.Namespace(out=args.demo_out, seconds=60.0, device="auto"))
+        return _run_demo(argparse.Namespace(out=args.demo_out, seconds=args.demo_seconds, device="auto"))
     from .gui_launch import launch
 
     return launch(args.paths)
