@@ -102,3 +102,22 @@ def test_painted_region_is_autosaved_and_restored(make_napari_viewer, qtbot, tmp
     w2.image.value = image
     w2.create_region_layer()
     assert np.array_equal(viewer.layers["region: film"].data, saved)
+
+
+def test_auto_propose_lungs_then_edit(make_napari_viewer, sample_root):
+    from mim_workbench.io import read_image, read_mask
+    from mim_workbench.regions import dice
+    from mim_workbench_napari._widget import WorkbenchWidget
+
+    viewer = make_napari_viewer()
+    img = read_image(sample_root / "images" / "cxr0174.png")
+    layer = viewer.add_image(img.data, name="cxr0174")
+    w = WorkbenchWidget(viewer)
+    w.image.value = layer
+    w.preset.value = "lungs"
+    w.propose_region()
+    region = viewer.layers["region: cxr0174"]
+    truth = read_mask(sample_root / "masks" / "cxr0174.png", shape=img.data.shape)
+    assert dice(region.data, truth) > 0.8
+    assert region.mode == "paint" and w.region.value is region
+    assert "proposed lungs" in w.status.value

@@ -35,6 +35,8 @@ class WorkbenchWidget(Container):
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.region = ComboBox(label="Region", choices=self._label_layers, nullable=True)
         self.new_region = PushButton(text="New region layer")
+        self.preset = ComboBox(label="Propose", choices=["lungs", "breast", "teeth", "tissue"], value="lungs")
+        self.propose = PushButton(text="Auto-propose region")
         self.import_path = FileEdit(label="Import mask", mode="r", filter="*.png *.tif *.tiff *.npy *.dcm")
         self.save_path = FileEdit(label="Save mask as", mode="w", filter="*.png *.tif *.tiff *.npy")
         self.save = PushButton(text="Save region mask")
@@ -44,10 +46,11 @@ class WorkbenchWidget(Container):
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
         self.show_preview = CheckBox(text="Show masking preview", value=False)
         self.status = Label(value="")
-        self.extend([self.image, self.region, self.new_region, self.import_path, self.save_path, self.save,
+        self.extend([self.image, self.region, self.new_region, self.preset, self.propose, self.import_path, self.save_path, self.save,
                      self.strategy, self.ratio, self.patch, self.seed, self.show_preview, self.status])
 
         self.new_region.changed.connect(self.create_region_layer)
+        self.propose.changed.connect(self.propose_region)
         self.import_path.changed.connect(lambda: self.import_region(self.import_path.value))
         self.save.changed.connect(lambda: self.save_region(self.save_path.value))
         for w in (self.image, self.region, self.strategy, self.ratio, self.patch, self.seed, self.show_preview):
@@ -141,6 +144,31 @@ class WorkbenchWidget(Container):
         if restored is not None:
             _notify(f"Restored the autosaved region mask of {img.name}.")
 
+    def propose_region(self) -> None:
+        """Auto-propose the region with the chosen preset into the region layer (then edit it)."""
+        from mim_workbench.regions import propose_region
+
+        img = self.image.value
+        if img is None:
+            _notify("Open an image first: the region is proposed from its pixels.", error=True)
+            return
+        try:
+            mask = propose_region(img.data, self.preset.value)
+        except MimError as exc:
+            _notify(str(exc), error=True)
+            return
+        self._set_region(img, mask)
+        self.status.value = f"proposed {self.preset.value}: {mask.mean():.0%} of the image; paint to correct it"
+
+    def _set_region(self, img, mask: np.ndarray) -> None:
+        name = f"region: {img.name}"
+        if name in self.viewer.layers:
+            self.viewer.layers[name].data = mask
+        else:
+            self.viewer.add_labels(mask, name=name, scale=img.scale[-2:], translate=img.translate[-2:], opacity=0.45)
+        self.region.value = self.viewer.layers[name]
+        self.viewer.layers[name].mode = "paint"
+
     def import_region(self, path: Path | str) -> None:
         from mim_workbench.io import read_mask
 
@@ -152,12 +180,7 @@ class WorkbenchWidget(Container):
         except MimError as exc:
             _notify(str(exc), error=True)
             return
-        name = f"region: {img.name}"
-        if name in self.viewer.layers:
-            self.viewer.layers[name].data = mask
-        else:
-            self.viewer.add_labels(mask, name=name, scale=img.scale[-2:], translate=img.translate[-2:], opacity=0.45)
-        self.region.value = self.viewer.layers[name]
+        self._set_region(img, mask)
 
     def save_region(self, path: Path | str) -> None:
         from mim_workbench.io.mask_writer import save_mask
