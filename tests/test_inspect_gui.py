@@ -52,7 +52,7 @@ def test_inspect_unseen_layer_side_by_side(make_napari_viewer, qtbot, tiny_check
     assert not np.array_equal(first, viewer.layers["masked: unseen"].data), "a new mask was drawn"
 
     w.side_by_side.value = True
-    assert viewer.grid.enabled
+    assert w._grid().enabled
 
 
 def test_inspect_bad_checkpoint_notifies(make_napari_viewer, qtbot, tmp_path):

@@ -62,10 +62,16 @@ class InspectWidget(Container):
         self.seed.value = int(self.seed.value) + 1
         self.reconstruct()
 
+    def _grid(self):
+        # napari >= 0.9 moved the grid to viewer.canvas.grid
+        canvas = getattr(self.viewer, "canvas", None)
+        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self.viewer.grid
+
     def _toggle_grid(self) -> None:
-        self.viewer.grid.enabled = bool(self.side_by_side.value)
+        grid = self._grid()
+        grid.enabled = bool(self.side_by_side.value)
         if self.side_by_side.value:
-            self.viewer.grid.stride = 1
+            grid.stride = 1
 
     # ------------------------------------------------------------------ run
     def _model(self, path: str):
