@@ -13,6 +13,11 @@ import napari  # the viewer annotation must resolve: napari injects it by type
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, SpinBox
 
+# Imported here, on the main thread, not lazily in the worker: timm pulls in torchvision and
+# triton, and loading triton's LLVM from a worker thread after napari made its GL context
+# segfaulted (Mesa/Xvfb).
+from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
+
 OUTPUTS = (("masked", "masked"), ("recon", "reconstruction"), ("recon+visible", "recon_plus_visible"),
            ("error", "error"))
 _OWN_PREFIXES = tuple(f"{p}: " for p, _ in OUTPUTS) + ("masking preview: ",)
@@ -75,17 +80,13 @@ class InspectWidget(Container):
 
     # ------------------------------------------------------------------ run
     def _model(self, path: str):
-        from mim_workbench.inference.reconstruct import model_from_checkpoint
-
         if path not in self._models:
-            self._models = {path: model_from_checkpoint(path)[0]}  # keep one model: memory is finite
+            self._models = {path: model_from_checkpoint(path)}  # keep one model: memory is finite
         return self._models[path]
 
     def reconstruct(self) -> None:
         from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
-
-        from mim_workbench.inference.reconstruct import reconstruct
 
         ckpt = str(self.checkpoint.value)
         img = self.image.value
@@ -98,10 +99,14 @@ class InspectWidget(Container):
         if strategy == "region" and region is None:
             show_error("Region-guided masking needs a region layer: paint, import or propose one first.")
             return
-        kwargs = dict(region_mask=region, strategy=strategy, ratio=float(self.ratio.value), seed=int(self.seed.value))
+        ratio, seed = float(self.ratio.value), int(self.seed.value)
 
         def work():
-            return reconstruct(self._model(ckpt), data, **kwargs)
+            model, loaded = self._model(ckpt)
+            chosen = strategy or loaded.config.get("strategy") or None
+            if chosen == "region" and region is None:
+                chosen = "random"  # trained region-guided, but this image has no region yet
+            return reconstruct(model, data, region_mask=region, strategy=chosen, ratio=ratio, seed=seed)
 
         self.metrics.value = "reconstructing…"
         self.run_button.enabled = False

@@ -6,9 +6,12 @@ from pathlib import Path
 
 
 def launch(paths: list[str]) -> int:
-    # torch (and triton, which it may pull in) must be imported before napari creates its
-    # GL context: importing triton afterwards segfaulted on Mesa/Xvfb.
+    # torch, timm/torchvision and triton (which they pull in) must be loaded before napari
+    # creates its GL context: loading triton afterwards segfaulted on Mesa/Xvfb.
     import torch  # noqa: F401
+
+    import mim_workbench.inference.reconstruct  # noqa: F401
+    import mim_workbench.training  # noqa: F401
 
     import napari
 
