@@ -81,8 +81,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- engine commands
 # (pretrain, reconstruct, export, cache) are registered below by _ENGINE_COMMANDS.
 from .cli_engine import ENGINE_COMMANDS  # noqa: E402
+from .cli_finetune import FINETUNE_COMMANDS  # noqa: E402
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], Runner]] = [_add_info, _add_gui, _add_demo, *ENGINE_COMMANDS]
+COMMANDS: list[Callable[[argparse._SubParsersAction], Runner]] = [
+    _add_info, _add_gui, _add_demo, *ENGINE_COMMANDS, *FINETUNE_COMMANDS,
+]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:

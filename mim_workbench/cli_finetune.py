@@ -1,0 +1,394 @@
+"""CLI subcommands for downstream tasks: finetune, predict, evaluate, dense-train, dense-predict.
+
+Each entry of FINETUNE_COMMANDS is an ``_add_<name>(sub) -> runner`` like those in
+cli.py.  ``--checkpoint`` accepts what ``load_checkpoint`` accepts (run directory,
+``ckpt-<step>`` directory or a file in it); for ``finetune`` and ``dense-train``
+also an exported encoder (``.safetensors``) or ``scratch`` (a random encoder).
+Fractions are 0-1.  Until registered in cli.py: ``python -m mim_workbench.cli_finetune ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Runner = Callable[[argparse.Namespace], int]
+
+_ARCH_HELP = "architecture of a scratch encoder (ignored with a checkpoint, except --img-size)"
+
+
+def _add_arch(g: argparse._ArgumentGroup, *, decoder: bool = False) -> None:
+    g.add_argument("--model", help="timm ViT name (default vit_tiny_patch16_224)")
+    g.add_argument("--img-size", help="input size N or HxW (default: the checkpoint's; 224 from scratch)")
+    g.add_argument("--patch-size", type=int)
+    g.add_argument("--embed-dim", type=int)
+    g.add_argument("--depth", type=int)
+    g.add_argument("--num-heads", type=int)
+    if decoder:
+        g.add_argument("--decoder-dim", type=int, help="pretraining decoder width (default 128)")
+        g.add_argument("--decoder-depth", type=int, help="pretraining decoder blocks (default 4)")
+        g.add_argument("--decoder-heads", type=int, help="pretraining decoder heads (default 4)")
+
+
+def _arch_values(args: argparse.Namespace) -> dict[str, Any]:
+    out = {k: getattr(args, k) for k in ("model", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
+           if getattr(args, k, None) is not None}
+    for flag, key in (("decoder_dim", "decoder_embed_dim"), ("decoder_depth", "decoder_depth"),
+                      ("decoder_heads", "decoder_num_heads")):
+        if getattr(args, flag, None) is not None:
+            out[key] = getattr(args, flag)
+    return out
+
+
+def _printer(task: str, quiet: bool):
+    """ProgressPrinter with a Started line for this task (None when quiet)."""
+    if quiet:
+        return None
+    from .training import events as ev
+    from .training.progress import ProgressPrinter
+
+    class _Printer(ProgressPrinter):
+        def __call__(self, event: Any) -> None:
+            if isinstance(event, ev.Started):
+                c = event.config
+                what = c.get("mode") if task == "finetune" else f"{len(c.get('classes', []))} classes"
+                self._line(f"{task}: {what}, {event.n_train} train / {event.n_val} val images, "
+                           f"{event.total_steps} steps, lr {event.lr:.3g}, {event.device} -> {event.run_dir or '-'}")
+                for note in event.notes:
+                    self._line(f"  note: {note}")
+                self._every = max(1, event.stop_at // 20)
+                return
+            super().__call__(event)
+
+    return _Printer()
+
+
+# ===================================================================== finetune
+def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
+    p = sub.add_parser(
+        "finetune", help="linear probe or fine-tune a classifier on a (pretrained) encoder; metrics.json + checkpoint",
+        description="Train a classifier on labelled images: a linear probe of the frozen encoder (--mode probe) or "
+                    "full fine-tuning with layer-wise lr decay (--mode full). Splits are by patient; --fraction keeps "
+                    "a stratified share of the training labels. Writes metrics.json (accuracy, AUC, AP on the test "
+                    "split), history.csv and a checkpoint that `predict` uses.",
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="pretrain/finetune checkpoint or run directory, an exported encoder .safetensors, or 'scratch'")
+    p.add_argument("--data", required=True,
+                   help="labelled images: class folders, images/ + labels.csv, or a CSV manifest")
+    p.add_argument("--masks", help="region-mask folder (only used to discover the data set)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--mode", choices=("probe", "full"), default="probe", help="default probe")
+    p.add_argument("--fraction", type=float, default=1.0, help="share of the training labels used (default 1.0)")
+    p.add_argument("--epochs", type=int, help="default 100 (probe) / 30 (full)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 probe / 3e-4 full)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, full mode (default 0.75)")
+    p.add_argument("--label-smoothing", type=float, help="default 0 probe / 0.1 full")
+    p.add_argument("--drop-path", type=float, help="full mode (default 0.1)")
+    p.add_argument("--balance", choices=("weights", "sampler", "none"), help="class imbalance (default weights)")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss (0 = off)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="augmentation (default: off for probe, on for full)")
+    p.add_argument("--val-fraction", type=float, help="share of patients for validation (default 0.15)")
+    p.add_argument("--test-fraction", type=float, help="share of patients for testing (default 0.2)")
+    p.add_argument("--split-seed", type=int, help="seed of the patient split (default 0)")
+    p.add_argument("--positive-class", help="positive class of binary AUC/AP (default the second class)")
+    p.add_argument("--seed", type=int, default=0, help="label subset, head init, sample order")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--time-budget", type=float, metavar="S", help="stop after S seconds of training")
+    _add_arch(p.add_argument_group("scratch encoder", _ARCH_HELP))
+    p.add_argument("--quiet", action="store_true")
+    return _run_finetune
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from .cli_engine import _StopOnSignal
+    from .inference.reconstruct import json_safe
+    from .training.finetune import FinetuneConfig, finetune
+
+    values: dict[str, Any] = {"checkpoint": args.checkpoint, "data": args.data, "out": args.out, "mode": args.mode,
+                              "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed,
+                              "device": args.device, **_arch_values(args)}
+    for k in ("masks", "epochs", "lr", "weight_decay", "layer_decay", "label_smoothing", "drop_path", "balance",
+              "patience", "augment", "val_fraction", "test_fraction", "split_seed", "positive_class", "threads",
+              "max_steps"):
+        if getattr(args, k) is not None:
+            values[k] = getattr(args, k)
+    if args.time_budget is not None:
+        values["time_budget_s"] = args.time_budget
+    with _StopOnSignal() as control:
+        res = finetune(FinetuneConfig.from_dict(values), on_event=_printer("finetune", args.quiet), control=control)
+    m = res.metrics
+    print(json.dumps(json_safe({"accuracy": m.get("accuracy"), "auc": m.get("auc"), "ap": m.get("ap"),
+                                "split": res.eval_split, "n": m.get("n"), "checkpoint": res.checkpoint,
+                                "metrics": str(Path(res.run_dir) / "metrics.json")})))
+    for note in m.get("notes") or []:
+        print(f"mim-workbench finetune: note: {note}", file=sys.stderr)
+    return 0
+
+
+# ===================================================================== predict
+def _add_predict(sub: argparse._SubParsersAction) -> Runner:
+    p = sub.add_parser("predict", help="class probabilities and maps (finetune checkpoint) or dense probability maps")
+    p.add_argument("--checkpoint", required=True, help="finetune or dense checkpoint (or its run directory)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="one image -> predictions.json")
+    src.add_argument("--data", help="a folder or dataset -> predictions.csv")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--map", choices=("auto", "patch_logits", "rollout"), default="auto",
+                   help="spatial map of a classifier (default: patch logits for full, rollout for probe models)")
+    p.add_argument("--no-maps", action="store_true", help="folder mode: only the CSV")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
+    return _run_predict
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .inference.predict import predict_folder, predict_one
+    from .training.runtime import select_device
+
+    device = select_device(args.device)
+    if args.image:
+        path = predict_one(args.checkpoint, args.image, args.out, device=device, map=args.map)
+        print(json.dumps(json.loads(path.read_text(encoding="utf-8"))))
+    else:
+        path = predict_folder(args.checkpoint, args.data, args.out, device=device, map=args.map,
+                              save_maps=not args.no_maps)
+        print(str(path))
+    return 0
+
+
+# ===================================================================== evaluate
+def _parse_fractions(text: str) -> tuple[float, ...]:
+    from .errors import ConfigError
+
+    try:
+        vals = tuple(float(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise ConfigError(f"--fractions {text!r}: give numbers in (0, 1] separated by commas") from None
+    return vals
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
+    p = sub.add_parser(
+        "evaluate", help="RGMIM-style table: scratch / MAE / region-guided pretraining x label fractions x seeds",
+        description="Pretrain each variant with the same time budget, then linear-probe or fine-tune it with each "
+                    "label fraction and seed; writes results.csv, table.csv, table.md, plot.png, summary.json.",
+    )
+    p.add_argument("--data", required=True, help="labelled data set (with region masks for rgmim)")
+    p.add_argument("--masks", help="region-mask folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--fractions", default="0.01,0.1,1.0", help="label fractions, comma separated")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per fraction (default 3)")
+    p.add_argument("--budget-minutes", type=float, default=10.0, help="pretraining minutes per variant")
+    p.add_argument("--mode", choices=("probe", "full"), default="probe")
+    p.add_argument("--variants", default="scratch,mae,rgmim", help="subset of scratch,mae,rgmim")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the mode's)")
+    p.add_argument("--batch-size", type=int, help="batch size of pretraining and fine-tuning")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--pretrain-config", help="JSON/TOML file of extra pretraining settings")
+    p.add_argument("--checkpoints", help="reuse pretrained encoders instead of pretraining: mae=DIR,rgmim=DIR")
+    p.add_argument("--positive-class", help="positive class of binary AUC/AP (default the second class name)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    _add_arch(p.add_argument_group("architecture", "the encoder of every variant"), decoder=True)
+    p.add_argument("--quiet", action="store_true")
+    return _run_evaluate
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .cli_engine import _StopOnSignal
+    from .training.config import read_config_file
+    from .training.evaluate import EvaluateConfig, evaluate
+
+    pre = dict(read_config_file(args.pretrain_config)) if args.pretrain_config else {}
+    pre.update(_arch_values(args))
+    ft: dict[str, Any] = {}
+    if args.batch_size is not None:
+        pre["batch_size"] = ft["batch_size"] = args.batch_size
+    if args.epochs is not None:
+        ft["epochs"] = args.epochs
+    if args.positive_class:
+        ft["positive_class"] = args.positive_class
+    given: dict[str, str] = {}
+    for item in (args.checkpoints or "").split(","):
+        if item.strip():
+            name, sep, path = item.partition("=")
+            if not sep:
+                from .errors import ConfigError
+
+                raise ConfigError(f"--checkpoints {args.checkpoints!r}: use variant=PATH pairs, comma separated")
+            given[name.strip()] = path.strip()
+    cfg = EvaluateConfig(data=args.data, checkpoints=given, masks=args.masks, out=args.out,
+                         fractions=_parse_fractions(args.fractions),
+                         seeds=args.seeds, budget_minutes=args.budget_minutes, mode=args.mode,
+                         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+                         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                         split_seed=args.split_seed, pretrain=pre, finetune=ft, device=args.device,
+                         threads=args.threads)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    with _StopOnSignal() as control:
+        res = evaluate(cfg, log=log, control=control)
+    print(Path(res.files["table_md"]).read_text(encoding="utf-8"))
+    return 0
+
+
+# ===================================================================== dense
+_STROKE_SUFFIXES = ("", "_strokes", "_labels", "_label")
+_STROKE_EXTS = (".png", ".tif", ".tiff", ".npy")
+
+
+def match_strokes(images_dir: Path, strokes_dir: Path) -> tuple[list[Path], list[Path], list[str]]:
+    """(images, stroke files, skipped image names), matched by stem (``<stem>[_strokes|_labels].png|tif|npy``)."""
+    from .errors import ConfigError
+    from .io.datasets import file_stem
+    from .io.readers import list_image_files
+
+    if not images_dir.is_dir():
+        raise ConfigError(f"--images {images_dir}: not a folder")
+    if not strokes_dir.is_dir():
+        raise ConfigError(f"--strokes {strokes_dir}: not a folder")
+    files = {f.name: f for f in strokes_dir.iterdir() if f.is_file()}
+    imgs, strokes, skipped = [], [], []
+    for img in list_image_files(images_dir):
+        stem = file_stem(img)
+        hit = next((files[stem + s + e] for s in _STROKE_SUFFIXES for e in _STROKE_EXTS if stem + s + e in files), None)
+        if hit is None:
+            skipped.append(img.name)
+        else:
+            imgs.append(img)
+            strokes.append(hit)
+    if not imgs:
+        raise ConfigError(f"no stroke file in {strokes_dir} matches an image of {images_dir} "
+                          "(expected <stem>.png / .tif / .npy label images)")
+    return imgs, strokes, skipped
+
+
+def _add_dense_train(sub: argparse._SubParsersAction) -> Runner:
+    p = sub.add_parser("dense-train", help="train a dense head (per-pixel classes) from painted strokes",
+                       description="Strokes are label images (0 = unlabelled, 1..K = classes) named like the images "
+                                   "(<stem>.png, .tif or .npy); images without strokes are skipped.")
+    p.add_argument("--checkpoint", required=True,
+                   help="encoder: pretrain checkpoint or run directory, exported .safetensors, or 'random'")
+    p.add_argument("--images", required=True, help="image folder")
+    p.add_argument("--strokes", required=True, help="stroke label images, by image stem")
+    p.add_argument("--out", required=True, help="run directory for the dense checkpoint")
+    p.add_argument("--classes", help="names of labels 1..K, comma separated")
+    p.add_argument("--mode", choices=("tile", "letterbox"),
+                   help="how images of any size meet the encoder (default tile)")
+    p.add_argument("--scale", type=float, help="tile mode: resize images by this first (default 1.0)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default 300)")
+    p.add_argument("--batch-size", type=int, help="crops per step (default 8)")
+    p.add_argument("--crop", type=int, help="crop side in working pixels (default 64)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--no-refine", dest="refine", action="store_const", const=False,
+                   help="per-patch classifier only (no conv refinement)")
+    p.add_argument("--no-features", dest="use_features", action="store_const", const=False,
+                   help="ignore the encoder: image-only conv head (baseline)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--time-budget", type=float, metavar="S")
+    _add_arch(p.add_argument_group("random encoder", "architecture when --checkpoint random"))
+    p.add_argument("--quiet", action="store_true")
+    return _run_dense_train
+
+
+def _run_dense_train(args: argparse.Namespace) -> int:
+    from .cli_engine import _StopOnSignal
+    from .training.dense import DenseConfig, train_dense
+    from .training.encoder_source import is_random_source
+
+    imgs, strokes, skipped = match_strokes(Path(args.images), Path(args.strokes))
+    if skipped:
+        print(f"mim-workbench dense-train: note: {len(skipped)} image(s) without strokes skipped", file=sys.stderr)
+    values: dict[str, Any] = {"device": args.device}
+    for k in ("mode", "scale", "steps", "batch_size", "crop", "lr", "refine", "use_features", "seed", "threads"):
+        if getattr(args, k) is not None:
+            values[k] = getattr(args, k)
+    if args.time_budget is not None:
+        values["time_budget_s"] = args.time_budget
+    if args.classes:
+        values["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    model_config = None
+    if is_random_source(args.checkpoint):
+        from .models import ModelConfig
+        from .training.config import parse_img_size
+
+        arch = _arch_values(args)
+        if "img_size" in arch:
+            arch["img_size"] = parse_img_size(arch["img_size"])
+        model_config = ModelConfig(**arch)
+    with _StopOnSignal() as control:
+        head = train_dense([str(p) for p in imgs], [str(p) for p in strokes], checkpoint=args.checkpoint,
+                           model_config=model_config, config=DenseConfig(**values), out=args.out,
+                           on_event=_printer("dense-train", args.quiet), control=control)
+    print(json.dumps({"checkpoint": head.checkpoint, "classes": head.classes, "images": len(imgs),
+                      "final_loss": head.history[-1]["loss"] if head.history else None}))
+    return 0
+
+
+def _add_dense_predict(sub: argparse._SubParsersAction) -> Runner:
+    p = sub.add_parser("dense-predict", help="per-class probability maps and labels from a dense checkpoint")
+    p.add_argument("--checkpoint", required=True, help="dense checkpoint (or its run directory)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="one image -> predictions.json + maps")
+    src.add_argument("--data", help="a folder -> predictions.csv + maps")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    return _run_dense_predict
+
+
+def _run_dense_predict(args: argparse.Namespace) -> int:
+    from .errors import CheckpointError
+    from .training.checkpoint import load_checkpoint
+    from .training.dense import DENSE_KIND
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.kind != DENSE_KIND:
+        raise CheckpointError(f"{ckpt.path}: a {ckpt.kind!r} checkpoint; dense-predict needs a dense head "
+                              "(use `predict` for classifiers)")
+    return _run_predict(argparse.Namespace(checkpoint=ckpt, image=args.image, data=args.data, out=args.out,
+                                           map="auto", no_maps=False, device=args.device))
+
+
+FINETUNE_COMMANDS: list[Callable[[argparse._SubParsersAction], Runner]] = [
+    _add_finetune, _add_predict, _add_evaluate, _add_dense_train, _add_dense_predict,
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m mim_workbench.cli_finetune``) until cli.py registers these commands."""
+    from .errors import MimError
+
+    parser = argparse.ArgumentParser(prog="mim-workbench")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    runners: dict[str, Runner] = {}
+    for add in FINETUNE_COMMANDS:
+        before = set(sub.choices)
+        runner = add(sub)
+        for name in set(sub.choices) - before:
+            runners[name] = runner
+    args = parser.parse_args(argv)
+    try:
+        return runners[args.command](args)
+    except MimError as exc:
+        print(f"mim-workbench {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

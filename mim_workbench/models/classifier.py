@@ -1,0 +1,185 @@
+"""A classifier on a pretrained encoder: linear probe or full fine-tuning.
+
+Two heads, as in MAE's ``main_linprobe.py`` / ``main_finetune.py``:
+
+``probe``
+    the encoder is frozen (always in eval mode); the feature is the class token
+    (the mean of the patch tokens when the model has none) after the encoder's
+    final norm, then ``BatchNorm1d(affine=False)`` and a linear layer.  The
+    parameter-free BatchNorm only standardises the features, so the head stays a
+    linear classifier of the frozen features.
+``full``
+    every weight trains; the feature is the global average of the patch tokens
+    (after the encoder's final norm), then dropout and a linear layer.  Because
+    the pooling is an average, the logit of class ``c`` is exactly the average of
+    the per-patch logits ``W_c . token_i + b_c``: :meth:`Classifier.patch_logits`
+    returns those, a class-activation map with no approximation.
+
+The encoder is the same timm ``VisionTransformer`` the MIM models wrap, so the
+classifier's state dict is ``encoder.*`` (loadable by ``load_encoder_weights``)
+plus ``head.*`` (and the BatchNorm's running statistics in probe mode).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from ..errors import ConfigError
+from .encoder import grid_of, token_norm
+
+MODES = ("probe", "full")
+
+
+def encoder_tokens(enc: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """All tokens ``[B, P + L, D]`` after the encoder's per-token norm (P prefix tokens first).
+
+    timm's ``forward_features`` with the norm the MIM models use (``norm``, or
+    ``fc_norm`` for models built with average pooling), so features match what
+    the encoder saw in pretraining.
+    """
+    x = enc.patch_embed(images)
+    x = enc._pos_embed(x)
+    x = enc.patch_drop(x)
+    x = enc.norm_pre(x)
+    x = enc.blocks(x)
+    return token_norm(enc)(x)
+
+
+def patch_grid(enc: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Patch tokens of ``tokens [B, P + L, D]`` as a feature map ``[B, D, gh, gw]``."""
+    gh, gw = grid_of(enc)
+    x = tokens[:, enc.num_prefix_tokens:]                                  # [B, L, D]
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw)
+
+
+class Classifier(nn.Module):
+    """``encoder`` + pooling + head; see the module docstring for the two modes."""
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, mode: str = "probe", *,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r}: choose probe or full")
+        if num_classes < 2:
+            raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
+        self.encoder = encoder
+        self.mode = mode
+        self.num_classes = int(num_classes)
+        D = encoder.embed_dim
+        # probe: MAE's linprobe head; full: MAE's global-pool fine-tuning head.
+        self.pool = "token" if (mode == "probe" and encoder.cls_token is not None) else "avg"
+        self.bn: nn.Module = nn.BatchNorm1d(D, affine=False, eps=1e-6) if mode == "probe" else nn.Identity()
+        self.drop = nn.Dropout(dropout) if mode == "full" and dropout > 0 else nn.Identity()
+        self.head = nn.Linear(D, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01 if mode == "probe" else 2e-5)
+        nn.init.zeros_(self.head.bias)
+        if mode == "probe":
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.mode == "probe":
+            self.encoder.eval()  # frozen: no dropout / drop path, ever
+        return self
+
+    # ----------------------------------------------------------------- features
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, P + L, D]`` encoder tokens (no gradients through a frozen encoder)."""
+        if self.mode == "probe":
+            with torch.no_grad():
+                return encoder_tokens(self.encoder, images)
+        return encoder_tokens(self.encoder, images)
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` image feature from tokens (class token or patch average)."""
+        if self.pool == "token":
+            return tokens[:, 0]
+        return tokens[:, self.encoder.num_prefix_tokens:].mean(dim=1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, D]``: what the head sees (before BatchNorm); cacheable in probe mode."""
+        return self.pooled(self.tokens(images))
+
+    def logits_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.bn(feats)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` class logits."""
+        return self.logits_from_features(self.features(images))
+
+    # ----------------------------------------------------------------- maps
+    @torch.no_grad()
+    def patch_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, K, gh, gw]``: the head applied to every patch token.
+
+        In ``full`` mode (average pooling, no BatchNorm) the image logits are
+        exactly the mean of these maps.  In ``probe`` mode they use the
+        BatchNorm statistics of the pooled feature, an approximation.
+        """
+        tokens = self.tokens(images)
+        grid = patch_grid(self.encoder, tokens)                             # [B, D, gh, gw]
+        B, D, gh, gw = grid.shape
+        flat = grid.permute(0, 2, 3, 1).reshape(-1, D)
+        bn_was = self.bn.training
+        self.bn.eval()
+        try:
+            out = self.head(self.bn(flat))
+        finally:
+            self.bn.train(bn_was)
+        return out.reshape(B, gh, gw, -1).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def attention_rollout(self, images: torch.Tensor, *, discard_ratio: float = 0.0) -> torch.Tensor:
+        """``[B, gh, gw]`` attention rollout (Abnar & Zuidema 2020) from the class token.
+
+        Attention of every block (mean over heads), plus the identity for the
+        residual, rows renormalised, multiplied through the blocks.  The row of
+        the class token (the mean over rows when there is none) restricted to
+        the patches is the map, scaled to [0, 1].
+        """
+        enc = self.encoder
+        attns: list[torch.Tensor] = []
+        hooks = []
+
+        def grab(module: nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
+            x = inputs[0]
+            B, N, _ = x.shape
+            qkv = module.qkv(x).reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
+            attns.append(((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1))  # [B, N, N]
+
+        for blk in enc.blocks:
+            hooks.append(blk.attn.register_forward_hook(grab))
+        try:
+            encoder_tokens(enc, images)
+        finally:
+            for h in hooks:
+                h.remove()
+        B, N, _ = attns[0].shape
+        eye = torch.eye(N, device=images.device)[None]
+        roll = eye.expand(B, N, N).clone()
+        for a in attns:
+            if discard_ratio > 0:
+                flat = a.reshape(B, -1)
+                k = int(flat.shape[1] * discard_ratio)
+                if k:
+                    low = flat.topk(k, dim=1, largest=False).indices
+                    flat = flat.scatter(1, low, 0.0)
+                    a = flat.reshape(B, N, N)
+            a = a + eye
+            a = a / a.sum(dim=-1, keepdim=True)
+            roll = a @ roll
+        P = enc.num_prefix_tokens
+        row = roll[:, 0, P:] if enc.cls_token is not None else roll[:, P:, P:].mean(dim=1)
+        gh, gw = grid_of(enc)
+        m = row.reshape(B, gh, gw)
+        lo = m.amin(dim=(1, 2), keepdim=True)
+        hi = m.amax(dim=(1, 2), keepdim=True)
+        return (m - lo) / (hi - lo).clamp_min(1e-12)
+
+
+__all__ = ["MODES", "Classifier", "encoder_tokens", "patch_grid"]

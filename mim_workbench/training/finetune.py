@@ -1,0 +1,639 @@
+"""Classification fine-tuning of a pretrained encoder: ``finetune(config, on_event, control)``.
+
+Two modes (:mod:`mim_workbench.models.classifier`):
+
+``probe`` (linear probing, MAE's ``main_linprobe``)
+    frozen encoder, BatchNorm(affine=False) + linear head on the class token.
+    Without augmentation (the default in this mode) the encoder's features are
+    computed once and the head trains on them: hundreds of epochs cost seconds.
+``full`` (fine-tuning, MAE's ``main_finetune``)
+    everything trains: global average pooling, layer-wise lr decay
+    (``layer_decay``, 0.75), label smoothing (0.1), drop path (0.1), AdamW with
+    weight decay 0.05, augmentation on.
+
+Data: ``discover(data, masks)``; unlabelled images are dropped.  Splits are by
+patient (:func:`~mim_workbench.io.datasets.patient_split`, ``split_seed``) into
+train / val / test; then ``fraction`` of the *training* labels is kept
+(:func:`~mim_workbench.training.labels.label_subset`, stratified, at least one
+per class, nested and reproducible from ``seed``).  Validation and test splits do
+not shrink with the fraction, so runs with different fractions and seeds are
+scored on the same images.
+
+Imbalance: ``balance="weights"`` (default) weights the loss by ``n / (K n_c)``;
+``"sampler"`` draws training samples with equal class probability instead;
+``"none"`` does neither.
+
+Early stopping: after every epoch the validation loss is computed (cross-entropy,
+class-weighted with the training set's ``n / (K n_c)`` unless ``balance="none"``, so
+that it scores the same balanced objective as training); the best epoch's
+weights are kept, and training stops after ``patience`` epochs without
+improvement.  Warm-up epochs are neither kept nor counted (a barely trained head
+often has the lowest loss).  Without a validation split the last epoch is kept.
+At the end the kept weights are scored on the test split (the validation split
+when there is no test split) and saved as a checkpoint of kind
+``"finetune"`` (``model.safetensors`` with ``encoder.*`` and ``head.*``;
+``meta.json`` with ``classes``, ``mode``, ``config``, ``model_config`` and the
+metrics), which :func:`mim_workbench.inference.predict.predict` rebuilds.
+
+The run directory holds ``config.json``, ``history.csv`` (one row per epoch),
+``metrics.json`` and ``ckpt-<step>/`` + ``latest``.  Events and control are those of
+``pretrain``: Started, Progress (one per optimiser step; ``val_loss`` on the step
+closing an epoch), CheckpointSaved, Finished (reason ``completed``,
+``early_stopped``, ``stopped``, ``time_budget`` or ``max_steps``), Failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, MimError
+from ..inference.reconstruct import json_safe
+from .control import Control, NullControl
+from .events import CheckpointSaved, EventHandler, Failed, Finished, Progress, Started, null_handler
+
+FINETUNE_KIND = "finetune"
+BALANCE = ("weights", "sampler", "none")
+
+# Defaults that depend on the mode (applied by FinetuneConfig.resolved()).
+_MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "probe": {"epochs": 100, "lr": 1e-3, "weight_decay": 0.0, "label_smoothing": 0.0, "drop_path": 0.0,
+              "augment": False, "patience": 20, "warmup_epochs": 5.0},
+    "full": {"epochs": 30, "lr": 3e-4, "weight_decay": 0.05, "label_smoothing": 0.1, "drop_path": 0.1,
+             "augment": True, "patience": 8, "warmup_epochs": 2.0},
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything ``finetune`` needs; None means "the mode's default" (see ``resolved``)."""
+
+    data: str | None = None
+    masks: str | None = None
+    out: str | None = None
+    checkpoint: str | None = None          # pretrain/finetune checkpoint, exported encoder, or None = scratch
+    mode: str = "probe"                    # "probe" | "full"
+    fraction: float = 1.0                  # share of the training labels used
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    split_seed: int = 0                    # the patient split (fixed across seeds of an evaluation)
+    exclude_ids: list[str] = field(default_factory=list)
+    # architecture of a scratch encoder (ignored with a checkpoint, except img_size)
+    model: str = "vit_tiny_patch16_224"
+    img_size: tuple[int, int] | None = None   # None: the checkpoint's (224 from scratch)
+    in_chans: int = 1
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    # optimisation (None: mode default)
+    epochs: int | None = None
+    batch_size: int = 16
+    lr: float | None = None
+    min_lr: float = 1e-6
+    weight_decay: float | None = None
+    layer_decay: float = 0.75              # full mode only
+    label_smoothing: float | None = None
+    drop_path: float | None = None         # full mode only
+    dropout: float = 0.0                   # before the head, full mode only
+    warmup_epochs: float | None = None
+    balance: str = "weights"
+    patience: int | None = None            # epochs without a better validation loss; 0 = never stop early
+    augment: bool | None = None
+    positive_class: str | None = None      # binary AUC/AP; default: the second class name
+    # execution
+    device: str = "auto"
+    threads: int | None = None
+    amp: str = "auto"
+    seed: int = 0
+    max_steps: int | None = None
+    time_budget_s: float | None = None
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        from .config import parse_img_size
+
+        if self.img_size is not None:
+            self.img_size = parse_img_size(self.img_size)
+        for name in ("data", "masks", "out", "checkpoint"):
+            v = getattr(self, name)
+            if isinstance(v, Path):
+                setattr(self, name, str(v))
+        self.exclude_ids = list(self.exclude_ids)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if self.mode not in _MODE_DEFAULTS:
+            bad("mode", "choose probe or full")
+        if not (0.0 < self.fraction <= 1.0):
+            bad("fraction", "must be in (0, 1]")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            bad("test_fraction", "val_fraction + test_fraction must be below 1")
+        if self.balance not in BALANCE:
+            bad("balance", f"choose one of {', '.join(BALANCE)}")
+        for name in ("batch_size", "in_chans"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, "must be a positive integer")
+        for name in ("epochs", "threads", "max_steps", "patch_size", "embed_dim", "depth", "num_heads"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                bad(name, "must be a positive integer or unset")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 0):
+            bad("patience", "must be an integer >= 0")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            bad("lr", "must be a positive number")
+        if not 0.0 < self.layer_decay <= 1.0:
+            bad("layer_decay", "must be in (0, 1]")
+        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
+            bad("label_smoothing", "must be in [0, 1)")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            bad("drop_path", "must be in [0, 1)")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            bad("time_budget_s", "must be positive seconds or unset")
+
+    def resolved(self) -> FinetuneConfig:
+        d = _MODE_DEFAULTS[self.mode]
+        return dataclasses.replace(self, **{k: (getattr(self, k) if getattr(self, k) is not None else v)
+                                            for k, v in d.items()})
+
+    def model_config(self):
+        """The ModelConfig of a scratch encoder (and the override source for img_size)."""
+        from ..models import ModelConfig
+
+        return ModelConfig(model=self.model, img_size=self.img_size or (224, 224), in_chans=self.in_chans,
+                           patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+                           num_heads=self.num_heads)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.img_size is not None:
+            d["img_size"] = list(self.img_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
+        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown finetune setting(s): {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"invalid finetune config: {exc}") from None
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: str
+    checkpoint: str | None
+    metrics: dict[str, Any]                # on ``eval_split``
+    eval_split: str                        # "test" (or "val" when there is no test split)
+    val_metrics: dict[str, Any] | None
+    classes: list[str]
+    reason: str
+    best_epoch: int | None
+    epochs_run: int
+    n_train: int
+    n_val: int
+    n_test: int
+    history: list[dict[str, Any]] = field(default_factory=list)   # one row per epoch
+    notes: list[str] = field(default_factory=list)
+
+
+class FeatureCache:
+    """Frozen-encoder features by sample id, shared by probe runs on one encoder (evaluation).
+
+    ``key`` names the encoder; a run with another key empties the cache first.
+    """
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.features: dict[str, torch.Tensor] = {}
+
+    def bind(self, key: str) -> None:
+        if key != self.key:
+            self.key, self.features = key, {}
+
+
+def finetune(config: FinetuneConfig, on_event: EventHandler | None = None, control: Control | None = None,
+             *, feature_cache: FeatureCache | None = None) -> FinetuneResult:
+    """Fine-tune or linear-probe a classifier as ``config`` says (see the module docstring).
+
+    Raises MimError subclasses for problems the user can fix; a Failed event is
+    emitted before any exception propagates.
+    """
+    emit = on_event or null_handler
+    control = control or NullControl()
+    run: _Finetune | None = None
+    try:
+        run = _Finetune(config, emit, control, feature_cache)
+        return run.run()
+    except BaseException as exc:
+        err: BaseException = exc
+        if isinstance(exc, torch.OutOfMemoryError):
+            err = ConfigError(f"out of memory with batch_size={config.batch_size}: lower the batch size")
+        msg = "interrupted" if isinstance(err, KeyboardInterrupt) else (
+            str(err) if isinstance(err, MimError) else f"{type(err).__name__}: {err}")
+        try:
+            emit(Failed(message=msg, run_dir=config.out, last_checkpoint=run.checkpoint if run else None,
+                        traceback=None if isinstance(err, (MimError, KeyboardInterrupt)) else traceback.format_exc()))
+        except Exception:
+            pass
+        if err is not exc:
+            raise err from exc
+        raise
+
+
+class _Finetune:
+    def __init__(self, config: FinetuneConfig, emit: EventHandler, control: Control,
+                 feature_cache: FeatureCache | None) -> None:
+        from .runtime import resolve_amp, select_device
+
+        cfg = config.resolved()
+        if not cfg.data:
+            raise ConfigError("data: no dataset given (--data PATH)")
+        if not cfg.out:
+            raise ConfigError("out: no run directory given (--out DIR)")
+        self.cfg = cfg
+        self.emit = emit
+        self.control = control
+        self.cache = feature_cache
+        self.checkpoint: str | None = None
+        self.notes: list[str] = []
+        self.run_dir = Path(cfg.out).expanduser()
+        from .checkpoint import list_checkpoints
+
+        if list_checkpoints(self.run_dir):
+            raise ConfigError(f"out={str(self.run_dir)!r} already holds a run (checkpoints found); "
+                              "choose another --out")
+        if cfg.mode == "probe" and cfg.batch_size < 2:
+            raise ConfigError("batch_size=1: the linear probe's BatchNorm needs batches of at least 2")
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.device = select_device(cfg.device)
+        self.amp_dtype, amp_notes = resolve_amp(cfg.amp, self.device)
+        self.notes += amp_notes
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+        self._setup_data()
+        self._setup_model()
+
+    # ------------------------------------------------------------------ data
+    def _setup_data(self) -> None:
+        from ..io.datasets import discover, patient_split
+        from .labels import label_subset
+
+        cfg = self.cfg
+        index = discover(cfg.data, masks=cfg.masks)
+        self.notes += list(index.notes)
+        samples = [s for s in index.samples if s.label is not None]
+        if len(samples) < len(index.samples):
+            self.notes.append(f"{len(index.samples) - len(samples)} unlabelled image(s) left out")
+        if cfg.exclude_ids:
+            ex = set(cfg.exclude_ids)
+            samples = [s for s in samples if s.id not in ex]
+        classes = sorted({str(s.label) for s in samples})
+        if len(classes) < 2:
+            raise ConfigError(f"data={cfg.data!r}: fine-tuning needs at least two classes, found "
+                              f"{len(classes)} ({', '.join(classes) or 'no labels'}); labels come from class folders, "
+                              "a labels.csv or a manifest's label column")
+        self.classes = classes
+        splits = patient_split(samples, val=cfg.val_fraction, test=cfg.test_fraction, seed=cfg.split_seed)
+        full_train = splits["train"]
+        self.train_samples = label_subset(full_train, cfg.fraction, cfg.seed)
+        self.val_samples = list(splits["val"])
+        self.test_samples = list(splits["test"])
+        seen = {s.label for s in self.train_samples}
+        lost = [c for c in classes if c not in seen]
+        if lost:
+            self.notes.append(f"class(es) without training samples after the patient split: {', '.join(lost)}")
+        self.notes.append(f"labels: {len(self.train_samples)} of {len(full_train)} training images "
+                          f"(fraction {cfg.fraction:g}, seed {cfg.seed}); val {len(self.val_samples)}, "
+                          f"test {len(self.test_samples)} images")
+        if not self.val_samples:
+            self.notes.append("no validation split: no early stopping, the last epoch is kept")
+
+    # ------------------------------------------------------------------ model
+    def _setup_model(self) -> None:
+        from ..models.classifier import Classifier
+        from .encoder_source import is_random_source, load_encoder
+
+        cfg = self.cfg
+        drop_path = cfg.drop_path if cfg.mode == "full" else 0.0
+        given = cfg.model_config() if is_random_source(cfg.checkpoint) else None
+        self.loaded = load_encoder(cfg.checkpoint, model_config=given, img_size=cfg.img_size,
+                                   drop_path_rate=drop_path)
+        self.notes += self.loaded.notes
+        self.model_cfg = self.loaded.model_config
+        model = Classifier(self.loaded.encoder, len(self.classes), cfg.mode, dropout=cfg.dropout)
+        self.model = model.to(self.device)
+        self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.use_features = cfg.mode == "probe" and not cfg.augment
+
+    def _dataset(self, samples: list[Any], augment: bool):
+        from ..io.datasets import MIMDataset
+
+        return MIMDataset(samples, img_size=tuple(self.model_cfg.img_size), in_chans=self.model_cfg.in_chans,
+                          augment=augment, seed=self.cfg.seed, classes=self.classes)
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of what training changes (the frozen encoder of a probe is left out)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                if self.cfg.mode == "full" or not k.startswith("encoder.")}
+
+    def _loader(self, batches: list[list[int]]):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.train_ds, batch_sampler=batches, num_workers=self.cfg.num_workers,
+                          pin_memory=self.device.type == "cuda")
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def _features(self, samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled frozen-encoder features ``[n, D]`` and labels ``[n]`` (cached by sample id)."""
+        from torch.utils.data import DataLoader
+
+        key = f"{self.loaded.source}|{json.dumps(self.model_cfg.to_dict(), sort_keys=True)}"
+        if self.cache is not None:
+            self.cache.bind(key)
+        store = self.cache.features if self.cache is not None else {}
+        todo = [i for i, s in enumerate(samples) if s.id not in store]
+        if todo:
+            ds = self._dataset([samples[i] for i in todo], augment=False)
+            loader = DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
+            self.model.eval()
+            pos = 0
+            for batch in loader:
+                with self._autocast():
+                    f = self.model.features(batch["image"].to(self.device)).float().cpu()
+                for row in f:
+                    store[samples[todo[pos]].id] = row
+                    pos += 1
+        label_of = {c: k for k, c in enumerate(self.classes)}
+        feats = torch.stack([store[s.id] for s in samples]) if samples else torch.zeros(0, self.model.encoder.embed_dim)
+        labels = torch.tensor([label_of[str(s.label)] for s in samples], dtype=torch.int64)
+        return feats, labels
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> FinetuneResult:
+        from .labels import balanced_indices, class_counts, class_weights
+        from .lr_decay import param_groups_lrd, set_scaled_lr
+        from .optim import build_optimizer, lr_at
+        from .sampler import StepPlan, epoch_seed
+
+        cfg = self.cfg
+        label_of = {c: k for k, c in enumerate(self.classes)}
+        train_labels = [label_of[str(s.label)] for s in self.train_samples]
+        K = len(self.classes)
+        counts = class_counts(train_labels, K)
+        weight = class_weights(counts).to(self.device) if cfg.balance == "weights" else None
+        # Validation scores the objective training pursues: class-balanced unless balance="none".
+        self.val_weight = class_weights(counts).numpy() if cfg.balance != "none" else None
+        t_setup = time.perf_counter()
+        if self.use_features:
+            train_x, train_y = self._features(self.train_samples)
+            self.val_data = self._features(self.val_samples) if self.val_samples else None
+            self.test_data = self._features(self.test_samples) if self.test_samples else None
+        else:
+            self.train_ds = self._dataset(self.train_samples, augment=bool(cfg.augment))
+            self.val_data = self._dataset(self.val_samples, augment=False) if self.val_samples else None
+            self.test_data = self._dataset(self.test_samples, augment=False) if self.test_samples else None
+        setup_s = time.perf_counter() - t_setup
+        n = len(self.train_samples)
+        plan = StepPlan(n=n, batch_size=cfg.batch_size, accum_steps=1, seed=cfg.seed)
+        spe = plan.steps_per_epoch
+        total = cfg.epochs * spe
+        stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
+        warmup = min(total, int(round(cfg.warmup_epochs * spe)))
+        if cfg.mode == "full":
+            groups = param_groups_lrd(self.model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+        else:
+            optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n",
+                                                  encoding="utf-8")
+        if setup_s > 1.0 and self.use_features:
+            self.notes.append(f"frozen features computed in {setup_s:.1f} s")
+        self.emit(Started(run_dir=str(self.run_dir), config={**cfg.to_dict(), "task": "finetune",
+                                                             "classes": self.classes},
+                          total_steps=total, device=str(self.device), steps_per_epoch=spe, n_train=n,
+                          n_val=len(self.val_samples), n_params=self.n_params, lr=cfg.lr, stop_at=stop_at,
+                          amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off"),
+                          notes=tuple(self.notes)))
+
+        # Epochs still warming up are neither kept as "best" nor counted towards patience
+        # (an almost untrained head often has the lowest validation loss).
+        first_candidate = max(0, math.ceil(cfg.warmup_epochs) - 1)
+        best_loss, best_state, best_epoch, best_step = math.inf, None, None, 0
+        bad_epochs, step, epoch = 0, 0, 0
+        history: list[dict[str, Any]] = []
+        reason = "completed"
+        t_active, step_s = 0.0, None
+        stopped = False
+        while epoch < cfg.epochs and step < stop_at and not stopped:
+            if not self.use_features:
+                self.train_ds.set_epoch(epoch)
+            if cfg.balance == "sampler":
+                g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+                order = balanced_indices(train_labels, spe * cfg.batch_size, g)
+            else:
+                order = plan.epoch_order(epoch)
+            self.model.train()
+            losses = []
+            batches = [order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist() for b in range(spe)]
+            loader = None if self.use_features else iter(self._loader(batches))
+            for b in range(spe):
+                if step >= stop_at:
+                    break
+                if self.control.pause_requested() and not self.control.stop_requested():
+                    while self.control.pause_requested() and not self.control.stop_requested():
+                        time.sleep(0.05)
+                if self.control.stop_requested():
+                    reason, stopped = "stopped", True
+                    break
+                if cfg.time_budget_s is not None and t_active >= cfg.time_budget_s:
+                    reason, stopped = "time_budget", True
+                    break
+                t0 = time.perf_counter()
+                idx = batches[b]
+                lr = lr_at(step, total_steps=total, warmup_steps=warmup, lr=cfg.lr, min_lr=min(cfg.min_lr, cfg.lr))
+                set_scaled_lr(optimizer, lr)
+                if self.use_features:
+                    x, y = train_x[idx].to(self.device), train_y[idx].to(self.device)
+                    with self._autocast():
+                        logits = self.model.logits_from_features(x)
+                else:
+                    batch = next(loader)
+                    x = batch["image"].to(self.device, non_blocking=True)
+                    y = batch["label"].to(self.device, non_blocking=True)
+                    with self._autocast():
+                        logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                lv = float(loss.detach())
+                if math.isfinite(lv):
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
+                    losses.append(lv)
+                step += 1
+                dt = time.perf_counter() - t0
+                t_active += dt
+                step_s = dt if step_s is None else 0.8 * step_s + 0.2 * dt
+                closes = b == spe - 1
+                val_loss = val_acc = None
+                if closes:
+                    val_loss, val_acc = self._val_loss()
+                self.emit(Progress(step=step, total=stop_at, epoch=epoch, loss=lv, lr=lr,
+                                   images_per_s=len(idx) / step_s if step_s else 0.0,
+                                   eta_s=(stop_at - step) * (step_s or 0.0), val_loss=val_loss,
+                                   message=None if math.isfinite(lv) else f"step {step} skipped: non-finite loss"))
+                if closes:
+                    history.append({"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else None,
+                                    "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr, "elapsed_s": t_active})
+                    if val_loss is None or epoch < first_candidate:
+                        pass
+                    elif val_loss < best_loss - 1e-6:
+                        best_loss, best_epoch, best_step, bad_epochs = val_loss, epoch, step, 0
+                        best_state = self._snapshot()
+                    else:
+                        bad_epochs += 1
+            if stopped:
+                break
+            epoch += 1
+            if cfg.patience and bad_epochs >= cfg.patience and self.val_data is not None:
+                reason = "early_stopped"
+                break
+        if reason == "completed" and step >= stop_at and stop_at < total:
+            reason = "max_steps"
+        if best_state is not None:
+            self.model.load_state_dict(best_state, strict=cfg.mode == "full")
+        else:
+            best_step = step
+            best_epoch = history[-1]["epoch"] if history else None
+        self.model.eval()
+        val_metrics = self._score(self.val_data) if self.val_data is not None else None
+        if self.test_data is not None:
+            metrics, eval_split = self._score(self.test_data), "test"
+        elif val_metrics is not None:
+            metrics, eval_split = val_metrics, "val"
+            self.notes.append("no test split: metrics are on the validation split (used for early stopping)")
+        else:
+            metrics, eval_split = self._score((train_x, train_y) if self.use_features else
+                                              self._dataset(self.train_samples, augment=False)), "train"
+            self.notes.append("no validation or test split: metrics are on the training images")
+        metrics = {**metrics, "split": eval_split}
+        self._write_history(history)
+        ckpt_meta = {
+            "kind": FINETUNE_KIND, "classes": self.classes, "mode": cfg.mode, "config": cfg.to_dict(),
+            "model_config": self.model_cfg.to_dict(), "encoder_source": self.loaded.describe(),
+            "epoch": best_epoch or 0, "metrics": metrics, "val_metrics": val_metrics,
+            "splits": {"train": [s.id for s in self.train_samples], "val": [s.id for s in self.val_samples],
+                       "test": [s.id for s in self.test_samples]},
+        }
+        from .checkpoint import save_checkpoint
+
+        path = save_checkpoint(self.run_dir, max(1, best_step), model_state=self.model.state_dict(),
+                               optimizer_state=None, meta=ckpt_meta, keep=0)
+        self.checkpoint = str(path)
+        self.emit(CheckpointSaved(path=str(path), step=max(1, best_step)))
+        summary = {
+            "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc"), "ap": metrics.get("ap"),
+            "balanced_accuracy": metrics.get("balanced_accuracy"), "split": eval_split, "metrics": metrics,
+            "val_metrics": val_metrics, "classes": self.classes, "mode": cfg.mode, "fraction": cfg.fraction,
+            "seed": cfg.seed, "n_train": len(self.train_samples), "n_val": len(self.val_samples),
+            "n_test": len(self.test_samples), "best_epoch": best_epoch, "epochs_run": len(history),
+            "reason": reason, "checkpoint": str(path), "encoder": self.loaded.describe(), "notes": self.notes,
+        }
+        (self.run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n", encoding="utf-8")
+        self.emit(Finished(run_dir=str(self.run_dir), step=step, last_checkpoint=str(path), reason=reason))
+        return FinetuneResult(run_dir=str(self.run_dir), checkpoint=str(path), metrics=metrics, eval_split=eval_split,
+                              val_metrics=val_metrics, classes=self.classes, reason=reason, best_epoch=best_epoch,
+                              epochs_run=len(history), n_train=len(self.train_samples),
+                              n_val=len(self.val_samples), n_test=len(self.test_samples), history=history,
+                              notes=list(self.notes))
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _predict(self, data: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [n, K], labels [n]) for cached features or an image dataset."""
+        from torch.utils.data import DataLoader
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            if isinstance(data, tuple):
+                x, y = data
+                with self._autocast():
+                    logits = self.model.logits_from_features(x.to(self.device)).float()
+                return logits.softmax(-1).cpu().numpy(), y.numpy()
+            probs, labels = [], []
+            for batch in DataLoader(data, batch_size=self.cfg.batch_size, shuffle=False,
+                                    num_workers=self.cfg.num_workers):
+                with self._autocast():
+                    logits = self.model(batch["image"].to(self.device)).float()
+                probs.append(logits.softmax(-1).cpu().numpy())
+                labels.append(batch["label"].numpy())
+            return np.concatenate(probs), np.concatenate(labels)
+        finally:
+            self.model.train(was)
+
+    def _val_loss(self) -> tuple[float | None, float | None]:
+        """Validation cross-entropy (class-weighted like training, see ``val_weight``) and accuracy."""
+        if self.val_data is None:
+            return None, None
+        probs, labels = self._predict(self.val_data)
+        nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+        w = self.val_weight[labels] if self.val_weight is not None else np.ones(len(labels))
+        loss = float((w * nll).sum() / w.sum()) if w.sum() > 0 else float(nll.mean())
+        return loss, float((probs.argmax(1) == labels).mean())
+
+    def _score(self, data: Any) -> dict[str, Any]:
+        from .metrics_cls import classification_metrics
+
+        probs, labels = self._predict(data)
+        return classification_metrics(labels, probs, self.classes, positive=self.cfg.positive_class)
+
+    def _write_history(self, history: list[dict[str, Any]]) -> None:
+        cols = ["epoch", "step", "loss", "val_loss", "val_accuracy", "lr", "elapsed_s"]
+        with open(self.run_dir / "history.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            for row in history:
+                w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
+
+
+__all__ = ["FINETUNE_KIND", "FeatureCache", "FinetuneConfig", "FinetuneResult", "finetune"]
