@@ -8,6 +8,7 @@ a run directory (its newest complete checkpoint).  Ratios and fractions are 0–
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import signal
 import sys
@@ -139,7 +140,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     printer = None if args.quiet else ProgressPrinter()
     with _StopOnSignal() as control:
         result = pretrain(config, on_event=printer, control=control)
-    return 0 if result.last_checkpoint else 1
+    # Under torchrun only rank 0 writes checkpoints; the other ranks succeed without one.
+    rank = int(os.environ.get("RANK", "0"))
+    return 0 if result.last_checkpoint or rank != 0 else 1
 
 
 # ===================================================================== reconstruct

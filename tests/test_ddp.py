@@ -49,3 +49,20 @@ def test_two_process_torchrun_matches_single_process(tmp_path):
     # Only rank 0 wrote: one metrics file, checkpoints of the global step count.
     assert [p.name for p in (tmp_path / "ddp").glob("ckpt-*")] == ["ckpt-3"]
     assert a.meta["metrics"]["val_loss"] == pytest.approx(b.meta["metrics"]["val_loss"], abs=1e-5)
+
+
+def test_cli_pretrain_under_torchrun_exits_cleanly_on_every_rank(tmp_path):
+    """`torchrun -m mim_workbench.cli pretrain` — the README's command — succeeds on all ranks."""
+    import subprocess
+    import sys
+
+    from _mim_tiny import SAMPLE, tiny_cli_flags
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "mim_workbench.cli",
+         "pretrain", "--data", str(SAMPLE), "--out", str(out), "--max-steps", "2", "--quiet", *tiny_cli_flags()],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "latest").is_file() and (out / "ckpt-2" / "model.safetensors").is_file()
