@@ -81,10 +81,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- engine commands
 # (pretrain, reconstruct, export, cache) are registered below by _ENGINE_COMMANDS.
 from .cli_engine import ENGINE_COMMANDS  # noqa: E402
+from .cli_bench import _add_bench  # noqa: E402
 from .cli_finetune import FINETUNE_COMMANDS  # noqa: E402
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], Runner]] = [
-    _add_info, _add_gui, _add_demo, *ENGINE_COMMANDS, *FINETUNE_COMMANDS,
+    _add_info, _add_gui, _add_demo, *ENGINE_COMMANDS, *FINETUNE_COMMANDS, _add_bench,
 ]
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from .encoder import sincos_2d
+from .encoder import attention_path, sincos_2d
 from .patches import gather_patches
 
 
@@ -76,6 +76,7 @@ class MAEDecoder(nn.Module):
         if P:
             seq = torch.cat([x[:, :P], seq], dim=1)                        # [B, P+L, Dd]
         seq = seq + self.pos_embed
-        seq = self.blocks(seq)                                             # [B, P+L, Dd]
+        with attention_path(self.blocks, seq):
+            seq = self.blocks(seq)                                         # [B, P+L, Dd]
         out = gather_patches(seq[:, P:], ids_masked)                      # [B, M, Dd]
         return self.norm(out)
