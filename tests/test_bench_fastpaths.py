@@ -21,6 +21,15 @@ TINY = {**REFERENCE_CONFIG, "img_size": 32, "patch_size": 8, "embed_dim": 48, "d
         "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "batch_size": 4}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Shared CI machines: one thread avoids OpenMP stalls; results do not depend on it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_fused_adamw_equals_default_adamw_with_training_groups():
     """torch.optim.AdamW(fused=True) on the CPU == the default implementation, same gradients, 3 steps."""
     step_a = make_step(TINY, seed=1)
