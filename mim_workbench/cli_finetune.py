@@ -4,7 +4,7 @@ Each entry of FINETUNE_COMMANDS is an ``_add_<name>(sub) -> runner`` like those 
 cli.py.  ``--checkpoint`` accepts what ``load_checkpoint`` accepts (run directory,
 ``ckpt-<step>`` directory or a file in it); for ``finetune`` and ``dense-train``
 also an exported encoder (``.safetensors``) or ``scratch`` (a random encoder).
-Fractions are 0-1.  Until registered in cli.py: ``python -m mim_workbench.cli_finetune ...``.
+Fractions are 0-1. Registered in :mod:`mim_workbench.cli` (``mim-workbench finetune ...``).
 """
 
 from __future__ import annotations
@@ -368,27 +368,3 @@ def _run_dense_predict(args: argparse.Namespace) -> int:
 FINETUNE_COMMANDS: list[Callable[[argparse._SubParsersAction], Runner]] = [
     _add_finetune, _add_predict, _add_evaluate, _add_dense_train, _add_dense_predict,
 ]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m mim_workbench.cli_finetune``) until cli.py registers these commands."""
-    from .errors import MimError
-
-    parser = argparse.ArgumentParser(prog="mim-workbench")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    runners: dict[str, Runner] = {}
-    for add in FINETUNE_COMMANDS:
-        before = set(sub.choices)
-        runner = add(sub)
-        for name in set(sub.choices) - before:
-            runners[name] = runner
-    args = parser.parse_args(argv)
-    try:
-        return runners[args.command](args)
-    except MimError as exc:
-        print(f"mim-workbench {args.command}: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

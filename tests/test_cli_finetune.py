@@ -10,7 +10,8 @@ import pytest
 import torch
 from _mim_tiny import SAMPLE, SAMPLE_IMAGES, SAMPLE_MASKS
 
-from mim_workbench.cli_finetune import FINETUNE_COMMANDS, main
+from mim_workbench.cli import main
+from mim_workbench.cli_finetune import FINETUNE_COMMANDS
 
 ARCH = ["--img-size", "64", "--embed-dim", "64", "--depth", "2", "--num-heads", "2"]
 
