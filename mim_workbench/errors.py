@@ -28,3 +28,14 @@ class ConfigError(MimError):
 
 class CheckpointError(MimError):
     """A checkpoint is missing, incomplete or of the wrong kind."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (disk full, permissions); the previous one is untouched.
+
+    Also an ``OSError`` (``errno`` kept) so callers that handle I/O errors still do.
+    """
+
+
+class TrainingError(MimError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says what to change."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ReaderError
+from ..faults import fault_point
 
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".npy")
 
@@ -44,6 +45,7 @@ def save_mask(path: str | Path, mask: np.ndarray) -> Path:
                 tifffile.imwrite(tmp, out, compression="zlib")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        fault_point("mask-before-rename")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointWriteError
+from ..faults import fault_point
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -259,10 +260,12 @@ def save_checkpoint(
         weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         _fsync_file(tmp / MODEL_FILE)
+        fault_point("ckpt-after-model")
         if optimizer_state is not None:
             tensors, rest = flatten_optimizer_state(optimizer_state)
             save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": "pt", "optim": json.dumps(rest)})
             _fsync_file(tmp / OPTIM_FILE)
+            fault_point("ckpt-after-optim")
         full_meta = {
             **meta,
             "schema_version": SCHEMA_VERSION,
@@ -271,7 +274,9 @@ def save_checkpoint(
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         _write_text_synced(tmp / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True) + "\n")
+        fault_point("ckpt-after-meta")
         _fsync_dir(tmp)
+        fault_point("ckpt-before-rename")
         if final.exists():  # re-saving a step (e.g. after resuming from it): swap, then drop the old one
             trash = run_dir / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
             os.replace(final, trash)
@@ -280,13 +285,32 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync_dir(run_dir)
-    except BaseException:
+        fault_point("ckpt-after-rename")
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _write_error(run_dir, final, exc) from exc
         raise
-    write_latest(run_dir, final)
+    try:
+        write_latest(run_dir, final)
+    except OSError as exc:
+        raise _write_error(run_dir, final, exc) from exc
+    fault_point("ckpt-after-latest")
     if keep > 0:
         prune_checkpoints(run_dir, keep)
     return final
+
+
+def _write_error(run_dir: Path, final: Path, exc: OSError) -> CheckpointWriteError:
+    """One line for a failed save (disk full, ...) that says which checkpoint still holds."""
+    latest = read_latest(run_dir)
+    if latest is not None and _is_complete(latest):
+        kept = f"the previous checkpoint {latest} is intact and still the latest"
+    else:
+        kept = "no earlier checkpoint of this run exists"
+    err = CheckpointWriteError(f"{final}: could not write the checkpoint ({exc.strerror or exc}); {kept}")
+    err.errno = exc.errno
+    return err
 
 
 def write_latest(run_dir: str | Path, ckpt_dir: str | Path) -> None:

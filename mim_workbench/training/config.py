@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .schema import check_field_types
 
 METHODS = ("mae", "simmim", "miram")
 STRATEGY_NAMES = ("random", "block", "region")
@@ -60,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 RUN_CONTROL_FIELDS = frozenset({
     "out", "resume", "epochs", "max_steps", "time_budget_s", "device", "threads", "num_workers",
     "preview_every", "checkpoint_every", "keep_checkpoints", "cache", "data", "masks", "val_every",
-    "checkpoint_interval_s",
+    "checkpoint_interval_s", "max_nonfinite_steps",
 })
 
 
@@ -119,6 +120,7 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 1.0
     clip_grad: float | None = None         # None: 5.0 for simmim, off otherwise
+    max_nonfinite_steps: int = 20          # this many non-finite steps in a row stop the run (0 = never)
     amp: str = "auto"                      # CUDA only; "auto" = bf16 when supported, else fp16
     # execution
     device: str = "auto"
@@ -150,6 +152,7 @@ class PretrainConfig:
         def bad(name: str, why: str) -> None:
             raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
+        check_field_types(self)  # wrong types first: the range checks below assume numbers
         if self.method not in METHODS:
             bad("method", f"choose one of {', '.join(METHODS)}")
         if self.strategy is not None and self.strategy not in STRATEGY_NAMES:
@@ -170,7 +173,7 @@ class PretrainConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 bad(name, "must be a positive integer or unset")
-        for name in ("num_workers", "preview_every", "keep_checkpoints", "val_every"):
+        for name in ("num_workers", "preview_every", "keep_checkpoints", "val_every", "max_nonfinite_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 bad(name, "must be an integer >= 0")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError, MimError
+from ..errors import CheckpointError, ConfigError, MimError, TrainingError
 from . import checkpoint as ckpt_mod
 from .config import RUN_CONTROL_FIELDS, PretrainConfig
 from .control import Control, NullControl
@@ -171,9 +171,15 @@ class _Trainer:
         resume = None
         if config.resume:
             resume = ckpt_mod.load_checkpoint(config.resume, kind="pretrain")
-            saved = PretrainConfig.from_dict(resume.config)
+            try:
+                saved = PretrainConfig.from_dict(resume.config)
+            except ConfigError as exc:
+                raise CheckpointError(f"{resume.path / ckpt_mod.META_FILE}: stored config is invalid: {exc}") from None
+            given_out = config.out
             config = merge_resume_config(config, saved)
-            if not config.out:
+            # The run continues beside its checkpoint: the ``out`` stored in a checkpoint
+            # (maybe someone else's, maybe moved) must never decide where this process writes.
+            if not given_out:
                 config = dataclasses.replace(config, out=str(resume.run_dir))
             if config.init:
                 self.notes.append("init ignored: resuming restores the checkpoint's weights")
@@ -290,6 +296,7 @@ class _Trainer:
         self.mask_gen = torch.Generator().manual_seed(cfg.seed + _MASK_SEED_OFFSET)
         self.step, self.epoch, self.position = 0, 0, 0
         self.skipped = 0
+        self._nonfinite_run = 0         # consecutive skipped steps; max_nonfinite_steps ends the run
         self._elapsed_before = 0.0     # training seconds of the interrupted run(s), for metrics.csv
         self.last_val: float | None = None
         self.last_loss: float | None = None
@@ -503,6 +510,7 @@ class _Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite_run = self._nonfinite_run + 1 if message else 0
         if self._region_fallbacks:
             message = (message + "; " if message else "") + (
                 f"{self._region_fallbacks} region-guided mask(s) fell back to random (empty region)")
@@ -529,6 +537,14 @@ class _Trainer:
         self.emit(Progress(step=row["step"], total=self.stop_at, epoch=row["epoch"], loss=row["loss"],
                            lr=row["lr"], images_per_s=row["images_per_s"], eta_s=eta, val_loss=row["val_loss"],
                            skipped_steps=self.skipped, message=row["message"]))
+        limit = self.cfg.max_nonfinite_steps
+        if limit and self._nonfinite_run >= limit:
+            first = self.step - self._nonfinite_run + 1
+            raise TrainingError(
+                f"stopped: the loss or gradient was not finite for {self._nonfinite_run} steps in a row "
+                f"(steps {first}-{self.step}; max_nonfinite_steps={limit}). Lower the learning rate (blr), "
+                f"set clip_grad, or turn mixed precision off (amp=off); the last checkpoint "
+                f"({self.last_checkpoint or 'none yet'}) holds the weights from before")
 
     # ------------------------------------------------------------------ validation / preview
     @torch.no_grad()
