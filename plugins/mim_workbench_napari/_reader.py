@@ -1,6 +1,8 @@
 """napari reader: DICOM (files, extension-less files, folders), PNG/JPEG/TIFF, zarr, npy.
 
-Files whose name or folder says "mask" open as region Labels layers. Read errors become
+Files whose name or folder says "mask" open as region Labels layers. Large images
+(above ``PYRAMID_THRESHOLD_PIXELS``, or pyramidal TIFF / OME-Zarr) open as multiscale
+layers over an on-disk zarr pyramid (see ``_multiscale``). Read errors become
 a napari notification naming the file (and nothing is added), never a traceback.
 """
 
@@ -11,6 +13,7 @@ from typing import Callable
 
 from mim_workbench.errors import MimError
 from mim_workbench.io import is_supported, read_mask, read_path
+from mim_workbench.io.pyramid import wants_pyramid
 
 from ._layers import LayerData, to_layer_data
 
@@ -35,6 +38,10 @@ def read_layers(path: str | list[str]) -> list[LayerData]:
             if p.is_file() and _looks_like_mask(p) and p.suffix.lower() in (".png", ".tif", ".tiff", ".npy"):
                 layers.append((read_mask(p), {"name": f"region: {p.stem}", "opacity": 0.45,
                                               "metadata": {"source": str(p)}}, "labels"))
+            elif wants_pyramid(p):  # large or already pyramidal: a multiscale layer over zarr
+                from ._multiscale import read_pyramid_layer
+
+                layers.append(read_pyramid_layer(p))
             else:
                 layers.extend(to_layer_data(li) for li in read_path(p))
         except MimError as exc:
