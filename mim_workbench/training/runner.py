@@ -1,4 +1,4 @@
-"""Run ``pretrain`` in a child process and stream its events back.
+"""Run a training job (pretrain, finetune, dense) in a child process and stream its events back.
 
 Why a process and not a thread: training in a GUI thread slows the viewer (micro-sam
 removed its thread workers for this) and GPU memory is only returned when the process
@@ -27,12 +27,11 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def _child_main(config: dict[str, Any], events: Any, control: ProcessControl) -> None:
+def _child_main(task: str, config: dict[str, Any], events: Any, control: ProcessControl) -> None:
     try:
-        from .config import PretrainConfig
-        from .pretrain import pretrain
+        from .tasks import run_task
 
-        pretrain(PretrainConfig.from_dict(config), on_event=events.put, control=control)
+        run_task(task, config, on_event=events.put, control=control)
     except BaseException as exc:  # report every failure; the parent must never hang waiting
         events.put(Failed(message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()))
     finally:
@@ -40,16 +39,23 @@ def _child_main(config: dict[str, Any], events: Any, control: ProcessControl) ->
 
 
 class TrainingProcess:
-    """A pretraining run in a spawned child process.
+    """A training job (:data:`~.tasks.TASKS`) in a spawned child process.
 
     >>> run = TrainingProcess(config.to_dict()); run.start()
     >>> while run.running: handle(run.poll(0.1))
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], task: str = "pretrain") -> None:
+        from .tasks import TASKS
+
+        if task not in TASKS:
+            raise ValueError(f"task={task!r}: choose one of {', '.join(TASKS)}")
         cfg = dict(config)
-        if cfg.get("threads") is None:
-            cfg["threads"] = default_threads()
+        # a dense job keeps its training settings one level down
+        settings = cfg.setdefault("config", {}) if task == "dense" else cfg
+        if settings.get("threads") is None:
+            settings["threads"] = default_threads()
+        self.task = task
         self.config = cfg
         self._ctx = multiprocessing.get_context("spawn")
         self._events = self._ctx.Queue()
@@ -60,8 +66,8 @@ class TrainingProcess:
         self.failed: Failed | None = None
 
     def start(self) -> None:
-        self._proc = self._ctx.Process(target=_child_main, args=(self.config, self._events, self.control),
-                                       name="mim-workbench-pretrain", daemon=True)
+        self._proc = self._ctx.Process(target=_child_main, args=(self.task, self.config, self._events, self.control),
+                                       name=f"mim-workbench-{self.task}", daemon=True)
         self._proc.start()
 
     @property

@@ -29,7 +29,8 @@ def open_workbench(viewer, paths: list[str] | None = None):
     else:
         viewer.open_sample("mim-workbench", "chest_xray")
     # the tab docked last is the one shown: Workbench (data & regions) comes first for a new user
-    viewer.window.add_plugin_dock_widget("mim-workbench", "Inspect")
+    viewer.window.add_plugin_dock_widget("mim-workbench", "Fine-tune")
+    viewer.window.add_plugin_dock_widget("mim-workbench", "Inspect", tabify=True)
     viewer.window.add_plugin_dock_widget("mim-workbench", "Pretrain", tabify=True)
     _, widget = viewer.window.add_plugin_dock_widget("mim-workbench", "Workbench", tabify=True)
     return widget

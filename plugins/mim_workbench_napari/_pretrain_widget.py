@@ -15,6 +15,8 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label
 
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preview, Progress, Started
 
+from ._background import BackgroundRun
+
 import napari  # the viewer annotation must resolve: napari injects it by type
 
 MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
@@ -153,17 +155,18 @@ class PretrainWidget(Container):
         self.start.changed.connect(self.start_training)
         self.pause.changed.connect(self.toggle_pause)
         self.stop.changed.connect(self.stop_training)
-        self.run = None
-        self.worker = None
-        self._paused = False
+        self.job = BackgroundRun(self.on_event, self._on_worker_done)
         self._preview_name = "preview"
         self._set_running(False)
-        from qtpy.QtWidgets import QApplication
+        self.native.destroyed.connect(self.job.shutdown)
 
-        app = QApplication.instance()
-        if app is not None:
-            app.aboutToQuit.connect(self.shutdown)
-        self.native.destroyed.connect(self.shutdown)
+    @property
+    def run(self):
+        return self.job.run
+
+    @property
+    def worker(self):
+        return self.job.worker
 
     # ------------------------------------------------------------------ settings → config
     def config_dict(self) -> dict:
@@ -189,66 +192,40 @@ class PretrainWidget(Container):
             w.enabled = not running
 
     def start_training(self) -> None:
-        from napari.qt.threading import thread_worker
         from napari.utils.notifications import show_error
 
         from mim_workbench.errors import MimError
-        from mim_workbench.training.runner import TrainingProcess
 
         try:
             config = self.config_dict()
         except MimError as exc:
             show_error(str(exc))
             return
-        self.run = TrainingProcess(config)
         self.plot.clear()
-        self._paused = False
         self.pause.text = "Pause"
         self._preview_name = Path(str(self.data.value)).name or "preview"
-
-        @thread_worker
-        def supervise(run):
-            run.start()
-            while run.running:
-                yield from run.poll(0.1)
-
-        self.worker = supervise(self.run)
-        self.worker.yielded.connect(self.on_event)
-        self.worker.finished.connect(self._on_worker_done)
+        self.job.start("pretrain", config)
         self._set_running(True)
         self.status.value = "starting…"
-        self.worker.start()
 
     def toggle_pause(self) -> None:
-        if self.run is None:
+        if self.job.run is None:
             return
-        if self._paused:
-            self.run.resume()
-            self.pause.text = "Pause"
-            self.status.value = "resumed"
-        else:
-            self.run.pause()
-            self.pause.text = "Continue"
-            self.status.value = "paused"
-        self._paused = not self._paused
+        paused = self.job.toggle_pause()
+        self.pause.text = "Continue" if paused else "Pause"
+        self.status.value = "paused" if paused else "resumed"
 
     def stop_training(self) -> None:
-        if self.run is not None:
-            self.run.stop()
+        if self.job.run is not None:
+            self.job.stop()
             self.status.value = "stopping: saving a checkpoint…"
 
     def shutdown(self, *_) -> None:
         """Viewer closing: ask the run to checkpoint and stop, wait briefly, then end it."""
-        run, self.run = self.run, None
-        if run is None or not run.running:
-            return
-        run.stop()
-        run.join(timeout=30)
-        run.terminate()
+        self.job.shutdown()
 
     def _on_worker_done(self) -> None:
         self._set_running(False)
-        self.worker = None
 
     # ------------------------------------------------------------------ events → widgets and layers
     def on_event(self, event) -> None:

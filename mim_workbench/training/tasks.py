@@ -1,0 +1,85 @@
+"""The training jobs a runner can start by name, each from a plain dict.
+
+A child process receives ``(task, config dict)``; dicts cross process boundaries
+and are what the run folder stores, so every job is rebuilt from one here.
+
+``pretrain``  :class:`~.config.PretrainConfig` → :func:`~.pretrain.pretrain`
+``finetune``  :class:`~.finetune.FinetuneConfig` → :func:`~.finetune.finetune`
+``dense``     :class:`DenseJob` → :func:`~.dense.train_dense` (images + painted strokes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .control import Control
+from .events import EventHandler
+
+TASKS = ("pretrain", "finetune", "dense")
+
+
+@dataclass
+class DenseJob:
+    """A dense head trained from stroke files: everything :func:`train_dense` needs, on disk."""
+
+    images: list[str]
+    strokes: list[str]
+    out: str
+    checkpoint: str | None = None               # encoder source; None = random init (model below)
+    model: dict[str, Any] = field(default_factory=dict)   # ModelConfig fields of a random encoder
+    config: dict[str, Any] = field(default_factory=dict)  # DenseConfig fields
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.strokes):
+            raise ConfigError(f"dense job: {len(self.images)} images but {len(self.strokes)} stroke files")
+        if not self.images:
+            raise ConfigError("dense job: no images with strokes")
+        if not self.out:
+            raise ConfigError("dense job: out (run folder) is not set")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DenseJob:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown dense job setting(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run(self, on_event: EventHandler | None = None, control: Control | None = None):
+        from .dense import DenseConfig, train_dense
+
+        cfg = DenseConfig.from_dict(self.config)
+        model_config = dict(self.model) or None
+        out = Path(self.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "job.json").write_text(json.dumps(self.to_dict(), indent=2))
+        return train_dense(self.images, self.strokes, checkpoint=self.checkpoint, model_config=model_config,
+                           config=cfg, out=out, on_event=on_event, control=control)
+
+
+def run_task(task: str, config: dict[str, Any], on_event: EventHandler | None = None,
+             control: Control | None = None) -> Any:
+    """Run the job ``task`` (one of :data:`TASKS`) described by ``config``."""
+    if task == "pretrain":
+        from .config import PretrainConfig
+        from .pretrain import pretrain
+
+        return pretrain(PretrainConfig.from_dict(config), on_event=on_event, control=control)
+    if task == "finetune":
+        from .finetune import FinetuneConfig, finetune
+
+        return finetune(FinetuneConfig.from_dict(config), on_event=on_event, control=control)
+    if task == "dense":
+        return DenseJob.from_dict(config).run(on_event=on_event, control=control)
+    raise ConfigError(f"task={task!r}: choose one of {', '.join(TASKS)}")
+
+
+__all__ = ["TASKS", "DenseJob", "run_task"]

@@ -1,0 +1,79 @@
+"""One training job in a child process, supervised from a napari thread worker.
+
+Shared by the Pretrain and Fine-tune docks: the worker thread only moves events
+from the child's queue to the GUI thread (``on_event``); the training itself never
+runs in the viewer's process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class BackgroundRun:
+    """Start / pause / stop one job; ``on_event`` runs on the GUI thread for every event."""
+
+    def __init__(self, on_event: Callable[[Any], None], on_done: Callable[[], None]) -> None:
+        self.on_event = on_event
+        self.on_done = on_done
+        self.run = None
+        self.worker = None
+        self.paused = False
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.shutdown)
+
+    @property
+    def active(self) -> bool:
+        return self.worker is not None
+
+    def start(self, task: str, config: dict[str, Any]) -> None:
+        from napari.qt.threading import thread_worker
+
+        from mim_workbench.training.runner import TrainingProcess
+
+        self.run = TrainingProcess(config, task=task)
+        self.paused = False
+
+        @thread_worker
+        def supervise(run):
+            run.start()
+            while run.running:
+                yield from run.poll(0.1)
+
+        self.worker = supervise(self.run)
+        self.worker.yielded.connect(self.on_event)
+        self.worker.finished.connect(self._finished)
+        self.worker.start()
+
+    def toggle_pause(self) -> bool:
+        """Pause or continue; returns True when now paused."""
+        if self.run is None:
+            return False
+        if self.paused:
+            self.run.resume()
+        else:
+            self.run.pause()
+        self.paused = not self.paused
+        return self.paused
+
+    def stop(self) -> None:
+        """Ask the job to checkpoint and finish at its next step."""
+        if self.run is not None:
+            self.run.stop()
+
+    def shutdown(self, *_: Any) -> None:
+        """Viewer closing: ask the job to checkpoint and stop, wait briefly, then end it."""
+        run, self.run = self.run, None
+        if run is None or not run.running:
+            return
+        run.stop()
+        run.join(timeout=30)
+        run.terminate()
+
+    def _finished(self) -> None:
+        self.worker = None
+        self.on_done()

@@ -1,0 +1,172 @@
+"""The Fine-tune dock: labels from a dataset, from layer metadata or painted strokes;
+training in a child process; probabilities, heat map and dense overlays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+
+def _records():
+    from napari.utils.notifications import notification_manager
+
+    return [str(n.message) for n in notification_manager.records]
+
+
+def _shown(widget) -> bool:
+    return not widget.native.isHidden()
+
+
+def _wait_trained(qtbot, w, timeout=120_000):
+    qtbot.waitUntil(lambda: w.worker is None, timeout=timeout)
+    assert w.start.enabled, "the widget returns to ready"
+    assert "finished" in w.status.value, w.status.value
+
+
+def _add_sample(viewer, sample_root, stem):
+    from mim_workbench.io import read_image
+
+    loaded = read_image(sample_root / "images" / f"{stem}.png")
+    return viewer.add_image(loaded.data, name=stem, metadata={"source": str(sample_root / "images" / f"{stem}.png")})
+
+
+def test_classifier_from_dataset_then_probabilities_and_heatmap(make_napari_viewer, qtbot, tmp_path, sample_root):
+    from mim_workbench_napari._finetune_widget import FROM_DATASET, HEATMAP_PREFIX, TASK_CLASSIFY, FinetuneWidget
+
+    viewer = make_napari_viewer()
+    w = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.task.value = TASK_CLASSIFY
+    w.labels_from.value = FROM_DATASET
+    w.data.value = str(sample_root)
+    w.out.value = str(tmp_path / "ft")
+    w.epochs.value = 3
+    w.device.value = "cpu"
+    w.start_training()
+    assert not w.start.enabled and w.stop.enabled
+    _wait_trained(qtbot, w)
+    assert len(w.plot.train[0]) >= 1, "the loss curve received steps"
+    model = str(w.model.value)
+    assert (tmp_path / "ft") in __import__("pathlib").Path(model).parents, model
+
+    img = _add_sample(viewer, sample_root, "cxr0124")
+    w.image.value = img
+    w.predict()
+    qtbot.waitUntil(lambda: w.predict_worker is None, timeout=60_000)
+    heat = viewer.layers[HEATMAP_PREFIX + "cxr0124"]
+    assert heat.data.shape == img.data.shape
+    assert 0.0 <= float(heat.data.min()) and float(heat.data.max()) <= 1.0
+    assert heat.data.std() > 0, "the heat map varies over the image"
+    probs = heat.metadata["probs"]
+    assert set(probs) == {"COVID-19", "Other pneumonia"}
+    assert abs(sum(probs.values()) - 1.0) < 1e-4
+    assert heat.metadata["label"] in w.result.value
+    overlay = w.text_overlay()
+    assert overlay.visible and "cxr0124" in overlay.text
+    # styling applies live
+    w.opacity.value = 0.3
+    w.colormap.value = "viridis"
+    assert heat.opacity == pytest.approx(0.3) and heat.colormap.name == "viridis"
+
+    # a second training run in the same folder goes to a fresh folder, never over the first
+    w.start_training()
+    assert str(w.out.value).endswith("ft-2")
+    _wait_trained(qtbot, w)
+
+
+def test_classifier_from_layer_metadata(make_napari_viewer, qtbot, tmp_path, sample_root):
+    from mim_workbench_napari._finetune_widget import FROM_LAYERS, FinetuneWidget
+
+    viewer = make_napari_viewer()
+    w = FinetuneWidget(viewer)
+    w.labels_from.value = FROM_LAYERS
+    assert _shown(w.label_text) and not _shown(w.data)
+    labels = {"cxr0000": "other", "cxr0058": "other", "cxr0059": "other",
+              "cxr0124": "covid", "cxr0126": "covid", "cxr0155": "covid", "cxr0162": "covid"}
+    for stem, lab in labels.items():
+        layer = _add_sample(viewer, sample_root, stem)
+        if stem == "cxr0059":
+            layer.metadata.pop("source")  # an in-memory layer: staged as .npy
+        w.image.value = layer
+        w.label_text.value = lab
+        w.set_label.native.click()
+        assert layer.metadata["label"] == lab
+    assert "covid ×4" in w.status.value and "other ×3" in w.status.value
+    w.out.value = str(tmp_path / "ft")
+    w.epochs.value = 2
+    w.device.value = "cpu"
+    w.start_training()
+    _wait_trained(qtbot, w)
+    manifest = (tmp_path / "ft" / "inputs" / "labels.csv").read_text().splitlines()
+    assert manifest[0] == "id,image,label" and len(manifest) == 1 + len(labels)
+    assert (tmp_path / "ft" / "inputs" / "cxr0059.npy").is_file()
+    assert any(line.endswith("cxr0124.png,covid") for line in manifest)
+
+
+def test_dense_from_painted_strokes_overlays_labels(make_napari_viewer, qtbot, tmp_path, sample_root):
+    from mim_workbench.io import read_mask
+    from mim_workbench_napari._finetune_widget import (DENSE_PREFIX, HEATMAP_PREFIX, STROKES_PREFIX, TASK_DENSE,
+                                                       FinetuneWidget)
+
+    viewer = make_napari_viewer()
+    w = FinetuneWidget(viewer)
+    w.task.value = TASK_DENSE
+    assert _shown(w.classes) and _shown(w.steps) and not _shown(w.epochs)
+    img = _add_sample(viewer, sample_root, "cxr0000")
+    w.image.value = img
+    w.create_strokes_layer()
+    strokes = viewer.layers[STROKES_PREFIX + "cxr0000"]
+    assert strokes.data.shape == img.data.shape and strokes.mode == "paint"
+    # "paint" a few thin strokes: class 1 inside the lungs, class 2 outside
+    lungs = read_mask(sample_root / "masks" / "cxr0000.png", shape=img.data.shape).astype(bool)
+    rng = np.random.default_rng(0)
+    painted = np.zeros(img.data.shape, np.uint8)
+    for cls, where in ((1, lungs), (2, ~lungs)):
+        rr, cc = np.nonzero(where)
+        pick = rng.choice(len(rr), 400, replace=False)
+        painted[rr[pick], cc[pick]] = cls
+    strokes.data = painted
+    w.classes.value = "lung, other"
+    w.steps.value = 25
+    w.out.value = str(tmp_path / "dense")
+    w.device.value = "cpu"
+    w.start_training()
+    _wait_trained(qtbot, w)
+    staged = np.load(tmp_path / "dense" / "inputs" / "cxr0000_strokes.npy")
+    assert np.array_equal(staged, painted), "painted strokes are kept in the run folder"
+
+    w.predict()
+    qtbot.waitUntil(lambda: w.predict_worker is None, timeout=60_000)
+    dense = viewer.layers[DENSE_PREFIX + "cxr0000"]
+    assert dense.data.shape == img.data.shape
+    assert set(np.unique(dense.data)) <= {1, 2} and dense.metadata["classes"] == ["lung", "other"]
+    heat = viewer.layers[HEATMAP_PREFIX + "cxr0000"]
+    # the head learned something: p(lung) is higher inside the lungs than outside
+    assert heat.data[lungs].mean() > heat.data[~lungs].mean()
+    assert "lung" in w.result.value
+
+
+def test_bad_inputs_notify_and_keep_ready(make_napari_viewer, qtbot, tmp_path):
+    from mim_workbench_napari._finetune_widget import FROM_LAYERS, TASK_DENSE, FinetuneWidget
+
+    viewer = make_napari_viewer()
+    w = FinetuneWidget(viewer)
+    viewer.add_image(np.random.default_rng(0).random((64, 64), dtype=np.float32), name="lonely")
+    w.labels_from.value = FROM_LAYERS
+    w.out.value = str(tmp_path / "ft")
+    w.start_training()
+    assert w.start.enabled and w.worker is None
+    assert any("at least two classes" in m for m in _records())
+
+    w.task.value = TASK_DENSE
+    w.start_training()
+    assert any("no painted strokes" in m for m in _records())
+
+    w.model.value = str(tmp_path / "no-such-model")
+    w.image.value = viewer.layers["lonely"]
+    w.predict()
+    qtbot.waitUntil(lambda: w.predict_worker is None, timeout=30_000)
+    assert any("Prediction failed" in m and "no-such-model" in m for m in _records())
+    assert w.predict_button.enabled
