@@ -14,7 +14,7 @@ from mim_workbench_napari._launch import open_workbench
 out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs" / "workbench.png"
 viewer = napari.Viewer(title="MIM Workbench", show=True)
 viewer.window.resize(1500, 900)
-widget = open_workbench(viewer)
+widget = open_workbench(viewer)["Workbench"]
 widget.ratio.value = 0.6
 widget.show_preview.value = True
 viewer.reset_view()

@@ -59,7 +59,7 @@ def test_workbench_docks_with_sample_and_previews_masking(make_napari_viewer, tm
     from mim_workbench_napari._launch import open_workbench
 
     viewer = make_napari_viewer()
-    widget = open_workbench(viewer)
+    widget = open_workbench(viewer)["Workbench"]
     image = viewer.layers["cxr0162"]
     region = viewer.layers["region: cxr0162"]
     assert region.data.shape == image.data.shape and region.data.max() == 1

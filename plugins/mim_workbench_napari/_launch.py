@@ -21,16 +21,18 @@ def launch(paths: list[str]) -> int:
     return 0
 
 
-def open_workbench(viewer, paths: list[str] | None = None):
-    """Dock the workbench and load ``paths`` (or the sample chest X-ray with its lung mask)."""
+def open_workbench(viewer, paths: list[str] | None = None) -> dict:
+    """Dock the workbench and load ``paths`` (or the sample chest X-ray with its lung mask).
+
+    Returns the dock widgets by name: Workbench, Pretrain, Inspect, Fine-tune.
+    """
     if paths:
         for p in paths:
             viewer.open(str(Path(p)), plugin="mim-workbench")
     else:
         viewer.open_sample("mim-workbench", "chest_xray")
+    docks = {}
     # the tab docked last is the one shown: Workbench (data & regions) comes first for a new user
-    viewer.window.add_plugin_dock_widget("mim-workbench", "Fine-tune")
-    viewer.window.add_plugin_dock_widget("mim-workbench", "Inspect", tabify=True)
-    viewer.window.add_plugin_dock_widget("mim-workbench", "Pretrain", tabify=True)
-    _, widget = viewer.window.add_plugin_dock_widget("mim-workbench", "Workbench", tabify=True)
-    return widget
+    for i, name in enumerate(("Fine-tune", "Inspect", "Pretrain", "Workbench")):
+        _, docks[name] = viewer.window.add_plugin_dock_widget("mim-workbench", name, tabify=i > 0)
+    return docks
