@@ -217,3 +217,18 @@ class CropDataset(Dataset):
         if fine is not None:
             item["fine"] = self._to_chw(fine)
         return item
+
+
+def pretrain_crop_datasets(cfg: Any, train: Sequence[Sample], val: Sequence[Sample],
+                           fine_scale: int | None) -> tuple[CropDataset, CropDataset | None, CropDataset]:
+    """(train, val, preview) crop datasets for a ``PretrainConfig`` with ``crop_level``/``crop_spacing``.
+
+    Crops are ``img_size``; validation and preview crops are fixed (no flips, epoch 0).
+    """
+    common = dict(crop_size=tuple(cfg.img_size), level=cfg.crop_level, spacing=cfg.crop_spacing,
+                  in_chans=cfg.in_chans, fine_scale=fine_scale, region_fraction=cfg.crop_region_fraction,
+                  seed=cfg.seed)
+    train_ds = CropDataset(train, crops_per_image=cfg.crops_per_image, augment=cfg.augment, **common)
+    val_ds = CropDataset(val, crops_per_image=max(1, cfg.crops_per_image // 4), **common) if val else None
+    preview_ds = CropDataset([(list(val) or list(train))[0]], crops_per_image=1, **common)
+    return train_ds, val_ds, preview_ds

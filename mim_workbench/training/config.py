@@ -90,6 +90,11 @@ class PretrainConfig:
     augment: bool = True
     cache: bool = False
     num_workers: int = 0
+    # large images: region-guided crops from a pyramid level instead of whole letterboxed images
+    crop_level: int | None = None          # pyramid level (0 = full resolution); None (and no crop_spacing): whole images
+    crop_spacing: float | None = None      # or pick the level by pixel size, mm
+    crops_per_image: int = 16              # crops of each image per epoch
+    crop_region_fraction: float = 0.9      # share of crops centred on the region mask
     # method and masking
     method: str = "mae"
     strategy: str | None = None            # None: random (mae, miram), block (simmim)
@@ -198,6 +203,14 @@ class PretrainConfig:
             bad("mask_options", "must be a mapping")
         if not isinstance(self.model_options, dict):
             bad("model_options", "must be a mapping")
+        if self.crop_level is not None and self.crop_level < 0:
+            bad("crop_level", "must be a pyramid level >= 0 or unset")
+        if self.crop_spacing is not None and not (math.isfinite(self.crop_spacing) and self.crop_spacing > 0):
+            bad("crop_spacing", "must be a positive pixel size in mm or unset")
+        if self.crops_per_image < 1:
+            bad("crops_per_image", "must be a positive integer")
+        if not 0.0 <= self.crop_region_fraction <= 1.0:
+            bad("crop_region_fraction", "must be a fraction in [0, 1]")
         if self.preset is not None and self.preset not in PRESETS:
             bad("preset", f"choose one of {', '.join(PRESETS)}")
 

@@ -239,10 +239,16 @@ class _Trainer:
         fine_scale = int(self.model_cfg.miram_scale) if cfg.method == "miram" else None
         common = dict(img_size=tuple(cfg.img_size), in_chans=cfg.in_chans, fine_scale=fine_scale,
                       seed=cfg.seed, cache=cache)
-        self.train_ds = MIMDataset(self.train_samples, augment=cfg.augment, **common)
-        self.val_ds = MIMDataset(self.val_samples, augment=False, **common) if self.val_samples else None
-        # The preview image: a fixed held-back image (a training image when none is held back).
-        self.preview_ds = MIMDataset([(self.val_samples or self.train_samples)[0]], augment=False, **common)
+        if cfg.crop_level is not None or cfg.crop_spacing is not None:  # large images: pyramid crops
+            from ..io.crop_dataset import pretrain_crop_datasets
+
+            self.train_ds, self.val_ds, self.preview_ds = pretrain_crop_datasets(
+                cfg, self.train_samples, self.val_samples, fine_scale)
+        else:
+            self.train_ds = MIMDataset(self.train_samples, augment=cfg.augment, **common)
+            self.val_ds = MIMDataset(self.val_samples, augment=False, **common) if self.val_samples else None
+            # The preview image: a fixed held-back image (a training image when none is held back).
+            self.preview_ds = MIMDataset([(self.val_samples or self.train_samples)[0]], augment=False, **common)
         self.data_signature = ckpt_mod.dataset_signature(self.train_samples + self.val_samples)
         self.data_notes = list(getattr(index, "notes", []) or [])
 
