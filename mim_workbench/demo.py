@@ -4,10 +4,8 @@ Pretrains a small model with region-guided masking on the sample chest X-rays fo
 time budget, reconstructs an X-ray held back from training, and writes pictures plus
 metrics. This is what ``mim-workbench gui`` runs where no display exists.
 
-The demo model is sized so that a laptop CPU learns something visible within a minute:
-64 px inputs, 4 px patches (a 16×16 grid; on coarser grids nothing beats filling holes
-with the mean), a 2-block ViT, the SimMIM objective (on 12 images MAE memorises an average
-chest), region-guided masking of half the patches, lungs first.
+The demo model is the ``quick-cpu`` preset (:data:`mim_workbench.training.config.PRESETS`),
+sized so that a laptop CPU learns something visible within a minute.
 """
 
 from __future__ import annotations
@@ -32,10 +30,8 @@ def run_demo(out: Path, *, seconds: float = 60.0, device: str = "auto") -> dict:
     data = sample_root()
     index = discover(data)
     held_out = index.samples[-1]
-    config = PretrainConfig(
-        data=str(data), out=str(out / "run"), method="simmim", strategy="region", ratio=0.5,
-        img_size=(64, 64), patch_size=4, embed_dim=64, depth=2, num_heads=4,
-        batch_size=8, epochs=400, lr=3e-3, warmup_epochs=5, time_budget_s=seconds,
+    config = PretrainConfig.preset_config(
+        "quick-cpu", data=str(data), out=str(out / "run"), epochs=400, time_budget_s=seconds,
         threads=default_threads(), preview_every=0, checkpoint_every=100_000,
         device=device, seed=0, exclude_ids=[held_out.id],
     )

@@ -47,3 +47,19 @@ def test_pretrain_dock_reports_bad_settings(make_napari_viewer, qtbot, tmp_path)
     w.start_training()
     qtbot.waitUntil(lambda: w.worker is None, timeout=30_000)
     assert w.start.enabled and "failed" in w.status.value
+
+
+def test_pretrain_dock_preset_fills_fields_and_config(make_napari_viewer, tmp_path):
+    from mim_workbench_napari._pretrain_widget import PretrainWidget
+
+    viewer = make_napari_viewer()
+    w = PretrainWidget(viewer)
+    w.out.value = str(tmp_path / "run")
+    w.preset.value = "quick-cpu"
+    assert (w.method.value, w.strategy.value, w.img_size.value, w.batch.value) == ("simmim", "region", 64, 8)
+    cfg = w.config_dict()
+    assert (cfg["patch_size"], cfg["embed_dim"], cfg["depth"], cfg["lr"]) == (4, 64, 2, 3e-3)
+    w.epochs.value = 7  # a field changed after choosing the preset wins
+    assert w.config_dict()["epochs"] == 7
+    w.preset.value = "rgmim-paper"
+    assert w.model.value == "vit_base_patch16_224" and w.config_dict()["decoder_embed_dim"] == 512

@@ -20,6 +20,8 @@ from ._background import BackgroundRun
 import napari  # the viewer annotation must resolve: napari injects it by type
 
 MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
+# "custom": the fields as shown; a preset also sets what has no field (patch size, widths, lr)
+PRESET_CHOICES = ["custom", "quick-cpu", "rgmim-paper"]
 
 
 def detected_devices() -> list[str]:
@@ -129,6 +131,7 @@ class PretrainWidget(Container):
         self.viewer = napari_viewer
         self.data = FileEdit(label="Dataset folder", mode="d", value=str(sample_root()))
         self.out = FileEdit(label="Run folder", mode="d", value=str(Path.home() / "mim-workbench-runs" / "run"))
+        self.preset = ComboBox(label="Preset", choices=PRESET_CHOICES, value="custom")
         self.method = ComboBox(label="Method", choices=["mae", "simmim", "miram"], value="mae")
         self.strategy = ComboBox(label="Masking", choices=["region", "random", "block"], value="region")
         self.model = ComboBox(label="Model", choices=MODELS, value=MODELS[0])
@@ -146,12 +149,13 @@ class PretrainWidget(Container):
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self.status = Label(value=f"ready (devices: {', '.join(d for d in devices if d != 'auto')})")
         self.checkpoints = ComboBox(label="Checkpoints", choices=[])
-        self.extend([self.data, self.out, self.method, self.strategy, self.model, self.img_size, self.ratio,
+        self.extend([self.data, self.out, self.preset, self.method, self.strategy, self.model, self.img_size, self.ratio,
                      self.epochs, self.batch, self.blr, self.device, self.resume_from, self.start, self.pause,
                      self.stop, self.progress, self.status, self.checkpoints])
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot.canvas)
 
+        self.preset.changed.connect(self.apply_preset)
         self.start.changed.connect(self.start_training)
         self.pause.changed.connect(self.toggle_pause)
         self.stop.changed.connect(self.stop_training)
@@ -169,25 +173,40 @@ class PretrainWidget(Container):
         return self.job.worker
 
     # ------------------------------------------------------------------ settings → config
+    def apply_preset(self, *_) -> None:
+        """Show a preset's values in the fields it sets; settings without a field come from it too."""
+        from mim_workbench.training.config import PRESETS
+
+        values = PRESETS.get(self.preset.value, {})
+        fields = {"method": self.method, "strategy": self.strategy, "model": self.model, "ratio": self.ratio,
+                  "epochs": self.epochs, "batch_size": self.batch, "blr": self.blr}
+        for key, widget in fields.items():
+            if key in values:
+                widget.value = values[key]
+        if "img_size" in values:
+            self.img_size.value = int(values["img_size"][0])
+
     def config_dict(self) -> dict:
         from mim_workbench.training import PretrainConfig
 
         resume = str(self.resume_from.value) if str(self.resume_from.value) not in ("", ".") else None
-        cfg = PretrainConfig(
+        values = dict(
             data=str(self.data.value), out=str(self.out.value), method=self.method.value,
             strategy=self.strategy.value, model=self.model.value,
             img_size=(int(self.img_size.value), int(self.img_size.value)), ratio=float(self.ratio.value),
             epochs=int(self.epochs.value), batch_size=int(self.batch.value), blr=float(self.blr.value),
             device=self.device.value, resume=resume,
         )
-        return cfg.to_dict()
+        if self.preset.value != "custom":
+            values["preset"] = self.preset.value
+        return PretrainConfig.from_dict(values).to_dict()
 
     # ------------------------------------------------------------------ control
     def _set_running(self, running: bool) -> None:
         self.start.enabled = not running
         self.pause.enabled = running
         self.stop.enabled = running
-        for w in (self.data, self.out, self.method, self.strategy, self.model, self.img_size, self.ratio,
+        for w in (self.data, self.out, self.preset, self.method, self.strategy, self.model, self.img_size, self.ratio,
                   self.epochs, self.batch, self.blr, self.device, self.resume_from):
             w.enabled = not running
 
