@@ -809,14 +809,13 @@ class _Contender:
 
 
 def bf16_supported(device: str | torch.device = "cpu") -> bool:
-    """Whether bf16 runs natively: CUDA bf16, or a CPU with AVX512-BF16 / AMX (oneDNN's check)."""
+    """Whether bf16 runs natively: CUDA bf16, or a CPU with AVX512-BF16 / AMX (the training loop's check)."""
+    from .training.runtime import cpu_bf16_support
+
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return cpu_bf16_support()[0]
 
 
 def _loss_ok(v: torch.Tensor) -> bool:

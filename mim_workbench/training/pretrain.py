@@ -40,7 +40,7 @@ from .events import (
     null_handler,
 )
 from .metrics import MetricsLog
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, grad_norm_, load_optimizer_state, lr_at, set_lr
 from .runtime import DistContext, resolve_amp, select_device
 from .sampler import LocalBatches, StepPlan
 
@@ -278,7 +278,7 @@ class _Trainer:
             state = resume.optimizer_state()
             if state is not None:
                 try:
-                    self.optimizer.load_state_dict(state)
+                    load_optimizer_state(self.optimizer, state)
                 except (ValueError, KeyError, RuntimeError) as exc:
                     raise CheckpointError(f"{resume.path}: optimiser state does not fit: {exc}") from None
             if self.scaler is not None and resume.meta.get("scaler"):
@@ -496,8 +496,7 @@ class _Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.clip_grad if cfg.clip_grad is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        grad_norm = grad_norm_(params, cfg.clip_grad)
         finite_loss = math.isfinite(local_loss)
         sums = self.dist.sum_floats([local_loss if finite_loss else 0.0, 0.0 if finite_loss else 1.0], self.device)
         n_bad = sums[1]

@@ -1,0 +1,254 @@
+"""The training loop's fast paths give the plain path's numbers (to tolerance); never timed.
+
+* ``amp="bf16"`` on a CPU with native bf16: the loop's loss and gradients stay close to
+  fp32; without native bf16 the request falls back to fp32 with a note;
+* resuming keeps the fused AdamW kernel (``load_state_dict`` would restore the
+  checkpoint's ``fused=None``) and the resumed run computes what the foreach one does;
+* the gradient norm without the rescaling pass: same norm, same (clipped) gradients as
+  ``clip_grad_norm_``, and the events/metrics still carry it.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+
+import pytest
+import torch
+from _mim_tiny import tiny
+
+from mim_workbench.bench import REFERENCE_CONFIG, example_batch, make_step
+from mim_workbench.training import events as ev
+from mim_workbench.training import runtime
+from mim_workbench.training.config import PretrainConfig
+from mim_workbench.training.metrics import read_metrics
+from mim_workbench.training.optim import build_optimizer, grad_norm_, load_optimizer_state
+from mim_workbench.training.pretrain import pretrain
+
+# the module (``training.pretrain`` the attribute is the function)
+pretrain_mod = importlib.import_module("mim_workbench.training.pretrain")
+
+TINY = {**REFERENCE_CONFIG, "img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3,
+        "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "batch_size": 4}
+CPU = torch.device("cpu")
+needs_bf16 = pytest.mark.skipif(not runtime.cpu_bf16_support()[0], reason="this CPU has no native bf16")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- amp on the CPU
+@pytest.mark.parametrize("found", [(True, "AMX-BF16"), (True, "AVX512-BF16")])
+def test_cpu_bf16_is_honoured_where_supported(monkeypatch, found):
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: found)
+    assert runtime.resolve_amp("bf16", CPU) == (torch.bfloat16, [])
+    assert runtime.resolve_amp("off", CPU) == (None, [])
+    # "auto" stays fp32 on the CPU: bf16 is slower than fp32 for small models (runtime.py).
+    assert runtime.resolve_amp("auto", CPU) == (None, [])
+
+
+def test_cpu_bf16_falls_back_to_fp32_with_a_clear_note(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: (False, "no AVX512-BF16/AMX-BF16 instructions"))
+    dtype, notes = runtime.resolve_amp("bf16", CPU)
+    assert dtype is None and len(notes) == 1
+    assert "amp=bf16 ignored" in notes[0] and "fp32" in notes[0] and "AMX" in notes[0]
+    dtype, notes = runtime.resolve_amp("fp16", CPU)
+    assert dtype is None and "fp16" in notes[0]
+
+
+def test_cpu_bf16_support_reports_what_it_found():
+    ok, what = runtime.cpu_bf16_support()
+    assert isinstance(ok, bool) and what
+
+
+def test_loop_falls_back_to_fp32_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: (False, "no AVX512-BF16/AMX-BF16 instructions"))
+    seen: list = []
+    pretrain(PretrainConfig(**tiny(tmp_path / "r", device="cpu", amp="bf16", max_steps=1)), on_event=seen.append)
+    started = seen[0]
+    assert started.amp == "off" and any("amp=bf16 ignored" in n for n in started.notes)
+
+
+@needs_bf16
+def test_loop_bf16_loss_close_to_fp32(tmp_path):
+    """The same tiny run (same data, masks, init) in fp32 and with CPU bf16 autocast."""
+    runs = {}
+    for amp in ("off", "bf16"):
+        seen: list = []
+        res = pretrain(PretrainConfig(**tiny(tmp_path / amp, device="cpu", amp=amp, max_steps=4)),
+                       on_event=seen.append)
+        assert seen[0].amp == amp
+        runs[amp] = res
+    a = [r["loss"] for r in runs["off"].history]
+    b = [r["loss"] for r in runs["bf16"].history]
+    assert all(math.isfinite(v) for v in b)
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 0.03 * abs(x) + 1e-3, (a, b)
+    ga = [r["grad_norm"] for r in runs["off"].history]
+    gb = [r["grad_norm"] for r in runs["bf16"].history]
+    for x, y in zip(ga, gb):
+        assert abs(x - y) <= 0.05 * abs(x) + 1e-3, (ga, gb)
+
+
+@needs_bf16
+@pytest.mark.parametrize("method", ["mae", "simmim", "miram"])
+def test_bf16_gradients_close_to_fp32(method):
+    """One forward/backward under the loop's CPU bf16 autocast vs fp32, same weights and mask."""
+    cfg = {**TINY, "method": method}
+    x = example_batch(cfg)
+    fine = torch.nn.functional.interpolate(x, scale_factor=2) if method == "miram" else None
+    step = make_step(cfg, seed=3)
+    model, mask = step.model, step.mask(x.shape[0])
+    grads, losses = [], []
+    for dtype in (None, torch.bfloat16):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(x, mask, fine=fine)
+        out.loss.float().backward()
+        losses.append(out.loss.float().detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-3)
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1].float(), dim=0)
+    assert cos > 0.99, float(cos)
+    assert abs(float(grads[1].norm()) / float(grads[0].norm()) - 1) < 0.05
+
+
+# ---------------------------------------------------------------------------- fused AdamW on resume
+def _loss_step(model, x, gen):
+    mask = model.make_mask("random", x.shape[0], 0.75, generator=gen)
+    out = model(x, mask)
+    out.loss.backward()
+
+
+def test_load_optimizer_state_keeps_fused_and_matches_foreach():
+    """A checkpoint with fused=None (written before the fused kernel) resumes on the fused kernel,
+    and the next steps equal those of the state loaded as saved (foreach)."""
+    x = example_batch(TINY)
+    a = make_step(TINY, seed=5).model
+    opt = build_optimizer(a, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
+    assert all(g["fused"] for g in opt.param_groups)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        _loss_step(a, x, gen)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        g["fused"] = None           # as an older checkpoint stores it
+    weights = {k: v.clone() for k, v in a.state_dict().items()}
+
+    resumed = {}
+    for name in ("ours", "plain"):
+        m = make_step(TINY, seed=5).model
+        m.load_state_dict(weights)
+        o = build_optimizer(m, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
+        # A fresh copy each time, as from a checkpoint file: loaded state tensors can be
+        # the dict's own, which the first resumed optimiser would update in place.
+        loaded = copy.deepcopy(state)
+        if name == "ours":
+            load_optimizer_state(o, loaded)
+            assert all(g["fused"] is True for g in o.param_groups)
+        else:
+            o.load_state_dict(loaded)
+            assert all(g["fused"] is None for g in o.param_groups)   # the bug this guards against
+        g2 = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            _loss_step(m, x, g2)
+            o.step()
+            o.zero_grad(set_to_none=True)
+        resumed[name] = m
+    # The fused and foreach kernels round differently, and Adam turns rounding noise in
+    # gradients that are zero in exact arithmetic (the key bias) into +-lr updates: compare
+    # the two runs' whole updates since the checkpoint, not parameters one by one.
+    start = torch.cat([v.flatten() for k, v in weights.items() if k in dict(a.named_parameters())])
+    ours = torch.cat([p.detach().flatten() for p in resumed["ours"].parameters()])
+    plain = torch.cat([p.detach().flatten() for p in resumed["plain"].parameters()])
+    assert float((ours - plain).norm()) <= 0.02 * float((plain - start).norm())
+
+
+def test_resumed_run_uses_the_fused_kernel(tmp_path, monkeypatch):
+    first = pretrain(PretrainConfig(**tiny(tmp_path / "run", device="cpu", amp="off", max_steps=2)))
+    assert first.step == 2
+    from mim_workbench.training import checkpoint as ckpt_mod
+
+    real = ckpt_mod.Checkpoint.optimizer_state
+
+    def old_style(self):  # a checkpoint from before the fused AdamW
+        state = real(self)
+        for g in state["param_groups"]:
+            g["fused"] = None
+        return state
+
+    monkeypatch.setattr(ckpt_mod.Checkpoint, "optimizer_state", old_style)
+    built = []
+    real_build = pretrain_mod.build_optimizer
+    monkeypatch.setattr(pretrain_mod, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    res = pretrain(PretrainConfig(**tiny(tmp_path / "run", device="cpu", amp="off", max_steps=3,
+                                         resume=str(tmp_path / "run"))))
+    assert res.step == 3 and math.isfinite(res.final_loss)
+    assert built and all(g["fused"] is True for g in built[-1].param_groups)
+
+
+# ---------------------------------------------------------------------------- gradient norm
+def _grads_after_backward(seed: int):
+    step = make_step(TINY, seed=seed)
+    x = example_batch(TINY)
+    _loss_step(step.model, x, torch.Generator().manual_seed(0))
+    return [p for p in step.model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("max_norm", [None, 1e-3, 1e6])
+def test_grad_norm_equals_clip_grad_norm(max_norm):
+    ours, ref = _grads_after_backward(7), _grads_after_backward(7)
+    n_ours = grad_norm_(ours, max_norm)
+    n_ref = float(torch.nn.utils.clip_grad_norm_(ref, float("inf") if max_norm is None else max_norm))
+    assert n_ours == pytest.approx(n_ref, rel=1e-6)
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)
+    if max_norm == 1e-3:   # clipping happened
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in ours]))
+        assert float(total) == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_grad_norm_nonfinite_and_empty():
+    p = torch.nn.Parameter(torch.ones(3))
+    assert grad_norm_([p], None) == 0.0
+    p.grad = torch.tensor([1.0, float("nan"), 2.0])
+    assert math.isnan(grad_norm_([p], 1.0))
+
+
+def test_grad_norm_still_logged(tmp_path):
+    """metrics.csv and the history carry a finite grad norm every step, clipped run or not."""
+    for clip in (None, 0.5):
+        out = tmp_path / f"clip-{clip}"
+        res = pretrain(PretrainConfig(**tiny(out, device="cpu", amp="off", max_steps=3, clip_grad=clip)))
+        norms = [r["grad_norm"] for r in res.history]
+        assert len(norms) == 3 and all(math.isfinite(n) and n > 0 for n in norms)
+        rows = read_metrics(out / "metrics.csv")
+        assert [r["grad_norm"] for r in rows] == pytest.approx(norms, rel=1e-5)
+
+
+def test_nonfinite_gradient_step_is_still_skipped(tmp_path, monkeypatch):
+    """The norm is what detects non-finite gradients: a NaN gradient must skip the update."""
+    real = pretrain_mod.grad_norm_
+    calls = []
+
+    def poisoned(params, max_norm):
+        calls.append(1)
+        if len(calls) == 2:
+            params[0].grad.fill_(float("nan"))
+        return real(params, max_norm)
+
+    monkeypatch.setattr(pretrain_mod, "grad_norm_", poisoned)
+    seen: list = []
+    res = pretrain(PretrainConfig(**tiny(tmp_path / "r", device="cpu", amp="off", max_steps=3)), on_event=seen.append)
+    assert res.skipped_steps == 1
+    msgs = [e.message for e in seen if isinstance(e, ev.Progress)]
+    assert msgs[1] and "non-finite" in msgs[1]
+    assert math.isfinite(res.final_loss)
