@@ -156,6 +156,14 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
     p.add_argument("--out", required=True, help="output folder")
+    g = p.add_argument_group("large images (tiled, streamed to zarr)")
+    g.add_argument("--tiled", action="store_true",
+                   help="whole image by overlapping model-sized tiles from its pyramid; writes OUT/maps.zarr")
+    g.add_argument("--level", type=int, default=0, help="pyramid level to reconstruct (0 = full resolution)")
+    g.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
+    g.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass (default 8)")
+    g.add_argument("--region-preset", help="propose the region mask at a low level (breast, tissue, ...) "
+                   "instead of --mask")
     return _run_reconstruct
 
 
@@ -166,6 +174,8 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.checkpoint)
     device = select_device(args.device)
+    if args.tiled:
+        return _run_reconstruct_tiled(args, ckpt, device)
     res = reconstruct(ckpt, args.image, region_mask=args.mask, strategy=args.strategy, ratio=args.ratio,
                       seed=args.seed, device=device)
     extra = {"checkpoint": str(ckpt.path), "step": ckpt.step, "image": str(Path(args.image)),
@@ -175,6 +185,38 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
         print(f"mim-workbench reconstruct: note: {note}", file=sys.stderr)
     summary = {k: res.metrics[k] for k in ("mse", "psnr", "mse_baseline", "psnr_baseline")}
     print(json.dumps(json_safe(summary)))
+    return 0
+
+
+def _run_reconstruct_tiled(args: argparse.Namespace, ckpt: Any, device: Any) -> int:
+    from .inference.reconstruct import json_safe
+    from .inference.tiled_reconstruct import reconstruct_tiled, write_metrics
+    from .io.pyramid import open_pyramid
+
+    pyr = open_pyramid(args.image)
+    region = None
+    if args.region_preset:
+        from .regions.large import propose_region_large
+
+        region = propose_region_large(pyr, args.region_preset)
+    elif args.mask:
+        from .io import read_mask
+
+        m = read_mask(args.mask)  # painted at any level: it spans the whole image
+        region = (m, (pyr.scale(0)[0] * pyr.shape[0] / m.shape[0], pyr.scale(0)[1] * pyr.shape[1] / m.shape[1]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(band: Any) -> None:
+        print(f"mim-workbench reconstruct: rows {band.row1}, tiles {band.tiles_done}/{band.tiles_total}",
+              file=sys.stderr, flush=True)
+
+    res = reconstruct_tiled(ckpt, pyr, out=out / "maps.zarr", level=args.level, region_mask=region,
+                            strategy=args.strategy, ratio=args.ratio, overlap=args.overlap,
+                            batch_size=args.batch_size, seed=args.seed, device=device, on_band=progress)
+    write_metrics(res, out / "metrics.json", extra={"checkpoint": str(ckpt.path), "image": str(Path(args.image))})
+    summary = {k: res.metrics.get(k) for k in ("mse", "psnr", "mse_baseline", "psnr_baseline", "tiles")}
+    print(json.dumps(json_safe({**summary, "maps": str(out / "maps.zarr")})))
     return 0
 
 

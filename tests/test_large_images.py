@@ -1,0 +1,240 @@
+"""Large images: on-disk pyramids, multiscale reader, level masks, crop pretraining, tiled inference.
+
+The 5000x4000 16-bit MG DICOM and the 30000x30000 pyramidal TIFF are synthetic and
+written once per session (tests/_large_images.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import _large_images as L
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def large_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "large_images"
+
+
+@pytest.fixture
+def cache_env(large_dir, monkeypatch) -> Path:
+    """One pyramid cache for the whole session (built once), never the user's."""
+    root = large_dir / "cache"
+    monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(root))
+    return root
+
+
+@pytest.fixture
+def mammo(large_dir) -> Path:
+    large_dir.mkdir(parents=True, exist_ok=True)
+    return L.mammogram(large_dir)
+
+
+@pytest.fixture
+def big_tiff(large_dir) -> Path:
+    large_dir.mkdir(parents=True, exist_ok=True)
+    return L.pyramidal_tiff(large_dir)
+
+
+def test_mammogram_dicom_opens_as_multiscale_with_spacing(mammo, cache_env):
+    from mim_workbench_napari._reader import get_reader
+
+    reader = get_reader(str(mammo))
+    assert reader is not None
+    layers = reader(str(mammo))
+    assert len(layers) == 1
+    data, kwargs, kind = layers[0]
+    assert kind == "image" and kwargs["multiscale"] is True
+    assert kwargs["scale"] == pytest.approx(L.MAMMO_SPACING)          # ImagerPixelSpacing, mm
+    assert tuple(data[0].shape) == L.MAMMO_SHAPE
+    assert all(a.shape[0] < b.shape[0] for b, a in zip(data, data[1:]))
+    assert max(data[-1].shape) <= 256
+    assert data[0].dtype == np.uint16 and kwargs["contrast_limits"] == (0.0, 65535.0)
+    meta = kwargs["metadata"]["mim_workbench"]
+    assert meta["modality"] == "MG" and meta["window_source"] == "dicom_window"
+    store = Path(kwargs["metadata"]["mim_workbench_pyramid"]["store"])
+    assert store.is_relative_to(cache_env)
+    # level 0 is the reader's windowed image, quantised to 16 bits
+    from mim_workbench.io import read_image
+
+    ref = np.asarray(read_image(mammo).data[2000:2100, 1000:1100])
+    got = np.asarray(data[0][2000:2100, 1000:1100]) / 65535.0
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_pyramid_cache_is_reused_and_never_stale(mammo, cache_env, tmp_path):
+    import shutil
+
+    from mim_workbench.io.pyramid import open_pyramid
+
+    a = open_pyramid(mammo)
+    b = open_pyramid(mammo)
+    assert a.store == b.store and a.built
+    copy = tmp_path / "copy.dcm"
+    shutil.copy(mammo, copy)
+    c = open_pyramid(copy)
+    os.utime(copy, ns=(0, 10**18))  # the source changed: another key, rebuilt
+    d = open_pyramid(copy)
+    assert c.store != d.store and d.store.is_dir()
+    assert open_pyramid(copy, chunk=256).store != d.store  # another setting: another key
+    # coarser levels are 2x2 means of the finer one
+    l0 = np.asarray(a.levels[0][:64, :64], dtype=np.float64)
+    l1 = np.asarray(a.levels[1][:32, :32], dtype=np.float64)
+    assert np.abs(l0.reshape(32, 2, 32, 2).mean(axis=(1, 3)) - l1).max() <= 0.5
+    assert a.scale(2) == pytest.approx((L.MAMMO_SPACING[0] * 4, L.MAMMO_SPACING[1] * 4))
+    assert a.level_for_spacing(0.3) == 2
+
+
+def test_pyramidal_tiff_30000_opens_multiscale_with_bounded_memory(big_tiff, cache_env):
+    script = textwrap.dedent(f"""
+        import json, sys, psutil
+        import numpy as np
+        sys.modules["triton"] = None
+        from mim_workbench_napari._reader import read_layers
+        proc = psutil.Process()
+        before = proc.memory_info().rss
+        (data, kwargs, kind), = read_layers({str(big_tiff)!r})
+        coarse = np.asarray(data[-1])                       # what napari shows first
+        window0 = np.asarray(data[0][14000:15024, 14000:15024])   # zoomed in: a few tiles
+        window1 = np.asarray(data[1][7000:8024, 7000:8024])
+        after = proc.memory_info().rss
+        print(json.dumps({{"growth_mb": (after - before) / 2**20, "multiscale": kwargs["multiscale"],
+                           "shapes": [list(a.shape) for a in data], "built": kwargs["metadata"]["mim_workbench_pyramid"]["built"],
+                           "coarse_mean": float(coarse.mean()), "w0": float(window0.mean())}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["multiscale"] is True and out["built"] is False       # the file's own levels, nothing copied
+    assert out["shapes"][0] == [L.BIG_SIDE, L.BIG_SIDE] and len(out["shapes"]) >= 5
+    assert out["growth_mb"] < 300, out
+    assert 0 < out["coarse_mean"] < 255 and 0 < out["w0"] < 255
+
+
+def test_region_mask_painted_at_a_low_level_resamples_to_any_level(mammo, cache_env):
+    from mim_workbench.io.level_masks import resample_mask
+    from mim_workbench.io.pyramid import open_pyramid
+    from mim_workbench.regions.large import propose_region_large
+
+    pyr = open_pyramid(mammo)
+    lm = propose_region_large(pyr, "breast", exclude_pectoral=True)
+    assert max(lm.mask.shape) <= 1024 and lm.mask.shape == pyr.level_shape(lm.level)
+    assert lm.scale == pytest.approx(pyr.scale(lm.level))
+    assert 0.2 < lm.mask.mean() < 0.9
+    full = lm.at_level(pyr, 0)
+    assert full.shape == L.MAMMO_SHAPE and full.dtype == np.uint8
+    # physical alignment: level-0 pixel (r, c) takes the low-level pixel under it
+    f = pyr.factor(lm.level)
+    for r, c in [(10, 10), (2500, 300), (4990, 3990), (1234, 2345)]:
+        assert full[r, c] == lm.mask[int((r + 0.5) / f[0]), int((c + 0.5) / f[1])]
+    # a huge target stays lazy (a 30000² mask is never materialised)
+    lazy = resample_mask(lm.mask, (30000, 30000))
+    assert hasattr(lazy, "compute") and lazy[15000:15010, 100:110].compute().shape == (10, 10)
+
+
+def _crop_data(large_dir: Path, mammo: Path) -> Path:
+    from PIL import Image
+
+    from mim_workbench.regions.large import propose_region_large
+
+    root = large_dir / "crop_data"
+    if not (root / "masks" / "m1.png").is_file():
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        link = root / "images" / "m1.dcm"
+        if not link.exists():
+            link.symlink_to(mammo)
+        lm = propose_region_large(mammo, "breast")   # painted at a low level, as a user would
+        Image.fromarray(lm.mask * 255).save(root / "masks" / "m1.png")
+    return root
+
+
+def test_crop_dataset_prefers_the_region_and_reads_the_fine_target_from_the_finer_level(large_dir, mammo, cache_env):
+    from mim_workbench.io.crop_dataset import CropDataset
+    from mim_workbench.io.datasets import discover
+
+    root = _crop_data(large_dir, mammo)
+    samples = discover(root / "images", masks=root / "masks").samples
+    ds = CropDataset(samples, crop_size=64, level=2, fine_scale=2, crops_per_image=12, region_fraction=1.0)
+    assert len(ds) == 12
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (1, 64, 64) and item["fine"].shape == (1, 128, 128)
+        assert item["region"].sum() > 0 and int(item["crop"][0]) == 2   # every crop overlaps the breast
+        coarse_from_fine = item["fine"][0].reshape(64, 2, 64, 2).mean(dim=(1, 3))
+        assert float((coarse_from_fine - item["image"][0]).abs().mean()) < 0.01
+    assert ds[3]["crop"].tolist() == ds[3]["crop"].tolist()           # reproducible
+    ds.set_epoch(1)
+    assert any(ds[i]["crop"].tolist() != CropDataset(samples, crop_size=64, level=2, crops_per_image=12)[i]["crop"].tolist()
+               for i in range(4))
+    from mim_workbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="finer"):
+        CropDataset(samples, crop_size=64, level=0, fine_scale=2)
+
+
+def test_crop_based_pretraining_run_and_tiled_cli(large_dir, mammo, cache_env, tmp_path):
+    from _mim_tiny import TINY_MODEL
+
+    from mim_workbench.cli import main
+    from mim_workbench.training import pretrain
+    from mim_workbench.training.config import PretrainConfig
+
+    root = _crop_data(large_dir, mammo)
+    cfg = PretrainConfig(data=str(root / "images"), masks=str(root / "masks"), out=str(tmp_path / "run"),
+                         **TINY_MODEL, method="miram", strategy="region", crop_level=2, crops_per_image=8,
+                         batch_size=4, epochs=1, threads=2, preview_every=1, val_fraction=0.0, seed=0)
+    events: list = []
+    res = pretrain(cfg, on_event=events.append)
+    assert res.reason == "completed" and res.step == 2 and np.isfinite(res.final_loss)
+    assert any(type(e).__name__ == "Preview" for e in events)
+    saved = json.loads((Path(res.last_checkpoint) / "meta.json").read_text())["config"]
+    assert saved["crop_level"] == 2
+    # the CLI reconstructs the whole image at a level, tile by tile, into zarr maps
+    out = tmp_path / "tiled"
+    rc = main(["reconstruct", "--checkpoint", str(res.last_checkpoint), "--image", str(mammo), "--tiled",
+               "--level", "3", "--region-preset", "breast", "--out", str(out), "--batch-size", "32"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tiles"] > 1 and metrics["level"] == 3 and metrics["strategy"] == "region"
+    import zarr
+
+    rec = zarr.open_group(str(out / "maps.zarr" / "reconstruction"), mode="r")
+    assert rec.attrs["mim_workbench"]["complete"] is True and rec["0"].shape == (625, 500)
+
+
+def test_tiled_reconstruction_of_the_whole_mammogram_streams_into_zarr(mammo, cache_env, tmp_path):
+    import torch
+
+    from mim_workbench.inference.tiled_reconstruct import reconstruct_tiled
+    from mim_workbench.io.pyramid import open_pyramid
+    from mim_workbench.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(img_size=(256, 256), patch_size=32, embed_dim=32, depth=1, num_heads=2,
+                                    decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2))
+    pyr = open_pyramid(mammo)
+    bands = []
+    res = reconstruct_tiled(model, pyr, out=tmp_path / "maps.zarr", level=0, overlap=0.125, batch_size=32,
+                            on_band=bands.append)
+    assert len(bands) > 5 and bands[-1].row1 == L.MAMMO_SHAPE[0]
+    assert all(a.row1 == b.row0 for a, b in zip(bands, bands[1:]))        # contiguous, in order
+    assert bands[-1].tiles_done == bands[-1].tiles_total == res.tiles
+    rec, err = res.output.levels("reconstruction"), res.output.levels("error")
+    assert rec[0].shape == L.MAMMO_SHAPE and len(rec) >= 5
+    r0 = np.asarray(rec[0][4900:5000, 3900:4000])                           # the last corner was written
+    assert np.isfinite(r0).all() and np.abs(r0).sum() > 0
+    coarse = np.asarray(err[-1][...])
+    assert np.isfinite(coarse).all() and (coarse >= 0).all() and coarse.max() > 0
+    assert res.metrics["n_pixels"] > 0 and np.isfinite(res.metrics["mse_baseline"])
