@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ReaderError
 
 _DEFAULT_STRATEGY = {"mae": "random", "simmim": "block", "miram": "random"}
 _DEFAULT_RATIO = {"mae": 0.75, "simmim": 0.6, "miram": 0.75}
@@ -178,6 +178,12 @@ def reconstruct(
         raise ConfigError(f"ratio={ratio!r}: must be a fraction strictly between 0 and 1")
 
     src = _as_unit_array(image)
+    if min(src.shape[:2]) < model.patch_size:
+        # Upscaling a few pixels to the model size would only invent the picture it then scores.
+        what = f"image is {src.shape[0]} x {src.shape[1]} px, smaller than one {model.patch_size} px patch; nothing to mask"
+        if isinstance(image, (str, Path)):
+            raise ReaderError(image, what)
+        raise ConfigError(what)
     H, W = model.cfg.img_size
     canvas, lb = letterbox(src, (H, W), order=1)
     content = np.zeros((H, W), dtype=bool)

@@ -222,10 +222,24 @@ def _apply_labels_csv(csv_path: Path, samples: list[Sample], notes: list[str]) -
     if label_col is None:
         notes.append(f"{csv_path.name}: no label column; samples are unlabelled")
     by_id: dict[str, dict[str, str]] = {}
-    for row in rows:
+    first_line: dict[str, int] = {}
+    repeated = 0
+    for line, row in enumerate(rows, start=2):
         key = _clean(row.get(id_col))
-        if key is not None:
-            by_id[file_stem(Path(key))] = row
+        if key is None:
+            continue
+        stem = file_stem(Path(key))
+        if stem in by_id:
+            # A repeated id must not silently pick one of two labels (or patients).
+            cols = [c for c in (label_col, patient_col) if c is not None]
+            if any(_clean(by_id[stem].get(c)) != _clean(row.get(c)) for c in cols):
+                raise DatasetError(f"{csv_path}:{line}: id {key!r} repeats line {first_line[stem]} "
+                                   "with a different label or patient; keep one row per image")
+            repeated += 1
+            continue
+        by_id[stem], first_line[stem] = row, line
+    if repeated:
+        notes.append(f"{csv_path.name}: {repeated} repeated row(s) with the same values ignored")
     missing = 0
     for s in samples:
         row = by_id.pop(file_stem(s.image), None) or by_id.pop(s.id, None)
