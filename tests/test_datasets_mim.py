@@ -12,6 +12,7 @@ from fixtures_io import ramp, shared_dir, write_dicom, write_png
 
 from mim_workbench.errors import ConfigError
 from mim_workbench.io import letterbox, read_image
+from mim_workbench.io import cache as cache_mod
 from mim_workbench.io.cache import DecodeCache
 from mim_workbench.io.datasets import MIMDataset, Sample
 
@@ -154,15 +155,64 @@ def test_cache_lru_eviction(tmp_path: Path) -> None:
     noise = np.random.default_rng(0).random(1024).astype(np.float32)  # incompressible
     for k in keys[:3]:
         cache.put(k, {"image": noise})
-    old = os.path.getatime(cache._entry(keys[1]) / "zarr.json")
+    old = os.path.getatime(cache._entry(keys[1]) / cache_mod._MARKER)
     for age, k in zip((300, 200, 100), keys[:3]):  # keys[0] oldest, then keys[1], keys[2]
-        os.utime(cache._entry(k) / "zarr.json", (old - age, old - age))
+        os.utime(cache._entry(k) / cache_mod._MARKER, (old - age, old - age))
     assert cache.get(keys[0]) is not None  # touch: now most recently used
     cache.put(keys[3], {"image": noise})
     assert cache.size_bytes() <= cache.max_bytes
     assert cache.get(keys[0]) is not None and cache.get(keys[3]) is not None
     assert cache.get(keys[1]) is None  # least recently used went first
     assert cache.get(keys[2]) is not None
+
+
+def test_cache_returns_the_stored_arrays_as_fresh_copies(tmp_path: Path) -> None:
+    """Same dtypes, shapes and values as stored; writable, and editing one hit never changes the next."""
+    cache = DecodeCache(tmp_path / "c")
+    rng = np.random.default_rng(1)
+    arrays = {"image": rng.random((48, 64), dtype=np.float32), "region": (rng.random((48, 64)) > 0.5).astype(np.uint8),
+              "fine": rng.random((96, 128, 3), dtype=np.float32), "geometry": np.arange(6, dtype=np.int64)}
+    key = DecodeCache.key([], {"t": 1})
+    assert cache.get(key) is None
+    cache.put(key, arrays)
+    hit = cache.get(key)
+    assert hit is not None and set(hit) == set(arrays)
+    for name, a in arrays.items():
+        assert hit[name].dtype == a.dtype and hit[name].shape == a.shape and np.array_equal(hit[name], a)
+        assert hit[name].flags.writeable
+    hit["image"][:] = 0
+    assert np.array_equal(cache.get(key)["image"], arrays["image"])
+
+
+def test_cache_damaged_entry_misses_and_old_layout_is_evicted(tmp_path: Path) -> None:
+    cache = DecodeCache(tmp_path / "c")
+    key = DecodeCache.key([], {"t": 2})
+    cache.put(key, {"image": np.ones((4, 4), np.float32)})
+    (cache._entry(key) / "image.npy").write_bytes(b"not an array")   # damaged under us
+    assert cache.get(key) is None
+    (cache._entry(key) / "image.npy").unlink()
+    assert cache.get(key) is None
+    # A format-1 (zarr) entry left by an older version: counted and evicted, never read.
+    old = tmp_path / "c" / "ab" / ("ab" + "0" * 62 + ".zarr")
+    old.mkdir(parents=True)
+    (old / "zarr.json").write_text("{}")
+    (old / "blob").write_bytes(b"x" * 5000)
+    assert len(cache) == 2
+    cache.evict(target_bytes=100)
+    assert not old.exists()
+
+
+def test_mim_dataset_cached_items_equal_uncached(samples: list[Sample], tmp_path: Path) -> None:
+    """Through MIMDataset, with augmentation: the cached pipeline gives the decoding pipeline's tensors."""
+    cache = DecodeCache(tmp_path / "cache")
+    plain = MIMDataset(samples, img_size=(48, 64), fine_scale=2, augment=True, seed=3)
+    cached = MIMDataset(samples, img_size=(48, 64), fine_scale=2, augment=True, seed=3, cache=cache)
+    for i in range(len(samples)):
+        cached[i]                      # fill
+    for i in range(len(samples)):
+        a, b = plain[i], cached[i]
+        for key in ("image", "region", "fine"):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (i, key)
 
 
 def test_default_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

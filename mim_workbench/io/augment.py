@@ -62,20 +62,38 @@ def sample_params(rng: np.random.Generator) -> AugmentParams:
 
 
 def crop_resize(canvas: np.ndarray, content_shape: tuple[int, int], p: AugmentParams, *, order: int) -> np.ndarray:
-    """Apply the crop box to the content of ``canvas`` and stretch it back onto the content box."""
-    from skimage.transform import warp
+    """Apply the crop box to the content of ``canvas`` and stretch it back onto the content box.
 
+    ``order`` 1: bilinear (float32 out), 0: nearest (dtype kept, for masks); samples
+    beyond the content repeat its edge.  The map is an axis-aligned scale + shift, so
+    it is done separably with index gathers instead of ``skimage.transform.warp``:
+    same values (bilinear to ~1e-4, nearest exactly; tests/test_datasets_mim.py) at
+    0.4 ms instead of 1.0 ms (bilinear) and 0.2 ms instead of 10.5 ms (nearest, a
+    224 px mask) per call, which had made augmentation the data pipeline's bottleneck.
+    """
     ch, cw = int(content_shape[0]), int(content_shape[1])
     content = canvas[:ch, :cw]
     # Output pixel centre (r + 0.5) / ch of the box -> input pixel index (centres at integers).
-    sy, sx = p.height, p.width
-    ty = p.top * ch + 0.5 * sy - 0.5
-    tx = p.left * cw + 0.5 * sx - 0.5
-    matrix = np.array([[sx, 0.0, tx], [0.0, sy, ty], [0.0, 0.0, 1.0]])
-    src = content.astype(np.float32) if order > 0 else content
-    out = warp(src, matrix, output_shape=content.shape, order=order, mode="edge", preserve_range=True)
+    ys = p.height * np.arange(ch) + (p.top * ch + 0.5 * p.height - 0.5)
+    xs = p.width * np.arange(cw) + (p.left * cw + 0.5 * p.width - 0.5)
     result = np.zeros_like(canvas)
-    result[:ch, :cw] = out.astype(canvas.dtype) if order == 0 else out.astype(np.float32)
+    if order == 0:
+        yi = np.clip(np.floor(ys + 0.5).astype(np.intp), 0, ch - 1)
+        xi = np.clip(np.floor(xs + 0.5).astype(np.intp), 0, cw - 1)
+        result[:ch, :cw] = content[yi[:, None], xi[None, :]]
+        return result
+    y0f, x0f = np.floor(ys), np.floor(xs)
+    wy = (ys - y0f).astype(np.float32).reshape((ch,) + (1,) * (content.ndim - 1))
+    wx = (xs - x0f).astype(np.float32).reshape((cw,) + (1,) * (content.ndim - 2))
+    y0, x0 = y0f.astype(np.intp), x0f.astype(np.intp)
+    # Clamping each neighbour's index (not the coordinate) is skimage's mode="edge".
+    y1, y0 = np.clip(y0 + 1, 0, ch - 1), np.clip(y0, 0, ch - 1)
+    x1, x0 = np.clip(x0 + 1, 0, cw - 1), np.clip(x0, 0, cw - 1)
+    src = content.astype(np.float32, copy=False)
+    top, bottom = src[y0], src[y1]
+    rows = top + (bottom - top) * wy                    # [ch, cw(, C)]
+    left, right = rows[:, x0], rows[:, x1]
+    result[:ch, :cw] = left + (right - left) * wx
     return result
 
 
