@@ -39,3 +39,11 @@ class CheckpointWriteError(CheckpointError, OSError):
 
 class TrainingError(MimError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says what to change."""
+
+
+def summary_line(exc: BaseException, limit: int = 200) -> str:
+    """The telling line of a multi-line third-party message (torch.load's refusals name the
+    blocked ``GLOBAL``), so our messages stay one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    pick = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(exc).__name__)
+    return pick if len(pick) <= limit else pick[: limit - 3] + "..."

@@ -36,7 +36,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from .. import __version__
-from ..errors import CheckpointError
+from ..errors import CheckpointError, summary_line
 from .encoder import grid_of, pos_prefix
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(
-                f"{p}: cannot be read with torch.load(weights_only=True) ({exc}); "
+                f"{p}: cannot be read with torch.load(weights_only=True) ({summary_line(exc)}); "
                 "convert it to safetensors"
             ) from exc
         return _unwrap(obj, p), meta

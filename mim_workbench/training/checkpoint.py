@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, CheckpointWriteError
+from ..errors import CheckpointError, CheckpointWriteError, summary_line
 from ..faults import fault_point
 
 SCHEMA_VERSION = 1
@@ -184,6 +184,7 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> Checkpoint:
             f"{meta_path}: checkpoint schema version {version!r} is not supported by this "
             f"version of mim-workbench (reads up to {SCHEMA_VERSION}); upgrade mim-workbench"
         )
+    _check_meta_types(meta, meta_path)
     if not (d / MODEL_FILE).is_file():
         raise CheckpointError(f"{d}: incomplete checkpoint ({MODEL_FILE} missing)")
     if kind is not None and meta["kind"] != kind:
@@ -191,11 +192,34 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> Checkpoint:
     return Checkpoint(path=d, meta=meta)
 
 
+# Types of the meta.json keys every kind shares; kinds may add keys of their own.  A
+# checkpoint may come from someone else: a wrong type must be named here, not surface
+# as a TypeError deep inside resume.
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "step": (int,), "epoch": (int,), "schema_version": (int,), "world_size": (int,),
+    "config": (dict,), "model_config": (dict,), "sampler": (dict,), "rng": (dict,), "metrics": (dict,),
+    "versions": (dict,), "scaler": (dict, type(None)), "dataset_signature": (str, type(None)),
+    "saved_at": (str,),
+}
+
+
+def _check_meta_types(meta: dict[str, Any], meta_path: Path) -> None:
+    for key, types in _META_TYPES.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise CheckpointError(f"{meta_path}: {key}={value!r} should be {names}")
+    if meta["step"] < 0:
+        raise CheckpointError(f"{meta_path}: step={meta['step']!r} should be >= 0")
+
+
 def _load_legacy_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses anything that would need pickle code
-        raise CheckpointError(f"{path}: not a plain-tensor weights file ({exc})") from None
+        raise CheckpointError(f"{path}: not a plain-tensor weights file ({summary_line(exc)})") from None
     # Reference MAE / timm training scripts nest the weights under "model" or "state_dict".
     for key in ("model", "state_dict", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
