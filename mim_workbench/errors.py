@@ -14,8 +14,14 @@ class ReaderError(MimError):
 
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        self.problem = _one_line(problem)
+        super().__init__(f"{self.path}: {self.problem}")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """Corrupt headers put control bytes and newlines into messages: keep them one printable line."""
+    clean = " ".join("".join(c if c.isprintable() else " " for c in str(text)).split())
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
 class DatasetError(MimError):

@@ -124,7 +124,11 @@ def _decode_error(ds: Any, path: str | Path, exc: BaseException) -> ReaderError:
     if tsuid is None:
         return ReaderError(path, f"cannot decode pixel data: no transfer syntax in file meta ({one_line(exc)})")
     text = str(exc).lower()
-    if not tsuid.is_compressed or "less than expected" in text or "truncat" in text:
+    try:
+        compressed = tsuid.is_compressed
+    except ValueError:  # a corrupt header: the UID is not a transfer syntax at all
+        return ReaderError(path, f"cannot decode pixel data: invalid transfer syntax UID {str(tsuid)[:64]!r}")
+    if not compressed or "less than expected" in text or "truncat" in text:
         return ReaderError(path, f"pixel data truncated or inconsistent with the header ({one_line(exc, 120)})")
     label = f"transfer syntax '{tsuid.name}' ({tsuid})"
     try:

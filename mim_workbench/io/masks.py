@@ -99,8 +99,15 @@ def read_mask(path: str | Path, *, shape: tuple[int, int] | None = None) -> np.n
     """Read a region mask as uint8 {0, 1}, nearest-resampled to ``shape`` when given.
 
     Sources: PNG, JPEG, TIFF, zarr, npy, DICOM SEG (and plain DICOM via the value rule).
+    Any failure is one ReaderError naming the file (a fuzzed DICOM once leaked a ValueError).
     """
+    from mim_workbench.io.readers import guarded
+
     p = Path(path)
+    return guarded(p, lambda: _read_mask(p, shape))
+
+
+def _read_mask(p: Path, shape: tuple[int, int] | None) -> np.ndarray:
     fmt, _notes = sniff(p)
     if fmt == "dicom":
         ds = _dicom.load(p)
