@@ -124,7 +124,7 @@ def iter_reconstruct_tiled(
             t = t.mean(dim=1, keepdim=True).expand(-1, C, -1, -1) if C != 1 else t.mean(dim=1, keepdim=True)
         return t.contiguous().to(dev)
 
-    def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         x = to_tensor(tiles)                                                  # [B, C, th, tw]
         B = x.shape[0]
         region = None
@@ -162,7 +162,7 @@ def iter_reconstruct_tiled(
         acc["n"] += int(sel.sum())
         acc["tiles"] += B
         factor = (m + 1e-3 * (1 - m)).cpu().numpy()  # predictions of masked pixels dominate the blend
-        return {"reconstruction": (pred.cpu().numpy(), factor), "error": (err.cpu().numpy(), factor)}
+        return {"reconstruction": pred.cpu().numpy(), "error": err.cpu().numpy()}, factor
 
     def read_rows(r0: int, r1: int) -> np.ndarray:
         return pyr.read(level, (r0, r1), (0, W))

@@ -11,7 +11,7 @@ are refreshed from disk, and a :class:`Band` is yielded -- a GUI can repaint a
 multiscale layer while the run goes on.  Memory: O(tile height x image width).
 
 Each output map is blended as ``sum(w * v) / sum(w)`` where the tile function
-returns the values ``v`` and, optionally, a per-pixel weight factor (e.g. "count
+returns the values ``v`` and, optionally, one per-pixel weight factor (e.g. "count
 this prediction fully where the pixel was masked, barely where it was visible").
 """
 
@@ -31,7 +31,7 @@ from mim_workbench.io.pyramid import create_levels, downsample_into, level_shape
 #: Smallest blending weight at a tile's edge: pixels at the image border, covered by one tile edge only, stay defined.
 EDGE_WEIGHT = 1e-2
 
-TileFn = Callable[[np.ndarray, list[tuple[int, int]]], dict[str, tuple[np.ndarray, np.ndarray | None]]]
+TileFn = Callable[[np.ndarray, list[tuple[int, int]]], tuple[dict[str, np.ndarray], np.ndarray | None]]
 
 
 def tile_starts(n: int, tile: int, stride: int) -> list[int]:
@@ -101,8 +101,8 @@ def run_tiled(read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, int
 
     ``read_rows(r0, r1)`` returns image rows ``[r0, r1)`` (all columns, zero-padded
     below the image), ``[r1 - r0, W]`` or ``[r1 - r0, W, C]``.  ``fn(tiles [B, h,
-    w(, C)], origins)`` returns ``{name: (values [B, h, w], weight factor [B, h, w]
-    or None)}`` for every name of ``out``.  Yields a :class:`Band` per finished tile row.
+    w(, C)], origins)`` returns ``({name: values [B, h, w]}, weight factor [B, h, w]
+    or None)`` -- one factor shared by every output of ``out``.  Yields a :class:`Band` per finished tile row.
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap={overlap!r}: must be in [0, 1)")
@@ -113,40 +113,40 @@ def run_tiled(read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, int
     total = len(rows) * len(cols)
     window = blend_window(th, tw)
     levels = {name: out.levels(name, mode="r+") for name in out.names}
-    base = 0                                     # image row of the band's first row
-    num = {n: np.zeros((0, W), np.float32) for n in out.names}
-    den = {n: np.zeros((0, W), np.float32) for n in out.names}
+    # Fixed buffers for one band (a tile row plus the rows still open from the previous
+    # one), reused in place: reallocating them per band fragments the heap and RSS creeps.
+    cap = min(H, th + sh)
+    num = {n: np.zeros((cap, W), np.float32) for n in out.names}
+    den = np.zeros((cap, W), np.float32)                  # one weight for every output
+    base = 0                                              # image row of the buffers' first row
     done = 0
     for j, r0 in enumerate(rows):
-        need = min(r0 + th, H) - base            # grow the band to cover this tile row
-        for n in out.names:
-            if num[n].shape[0] < need:
-                extra = need - num[n].shape[0]
-                num[n] = np.concatenate([num[n], np.zeros((extra, W), np.float32)])
-                den[n] = np.concatenate([den[n], np.zeros((extra, W), np.float32)])
         strip = read_rows(r0, r0 + th)
+        hh = min(th, H - r0)
+        o = r0 - base
         for b0 in range(0, len(cols), batch_size):
             cs = cols[b0:b0 + batch_size]
             tiles = np.stack([_cut(strip, c, tw) for c in cs])
-            results = fn(tiles, [(r0, c) for c in cs])
-            hh = min(th, H - r0)
-            for n in out.names:
-                values, factor = results[n]
-                for k, c in enumerate(cs):
-                    ww = min(tw, W - c)
-                    wt = window[:hh, :ww] * (factor[k, :hh, :ww] if factor is not None else 1.0)
-                    num[n][r0 - base:r0 - base + hh, c:c + ww] += wt * values[k, :hh, :ww]
-                    den[n][r0 - base:r0 - base + hh, c:c + ww] += wt
+            values, factor = fn(tiles, [(r0, c) for c in cs])
+            for k, c in enumerate(cs):
+                ww = min(tw, W - c)
+                wt = window[:hh, :ww] * (factor[k, :hh, :ww] if factor is not None else 1.0)
+                den[o:o + hh, c:c + ww] += wt
+                for n in out.names:
+                    num[n][o:o + hh, c:c + ww] += wt * values[n][k, :hh, :ww]
             done += len(cs)
         final_to = rows[j + 1] if j + 1 < len(rows) else H
         if final_to > base:
             k = final_to - base
+            d = den[:k]
+            safe = np.where(d > 0, d, 1.0)
             for n in out.names:
-                d = den[n][:k]
-                block = np.where(d > 0, num[n][:k] / np.where(d > 0, d, 1.0), 0.0).astype(np.float32)
-                levels[n][0][base:final_to, :] = block
+                levels[n][0][base:final_to, :] = np.where(d > 0, num[n][:k] / safe, 0.0).astype(np.float32)
                 _refresh_levels(levels[n], base, final_to)
-                num[n], den[n] = num[n][k:], den[n][k:]
+                _shift_up(num[n], k)
+            _shift_up(den, k)
+            del d, safe
+            _release_freed_memory()
             yield Band(row0=base, row1=final_to, tiles_done=done, tiles_total=total)
             base = final_to
     import zarr
@@ -154,6 +154,35 @@ def run_tiled(read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, int
     for n in out.names:
         g = zarr.open_group(str(out.path / n), mode="r+")
         g.attrs["mim_workbench"] = {**dict(g.attrs["mim_workbench"]), "complete": True}
+
+
+def _shift_up(buf: np.ndarray, k: int) -> None:
+    """Drop the first ``k`` rows of ``buf`` in place; the freed rows at the bottom become 0."""
+    rest = buf.shape[0] - k
+    if rest > 0:
+        buf[:rest] = buf[k:].copy()
+    buf[max(rest, 0):] = 0
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc only).
+
+    Why: every band frees several MB of zarr/codec buffers; glibc keeps them in its
+    arenas, so resident memory would creep up over a long run although nothing leaks.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _cut(strip: np.ndarray, c: int, tw: int) -> np.ndarray:
