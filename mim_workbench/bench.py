@@ -71,7 +71,7 @@ REQUIRED_KEYS = (
     "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio",
     "mask_ratio", "batch_size", "norm_pix_loss", "lr", "weight_decay",
 )
-OPTIONAL_KEYS: dict[str, str] = {"method": "mae", "strategy": "random"}
+OPTIONAL_KEYS: dict[str, Any] = {"method": "mae", "strategy": "random", "compile": False}
 METHODS = ("mae", "simmim", "miram")
 STRATEGIES = ("random", "block", "region")
 #: AdamW betas of the training loop's default (PretrainConfig.betas), MAE's values.
@@ -101,6 +101,8 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown method {cfg['method']!r} (valid: {', '.join(METHODS)})")
     if cfg["strategy"] not in STRATEGIES:
         raise ConfigError(f"unknown strategy {cfg['strategy']!r} (valid: {', '.join(STRATEGIES)})")
+    if not isinstance(cfg["compile"], bool):
+        raise ConfigError(f"compile must be true or false, got {cfg['compile']!r}")
     if cfg["in_chans"] not in (1, 3):
         raise ConfigError(f"in_chans must be 1 or 3, got {cfg['in_chans']!r}")
     batch = cfg["batch_size"]
@@ -220,6 +222,12 @@ class BenchStep:
         self.scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
         self.generator = torch.Generator().manual_seed(seed + 1)   # masks: CPU generator, as in training
         self._region_px: torch.Tensor | None = None
+        # The training loop's opt-in torch.compile (PretrainConfig.compile), training forward only.
+        self.train_forward: Any = self.model
+        if self.config["compile"]:
+            from .training.runtime import CompiledForward
+
+            self.train_forward = CompiledForward(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -260,7 +268,8 @@ class BenchStep:
         return self.model.make_mask(strategy, batch_size, float(self.config["mask_ratio"]), region=cov,
                                     generator=self.generator)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, fine: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, fine: torch.Tensor | None = None, *,
+                model: Callable[..., Any] | None = None):
         images = x.to(self.device, non_blocking=True)
         if self.config["method"] == "miram":
             fine = make_fine(x, self.model_config.miram_scale) if fine is None else fine
@@ -270,13 +279,13 @@ class BenchStep:
         ctx = (torch.autocast(self.device.type, dtype=self._s.amp) if self._s.amp is not None
                else contextlib.nullcontext())
         with ctx:
-            return self.model(images, mask, fine=fine)
+            return (model or self.model)(images, mask, fine=fine)
 
     def __call__(self, x: torch.Tensor, region: torch.Tensor | None = None, *,
                  fine: torch.Tensor | None = None) -> torch.Tensor:
         """Forward, loss, backward, AdamW step, zero_grad; the loss, detached, 0-d."""
         mask = self.mask(x.shape[0], region)
-        out = self.forward(x, mask, fine)
+        out = self.forward(x, mask, fine, model=self.train_forward)
         loss = out.loss.float()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -307,9 +316,11 @@ def make_step(config: Mapping[str, Any], *, device: str | torch.device = "cpu", 
     ``config`` has exactly the keys ``img_size, patch_size, in_chans, embed_dim, depth,
     num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio,
     mask_ratio, batch_size, norm_pix_loss, lr, weight_decay`` plus optional ``method``
-    (``mae`` | ``simmim`` | ``miram``, default ``mae``) and ``strategy`` (``random`` |
-    ``block`` | ``region``, default ``random``).  Each call does one full training
-    step of the production code path at the constant learning rate ``lr``.
+    (``mae`` | ``simmim`` | ``miram``, default ``mae``), ``strategy`` (``random`` |
+    ``block`` | ``region``, default ``random``) and ``compile`` (default false: the
+    training loop's opt-in ``torch.compile`` of the forward, eager fallback on failure;
+    the first call then compiles, 40-60 s on 2 CPU cores).  Each call does one full
+    training step of the production code path at the constant learning rate ``lr``.
 
     ``x`` is a float32 CPU tensor ``[B, C, H, W]`` (moved to ``device`` like the
     loop moves batches).  ``region`` is only used by ``strategy="region"``: a pixel

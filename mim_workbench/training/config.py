@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 RUN_CONTROL_FIELDS = frozenset({
     "out", "resume", "epochs", "max_steps", "time_budget_s", "device", "threads", "num_workers",
     "preview_every", "checkpoint_every", "keep_checkpoints", "cache", "data", "masks", "val_every",
-    "checkpoint_interval_s", "max_nonfinite_steps",
+    "checkpoint_interval_s", "max_nonfinite_steps", "compile",
 })
 
 
@@ -143,7 +143,8 @@ class PretrainConfig:
     warmup_epochs: float = 1.0
     clip_grad: float | None = None         # None: 5.0 for simmim, off otherwise
     max_nonfinite_steps: int = 20          # this many non-finite steps in a row stop the run (0 = never)
-    amp: str = "auto"                      # CUDA only; "auto" = bf16 when supported, else fp16
+    amp: str = "auto"                      # CUDA: auto = bf16, else fp16; CPU: bf16 on AMX/AVX512-BF16, auto = fp32
+    compile: bool = False                  # torch.compile the training forward (first step compiles; eager on failure)
     # execution
     device: str = "auto"
     threads: int | None = None

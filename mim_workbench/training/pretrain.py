@@ -41,7 +41,7 @@ from .events import (
 )
 from .metrics import MetricsLog
 from .optim import build_optimizer, grad_norm_, load_optimizer_state, lr_at, set_lr
-from .runtime import DistContext, resolve_amp, select_device
+from .runtime import CompiledForward, DistContext, resolve_amp, select_device
 from .sampler import LocalBatches, StepPlan
 
 # Fixed seeds (offsets from config.seed) of the generators that must not depend on
@@ -289,6 +289,12 @@ class _Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        # The training forward, compiled on request; validation and previews (eval mode,
+        # other batch sizes) stay eager instead of compiling graphs of their own.
+        self._compile_messages: list[str] = []
+        self.train_forward: Any = self.ddp_model
+        if cfg.compile:
+            self.train_forward = CompiledForward(self.ddp_model, on_fallback=self._compile_messages.append)
 
     def _setup_schedule(self, cfg: PretrainConfig, resume: ckpt_mod.Checkpoint | None) -> None:
         self.plan = StepPlan(n=len(self.train_ds), batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
@@ -350,8 +356,9 @@ class _Trainer:
             steps_per_epoch=self.plan.steps_per_epoch, world_size=self.dist.world_size,
             n_train=len(self.train_samples), n_val=len(self.val_samples), n_params=self.n_params, lr=self.lr,
             amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off"),
-            stop_at=self.stop_at, notes=tuple(self.notes + self.data_notes),
+            stop_at=self.stop_at, notes=tuple(self.notes + self.data_notes + self._compile_messages),
         ))
+        self._compile_messages.clear()  # a compile failure at set-up is said once, in Started's notes
         history: list[dict[str, Any]] = []
         self._t_active = 0.0           # seconds of training, pauses excluded
         self._step_s: float | None = None  # smoothed seconds per step
@@ -486,7 +493,7 @@ class _Trainer:
             sync = k == cfg.accum_steps - 1 or not self.dist.enabled
             ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()  # type: ignore[operator]
             with ctx:
-                out, _ = self._forward(self.ddp_model, batch, mask)
+                out, _ = self._forward(self.train_forward, batch, mask)
                 loss = out.loss.float() / cfg.accum_steps
                 # A non-finite loss still goes through backward (every process must take
                 # part in the gradient all-reduce); the step is dropped below.
@@ -520,6 +527,9 @@ class _Trainer:
             message = (message + "; " if message else "") + (
                 f"{self._region_fallbacks} region-guided mask(s) fell back to random (empty region)")
             self._region_fallbacks = 0
+        if self._compile_messages:  # compile failed during this step: said once, training went on eagerly
+            message = "; ".join(([message] if message else []) + self._compile_messages)
+            self._compile_messages.clear()
         self.step += 1
         self.position += 1
         if math.isfinite(loss):

@@ -9,7 +9,10 @@ the rank, the world size and the few collectives it needs.
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -135,6 +138,59 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, li
     if mode in ("auto", "bf16"):
         return (torch.bfloat16 if bf16_ok else torch.float16), notes
     return torch.float16, notes
+
+
+class CompiledForward:
+    """``module(...)`` through ``torch.compile``, falling back to eager if compiling fails.
+
+    ``torch.compile`` is lazy: a missing C compiler, an unsupported op or a backend
+    bug only shows on the first call (or on a recompile later).  Such a failure is
+    reported once (``warnings.warn`` and ``on_fallback(message)``) and every later
+    call runs the eager module; the forward has no side effects before it returns,
+    so the failed call is simply repeated eagerly.  ``dynamic=False``: the training
+    loop's shapes are fixed (batch size, and the masked count is a constant
+    ``round(ratio * L)``), so one static graph is compiled and guards never trade it
+    for a slower dynamic-shape one; a different shape (a smaller batch) compiles
+    its own graph.  Only the training forward goes through it: validation and
+    previews (eval mode, other batch sizes) stay eager rather than recompile.
+
+    Measured (benchmarks/results): ViT-Tiny MAE on 2 CPU cores fp32 0.265 -> 0.249 s,
+    CPU bf16 0.171 -> 0.134 s per step, after 40-60 s of compilation on the first step.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, on_fallback: Callable[[str], None] | None = None,
+                 compile_fn: Callable[..., Callable[..., Any]] | None = None) -> None:
+        self.module = module
+        self._on_fallback = on_fallback
+        self.error: str | None = None
+        try:
+            self._compiled: Callable[..., Any] | None = (compile_fn or torch.compile)(module, dynamic=False)
+        except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
+            self._compiled = None
+            self._fail(exc)
+
+    @property
+    def active(self) -> bool:
+        """True while calls go through the compiled module."""
+        return self._compiled is not None
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        message = f"torch.compile failed ({self.error[:300]}); training continues without compile (eager)"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        if self._on_fallback is not None:
+            self._on_fallback(message)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._compiled is not None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - compile/backend errors of any type
+                if isinstance(exc, torch.OutOfMemoryError):
+                    raise          # not a compile problem; the loop reports it
+                self._compiled = None
+                self._fail(exc)
+        return self.module(*args, **kwargs)
 
 
 @dataclass
