@@ -4,6 +4,7 @@ specific error or its documented recovery, through the API and the command line.
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import sys
 import tempfile
@@ -164,6 +165,17 @@ def test_config_files(bad_dir, case):
     with pytest.raises(errors.ConfigError) as info:
         PretrainConfig.from_file(path)
     _check_error(info, case, None)
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"batch_size": "16"}, "batch_size='16': expected int"), ({"augment": "no"}, "augment='no'"),
+    ({"fraction": "all"}, "fraction='all'"), ({"checkpoint": 3}, "checkpoint=3"), ({"epohcs": 3}, "epohcs"),
+])
+def test_finetune_settings_are_type_checked(values, named):
+    from mim_workbench.training.finetune import FinetuneConfig
+
+    with pytest.raises(errors.ConfigError, match=re.escape(named)):
+        FinetuneConfig.from_dict(values)
 
 
 def test_cli_errors_are_one_line_exit_2(bad_dir, capsys):

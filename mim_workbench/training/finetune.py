@@ -139,6 +139,9 @@ class FinetuneConfig:
         def bad(name: str, why: str) -> None:
             raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
+        from .schema import check_field_types
+
+        check_field_types(self)  # wrong types first: the range checks below assume numbers
         if self.mode not in _MODE_DEFAULTS:
             bad("mode", "choose probe or full")
         if not (0.0 < self.fraction <= 1.0):
