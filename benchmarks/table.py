@@ -35,7 +35,8 @@ def tables(records: list[dict]) -> str:
     for r in records:
         if r["record"] != "step":
             continue
-        out.append(f"| {r['impl']} | {r['method']} | {r['strategy']} | {r['in_chans']} | {r['amp']} | "
+        amp = r["amp"] + (" + compile" if r.get("compile") else "")
+        out.append(f"| {r['impl']} | {r['method']} | {r['strategy']} | {r['in_chans']} | {amp} | "
                    f"{r['step_s']:.3f} | {r['step_s_q1']:.3f}–{r['step_s_q3']:.3f} | {r['images_per_s']:.1f} | "
                    f"{r['model_flops'] / 1e9:.1f} | {r['useful_flops'] / 1e9:.1f} | {100 * r['efficiency']:.0f} % | "
                    f"{r['loss']:.3f} |")
@@ -45,7 +46,7 @@ def tables(records: list[dict]) -> str:
         out.append("| C | ours (mae/random) | s | peer | s | speed-up | per-block speed-ups |")
         out.append("|---|---|---|---|---|---|---|")
         for r in comp:
-            ours = f"{r.get('ours_amp', 'off')}".replace("off", "fp32")
+            ours = f"{r.get('ours_amp', 'off')}".replace("off", "fp32") + (" + compile" if r.get("ours_compile") else "")
             peer_amp = f"{r.get('peer_amp', 'off')}".replace("off", "fp32")
             if r.get("measured", True):
                 blocks = ", ".join(f"{b:.2f}" for b in r["speedup_blocks"])
@@ -69,14 +70,16 @@ def tables(records: list[dict]) -> str:
     data = [r for r in records if r["record"] == "data"]
     if data:
         out.append("")
-        out.append("| data pipeline | workers | images/s | × model images/s |")
-        out.append("|---|---|---|---|")
+        out.append("| data pipeline | workers | images/s | × model images/s (fp32) | × fastest model images/s |")
+        out.append("|---|---|---|---|---|")
         for r in data:
             if "error" in r:
-                out.append(f"| error: {r['error']} | | | |")
+                out.append(f"| error: {r['error']} | | | | |")
                 continue
             ratio = f"{r['ratio_to_model']:.1f}×" if r.get("ratio_to_model") else ""
-            out.append(f"| {r['mode']} | {r['workers']} | {r['images_per_s']:.0f} | {ratio} |")
+            fast = (f"{r['ratio_to_fastest_model']:.1f}× ({r['fastest_model_images_per_s']:.0f} img/s)"
+                    if r.get("ratio_to_fastest_model") else "")
+            out.append(f"| {r['mode']} | {r['workers']} | {r['images_per_s']:.0f} | {ratio} | {fast} |")
     inf = [r for r in records if r["record"] == "inference"]
     if inf:
         out.append("")

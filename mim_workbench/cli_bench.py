@@ -55,6 +55,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--extra-amp", type=_csv(), default=None,
                    help="also time ours and lightly's mae/random in these precisions (default bf16 where the "
                         "CPU/GPU runs bf16 natively; 'none' to skip)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our mae/random step with torch.compile in each precision (compiles for "
+                        "40-60 s per step on 2 cores during warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data", default=None, help="image folder for the data benchmark (default ../shared/data "
                                                 "chest X-rays, else the sample data)")
@@ -83,7 +86,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .bench import BenchOptions, run_bench
 
     values: dict = {"peer": args.peer, "device": args.device, "amp": None if args.amp in (None, "off") else args.amp,
-                    "threads": args.threads, "data": args.data, "masks": args.masks,
+                    "threads": args.threads, "data": args.data, "masks": args.masks, "compile": args.compile,
                     "config": _load_config(args.config)}
     if args.extra_amp is not None:
         values["extra_amp"] = tuple(a for a in args.extra_amp if a.lower() not in ("none", "off"))
