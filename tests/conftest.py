@@ -18,6 +18,20 @@ def shared_data_dir() -> Path | None:
     return root if root.is_dir() else None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Autosaves and the decoded-image cache go to a folder of this session, never to the
+    user's ~/.cache: a mask painted there (or by a benchmark) was restored into a GUI test
+    that expects an empty region layer."""
+    old = os.environ.get("MIM_WORKBENCH_CACHE")
+    os.environ["MIM_WORKBENCH_CACHE"] = str(tmp_path_factory.mktemp("mim-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MIM_WORKBENCH_CACHE", None)
+    else:
+        os.environ["MIM_WORKBENCH_CACHE"] = old
+
+
 @pytest.fixture
 def shared_data() -> Path:
     root = shared_data_dir()

@@ -148,15 +148,9 @@ def test_autosaved_mask_survives_a_killed_viewer(ctx, tmp_path):
         proc.join(60)
         assert proc.exitcode == -signal.SIGKILL
         kills += 1
-        old = os.environ.get("MIM_WORKBENCH_CACHE")
-        os.environ["MIM_WORKBENCH_CACHE"] = str(cache)
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MIM_WORKBENCH_CACHE", str(cache))
             mask = autosave.load_autosave("scan.dcm", shape)
-        finally:
-            if old is None:
-                os.environ.pop("MIM_WORKBENCH_CACHE")
-            else:
-                os.environ["MIM_WORKBENCH_CACHE"] = old
         assert mask is not None and mask.shape == shape
         values = np.unique(mask)
         assert len(values) == 1 and values[0] >= 1          # one complete version, never a torn one
