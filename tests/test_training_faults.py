@@ -160,3 +160,15 @@ def test_resume_from_a_checkpoint_with_a_bad_stored_config_names_the_key(tmp_pat
         if key == "batch_size":
             meta["config"]["batch_size"] = 4
         meta_path.write_text(json.dumps(meta))
+
+
+def test_a_tampered_latest_file_cannot_point_outside_the_run(tmp_path):
+    """``latest`` holds a name, not a path: ``../elsewhere/ckpt-9`` is ignored, not followed."""
+    run, outside = tmp_path / "run", tmp_path / "elsewhere"
+    weights = {"w": torch.zeros(2)}
+    ck.save_checkpoint(outside, 9, model_state=weights, optimizer_state=None, meta={"kind": "pretrain"})
+    ck.save_checkpoint(run, 3, model_state=weights, optimizer_state=None, meta={"kind": "pretrain"})
+    for name in ("../elsewhere/ckpt-9", str(outside / "ckpt-9"), "ckpt-9/../../elsewhere/ckpt-9"):
+        (run / "latest").write_text(name + "\n")
+        assert ck.read_latest(run) is None
+        assert ck.load_checkpoint(run).path == run / "ckpt-3"
