@@ -87,6 +87,7 @@ class FinetuneWidget(Container):
         self.opacity = FloatSlider(label="Heat-map opacity", min=0.0, max=1.0, step=0.05, value=0.5)
         self.predict_button = PushButton(text="Predict on image")
         self.result = Label(value="")
+        self.result.native.setWordWrap(True)
         self.extend([self.task, self.labels_from, self.data, self.image, self.label_text, self.set_label,
                      self.classes, self.new_strokes, self.encoder, self.mode, self.epochs, self.steps, self.out,
                      self.device, self.start, self.pause, self.stop, self.progress, self.status])
@@ -368,6 +369,8 @@ class FinetuneWidget(Container):
             self.result.value = f"{img.name}: {text}"
             overlay = self.text_overlay()
             overlay.text = f"{img.name}: {pred.label} ({probs[pred.label]:.2f})"
+            overlay.position = "top_left"
+            overlay.font_size = 14
             overlay.visible = True
             return
         # dense prediction: per-pixel classes and probabilities

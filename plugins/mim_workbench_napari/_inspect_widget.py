@@ -38,6 +38,7 @@ class InspectWidget(Container):
         self.resample = PushButton(text="Re-sample mask")
         self.side_by_side = CheckBox(text="Side by side", value=False)
         self.metrics = Label(value="")
+        self.metrics.native.setWordWrap(True)  # PSNR, baseline, ratio and strategy do not fit one line
         self.extend([self.checkpoint, self.image, self.region, self.strategy, self.ratio, self.seed,
                      self.run_button, self.resample, self.side_by_side, self.metrics])
         self.run_button.changed.connect(self.reconstruct)

@@ -280,7 +280,10 @@ class PretrainWidget(Container):
         for prefix, data in layers.items():
             name = f"{prefix}: {self._preview_name}"
             if name in self.viewer.layers:
-                self.viewer.layers[name].data = data
+                layer = self.viewer.layers[name]
+                layer.data = data
+                if prefix == "error":  # the error shrinks as training goes on: keep it visible
+                    layer.contrast_limits = (0.0, max(1e-6, float(data.max())))
             else:
                 cmap = "inferno" if prefix == "error" else "gray"
                 self.viewer.add_image(data, name=name, colormap=cmap,
