@@ -63,3 +63,24 @@ def test_pretrain_dock_preset_fills_fields_and_config(make_napari_viewer, tmp_pa
     assert w.config_dict()["epochs"] == 7
     w.preset.value = "rgmim-paper"
     assert w.model.value == "vit_base_patch16_224" and w.config_dict()["decoder_embed_dim"] == 512
+
+
+def test_closing_the_viewer_stops_training_and_keeps_a_checkpoint(make_napari_viewer, qtbot, tmp_path, sample_root):
+    from mim_workbench.training.checkpoint import list_checkpoints
+    from mim_workbench_napari._pretrain_widget import PretrainWidget
+
+    viewer = make_napari_viewer()
+    w = PretrainWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.data.value = str(sample_root)
+    w.out.value = str(tmp_path / "run")
+    w.img_size.value = 64
+    w.epochs.value = 500  # far more than the test waits for
+    w.batch.value = 4
+    w.device.value = "cpu"
+    w.start_training()
+    qtbot.waitUntil(lambda: w.progress.value >= 3, timeout=60_000)
+    run = w.run
+    viewer.close()
+    assert not run._proc.is_alive(), "the training process ended with the viewer"
+    assert list_checkpoints(tmp_path / "run"), "the last state was checkpointed on close"

@@ -20,6 +20,7 @@ class BackgroundRun:
         self.run = None
         self.worker = None
         self.paused = False
+        self.closed = False   # the widget is gone: events still in flight must not touch it
         from qtpy.QtWidgets import QApplication
 
         app = QApplication.instance()
@@ -45,7 +46,7 @@ class BackgroundRun:
                 yield from run.poll(0.1)
 
         self.worker = supervise(self.run)
-        self.worker.yielded.connect(self.on_event)
+        self.worker.yielded.connect(self._deliver)
         self.worker.finished.connect(self._finished)
         self.worker.start()
 
@@ -67,6 +68,7 @@ class BackgroundRun:
 
     def shutdown(self, *_: Any) -> None:
         """Viewer closing: ask the job to checkpoint and stop, wait briefly, then end it."""
+        self.closed = True
         run, self.run = self.run, None
         if run is None or not run.running:
             return
@@ -74,6 +76,11 @@ class BackgroundRun:
         run.join(timeout=30)
         run.terminate()
 
+    def _deliver(self, event: Any) -> None:
+        if not self.closed:
+            self.on_event(event)
+
     def _finished(self) -> None:
         self.worker = None
-        self.on_done()
+        if not self.closed:
+            self.on_done()
