@@ -12,8 +12,12 @@ import os
 from typing import Any
 
 
-def pretrain_until_killed(config: dict[str, Any], fault: str | None, progress: Any = None) -> None:
-    """Pretrain; ``fault`` sets MIM_FAULT_INJECT; ``progress`` (a queue) gets each checkpoint's step."""
+def pretrain_until_killed(config: dict[str, Any], fault: str | None, progress: Any = None,
+                          step_delay: float = 0.0) -> None:
+    """Pretrain; ``fault`` sets MIM_FAULT_INJECT; ``progress`` (a queue) gets each checkpoint's step;
+    ``step_delay`` seconds after each step keep the run alive long enough to be killed from outside."""
+    import time
+
     from mim_workbench.training import events as ev
     from mim_workbench.training.config import PretrainConfig
     from mim_workbench.training.pretrain import pretrain
@@ -26,6 +30,8 @@ def pretrain_until_killed(config: dict[str, Any], fault: str | None, progress: A
     def on_event(e: Any) -> None:
         if progress is not None and isinstance(e, ev.CheckpointSaved):
             progress.put(e.step)
+        if step_delay and isinstance(e, ev.Progress):
+            time.sleep(step_delay)
 
     pretrain(PretrainConfig(**config), on_event=on_event)
 
