@@ -29,3 +29,66 @@ def test_mammogram_is_a_multiscale_layer_in_the_viewer(make_napari_viewer, tmp_p
     labels = viewer.add_labels(lm.mask, scale=lm.scale, name="region: breast")
     ext_img, ext_lab = np.asarray(layer.extent.world), np.asarray(labels.extent.world)
     assert np.allclose(ext_img[1], ext_lab[1], rtol=0.01)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from _mim_tiny import tiny
+
+    from mim_workbench.training.config import PretrainConfig
+    from mim_workbench.training.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("run")
+    return pretrain(PretrainConfig(**tiny(out, max_steps=2))).last_checkpoint
+
+
+def _phantom(shape: tuple[int, int]) -> np.ndarray:
+    """float32 [0, 1]: a smooth disc with texture (a small stand-in for a mammogram)."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    disc = (((yy - shape[0] / 2) / (shape[0] * 0.45)) ** 2 + ((xx / (shape[1] * 0.9)) ** 2)) <= 1.0
+    rng = np.random.default_rng(0)
+    return np.clip(0.1 + 0.6 * disc + 0.05 * rng.standard_normal(shape, dtype=np.float32), 0, 1).astype(np.float32)
+
+
+def test_inspect_streams_a_tiled_reconstruction_into_multiscale_layers(make_napari_viewer, qtbot, tmp_path,
+                                                                       monkeypatch, tiny_checkpoint):
+    """An in-memory image (no source file) above the (lowered) threshold goes tile by tile."""
+    import mim_workbench_napari._inspect_widget as inspect
+
+    monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(inspect, "TILED_THRESHOLD_PIXELS", 1_000_000)
+    shape, scale = (2048, 1536), (0.07, 0.065)
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(_phantom(shape), name="big", scale=scale, translate=(5.0, -3.0))
+    w = inspect.InspectWidget(viewer)
+    w.checkpoint.value = tiny_checkpoint
+    w.image.value = layer
+    w.ratio.value = 0.5
+    seen_multiscale_mid_run: list[bool] = []
+
+    def spy(item, img, _orig=w._show_band):
+        _orig(item, img)
+        band = item[0]
+        if band.row1 < shape[0]:  # a band before the last: the layers exist and are multiscale already
+            seen_multiscale_mid_run.append(viewer.layers["recon: big"].multiscale)
+
+    w._show_band = spy  # (monkeypatch cannot undo attributes of a magicgui Container)
+    w.reconstruct()
+    assert not w.progress.native.isHidden()                                   # the dock shows progress
+    qtbot.waitUntil(lambda: w.worker is None, timeout=120_000)
+
+    assert w.last_tiled is not None, w.metrics.value
+    assert len(w.band_updates) > 2 and w.band_updates[0][1] < shape[0]       # intermediate bands were shown
+    assert w.band_updates[-1][1] == shape[0] and w.band_updates[-1][2] == w.band_updates[-1][3]
+    assert seen_multiscale_mid_run and all(seen_multiscale_mid_run)
+    assert w.progress.value == 100 and "PSNR" in w.metrics.value
+    for prefix in ("recon", "error"):
+        out = viewer.layers[f"{prefix}: big"]
+        assert out.multiscale and len(out.data) >= 3
+        assert tuple(out.data[0].shape) == shape
+        assert tuple(out.scale) == pytest.approx(scale) and tuple(out.translate) == pytest.approx((5.0, -3.0))
+        full = np.asarray(out.data[0][...])
+        assert np.isfinite(full).all() and np.abs(full).max() > 0
+        coarse = np.asarray(out.data[-1][...])
+        assert np.isfinite(coarse).all() and coarse.max() > 0                # coarser levels were refreshed too
+    assert "masked: big" not in viewer.layers                                 # tiled runs show recon and error only

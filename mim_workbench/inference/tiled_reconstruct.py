@@ -77,7 +77,8 @@ def iter_reconstruct_tiled(
     ``image``: a path or a :class:`~mim_workbench.io.pyramid.Pyramid`.
     ``region_mask``: a :class:`~mim_workbench.regions.large.LevelMask`, or a
     (mask, scale) pair in the pyramid's scale units, for the ``region`` strategy.
-    ``stats`` (a dict) receives ``tiles`` and the metrics when the run ends.
+    ``stats`` (a dict) receives ``output`` (the :class:`TiledOutput`) before the
+    first band, and ``tiles`` and the metrics when the run ends.
     """
     from ..io.level_masks import mask_window
     from ..masking import patch_coverage
@@ -115,6 +116,8 @@ def iter_reconstruct_tiled(
         "source": pyr.meta.source, "level": level, "strategy": strategy, "ratio": ratio, "seed": seed,
         "overlap": overlap, "tile": [th, tw], "method": method,
     })
+    if stats is not None:  # before the first band: a GUI opens the maps while they are being written
+        stats["output"] = output
     acc = {"se": 0.0, "se_base": 0.0, "n": 0, "tiles": 0}
 
     def to_tensor(tiles: np.ndarray) -> torch.Tensor:

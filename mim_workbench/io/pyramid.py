@@ -141,6 +141,42 @@ class Pyramid:
         return self.read(level, (0, h), (0, w))
 
 
+def pyramid_from_arrays(levels: Any, *, scale: tuple[float, float] | None = None,
+                        window: tuple[float, float] | None = None, source: str = "<memory>") -> Pyramid:
+    """A :class:`Pyramid` over arrays already in memory (or dask/zarr), finest first.
+
+    Why: a napari layer need not come from a file (pasted, computed, a plugin's
+    output), yet tiled inference and large-image regions read it through the
+    same window API.  Nothing is copied.  ``scale`` is level 0's pixel size (the
+    layer's ``scale``; it becomes the spacing); ``window`` maps stored values to
+    [0, 1] -- by default the rule of the non-tiled path: integers by their dtype
+    range, floats already in [0, 1] as they are, other floats by the min/max of
+    the coarsest level (cheap, and close to the image's).
+    """
+    levels = list(levels) if isinstance(levels, (list, tuple)) else [levels]
+    if not levels or len(levels[0].shape) not in (2, 3):
+        raise ReaderError(source, f"expected 2-D (H, W) or (H, W, C) levels, got {[tuple(a.shape) for a in levels]}")
+    dtype = np.dtype(levels[0].dtype)
+    if window is None:
+        if dtype.kind in "ui":
+            window = (0.0, float(np.iinfo(dtype).max))
+        elif dtype == bool:
+            window = (0.0, 1.0)
+        else:
+            coarse = np.asarray(levels[-1])
+            lo, hi = float(np.nanmin(coarse)), float(np.nanmax(coarse))
+            window = (0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else (lo, hi if hi > lo else lo + 1.0)
+    shape = tuple(int(s) for s in levels[0].shape)
+    colour = len(shape) == 3
+    spacing = (float(scale[0]), float(scale[1])) if scale is not None else None
+    meta = ImageMeta(source=str(source), kind="image", shape=shape, spacing=spacing, modality=None,
+                     photometric="RGB" if colour else "MONOCHROME2", original_dtype=dtype.name,
+                     original_range=(float(window[0]), float(window[1])), window=None, window_source="minmax",
+                     color=colour, notes=[f"in-memory pyramid of {len(levels)} level(s)"])
+    return Pyramid(levels=levels, meta=meta, window=(float(window[0]), float(window[1])), store=None, built=False,
+                   notes=list(meta.notes))
+
+
 # ====================================================================== opening
 def pyramid_cache_root() -> Path:
     """``$MIM_WORKBENCH_CACHE/pyramids``, else ``~/.cache/mim-workbench/pyramids``."""

@@ -3,20 +3,35 @@ image layer (also one never trained on), side by side, with the masked-pixel PSN
 
 The reconstruction itself is :func:`mim_workbench.inference.reconstruct`; this widget
 runs it off the GUI thread and writes the results into layers named after the image.
+
+Large images (multiscale layers, or more than :data:`TILED_THRESHOLD_PIXELS` pixels)
+go tile by tile instead (:func:`~mim_workbench.inference.tiled_reconstruct.iter_reconstruct_tiled`):
+``recon: NAME`` and ``error: NAME`` become multiscale layers over the zarr maps the
+run writes, and are refreshed after every finished band of rows, so the
+reconstruction appears while it runs.  The layer's own arrays are tiled (a file-backed
+pyramid or an in-memory array alike), so no source file is needed.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, SpinBox
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, ProgressBar, PushButton,
+                              SpinBox)
 
 # Imported here, on the main thread, not lazily in the worker: timm pulls in torchvision and
 # triton, and loading triton's LLVM from a worker thread after napari made its GL context
 # segfaulted (Mesa/Xvfb).
 from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
+from mim_workbench.io.pyramid import PYRAMID_THRESHOLD_PIXELS
+
+#: Single-scale image layers with more pixels than this are reconstructed tile by tile too.
+TILED_THRESHOLD_PIXELS: int = PYRAMID_THRESHOLD_PIXELS
+TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
 
 OUTPUTS = (("masked", "masked"), ("recon", "reconstruction"), ("recon+visible", "recon_plus_visible"),
            ("error", "error"))
@@ -39,8 +54,9 @@ class InspectWidget(Container):
         self.side_by_side = CheckBox(text="Side by side", value=False)
         self.metrics = Label(value="")
         self.metrics.native.setWordWrap(True)  # PSNR, baseline, ratio and strategy do not fit one line
+        self.progress = ProgressBar(label="Tiles", min=0, max=100, value=0, visible=False)
         self.extend([self.checkpoint, self.image, self.region, self.strategy, self.ratio, self.seed,
-                     self.run_button, self.resample, self.side_by_side, self.metrics])
+                     self.run_button, self.resample, self.side_by_side, self.metrics, self.progress])
         self.run_button.changed.connect(self.reconstruct)
         self.resample.changed.connect(self._resample)
         self.side_by_side.changed.connect(self._toggle_grid)
@@ -49,6 +65,9 @@ class InspectWidget(Container):
         self._models: dict[str, object] = {}
         self.worker = None
         self.last_result = None
+        self.last_tiled: dict | None = None          # stats of the last tiled run (output, metrics, tiles)
+        self.band_updates: list[tuple[int, int, int, int]] = []   # (row0, row1, tiles done, total) per band shown
+        self._tiled_dirs: dict[str, Path] = {}       # image name -> zarr maps its layers read
 
     def _image_layers(self, _=None) -> list:
         from napari.layers import Image
@@ -94,13 +113,16 @@ class InspectWidget(Container):
         if img is None or ckpt in ("", "."):
             show_error("Choose a checkpoint and an image layer to reconstruct.")
             return
-        data = np.asarray(img.data)
-        region = None if self.region.value is None else np.asarray(self.region.value.data)
         strategy = None if self.strategy.value == "as trained" else self.strategy.value
-        if strategy == "region" and region is None:
+        if strategy == "region" and self.region.value is None:
             show_error("Region-guided masking needs a region layer: paint, import or propose one first.")
             return
         ratio, seed = float(self.ratio.value), int(self.seed.value)
+        if wants_tiled(img):
+            self._reconstruct_tiled(ckpt, img, strategy, ratio, seed)
+            return
+        data = np.asarray(img.data)
+        region = None if self.region.value is None else np.asarray(self.region.value.data)
 
         def work():
             model, loaded = self._model(ckpt)
@@ -117,6 +139,98 @@ class InspectWidget(Container):
         self.worker.finished.connect(self._done)
         self.worker.start()
 
+    # ------------------------------------------------------------------ tiled (large images)
+    def _reconstruct_tiled(self, ckpt: str, img, strategy: str | None, ratio: float, seed: int) -> None:
+        from napari.qt.threading import create_worker
+
+        from mim_workbench.inference.tiled_reconstruct import iter_reconstruct_tiled
+        from mim_workbench.io.pyramid import pyramid_from_arrays
+
+        levels = list(img.data) if img.multiscale else [img.data]
+        window = (img.metadata.get("mim_workbench_pyramid") or {}).get("window")
+        pyr = pyramid_from_arrays(levels, scale=tuple(img.scale[-2:]), window=tuple(window) if window else None,
+                                  source=str(img.metadata.get("source") or img.name))
+        region = None
+        if self.region.value is not None:  # painted at any level: its own scale places it on the image
+            lab = self.region.value
+            region = (np.asarray(lab.data[-1] if lab.multiscale else lab.data), tuple(lab.scale[-2:]))
+        out = _tiled_root() / f"{uuid.uuid4().hex}.zarr"
+
+        def work():
+            model, loaded = self._model(ckpt)
+            config = dict(loaded.config or {})
+            chosen = strategy or config.get("strategy") or None
+            if chosen == "region" and region is None:
+                chosen = "random"  # trained region-guided, but this image has no region yet
+            # the level the model was pretrained on (crop-based runs), as far as this pyramid goes
+            level = min(max(0, int(config.get("crop_level") or 0)), len(pyr.levels) - 1)
+            stats: dict = {}
+            for band in iter_reconstruct_tiled(model, pyr, out=out, level=level, region_mask=region,
+                                               strategy=chosen, ratio=ratio, seed=seed, stats=stats):
+                yield band, stats["output"]
+            return stats
+
+        self.metrics.value = "reconstructing tile by tile…"
+        self.progress.value = 0
+        self.progress.visible = True
+        self.band_updates = []
+        self.run_button.enabled = False
+        self.worker = create_worker(work, _ignore_errors=True)  # reported through errored, below
+        self.worker.yielded.connect(lambda item: self._show_band(item, img))
+        self.worker.returned.connect(lambda stats: self._show_tiled(stats, img))
+        self.worker.errored.connect(self._failed)
+        self.worker.finished.connect(self._done)
+        self.worker.start()
+
+    def _show_band(self, item, img) -> None:
+        band, output = item
+        if self._tiled_dirs.get(img.name) != output.path:
+            self._add_tiled_layers(output, img)
+        for prefix, key in TILED_OUTPUTS:
+            layer = self.viewer.layers[f"{prefix}: {img.name}"]
+            if prefix == "error":  # the coarsest level is a few hundred pixels: cheap to scan
+                top = float(np.max(np.asarray(output.levels(key)[-1][...])))
+                layer.contrast_limits = (0.0, max(1e-6, top))
+            layer.refresh()
+        self.band_updates.append((band.row0, band.row1, band.tiles_done, band.tiles_total))
+        self.progress.value = int(round(100 * band.tiles_done / max(1, band.tiles_total)))
+        self.metrics.value = (f"tiled: {band.tiles_done}/{band.tiles_total} tiles, rows up to {band.row1} "
+                              f"of {output.shape[0]}")
+
+    def _add_tiled_layers(self, output, img) -> None:
+        """Multiscale layers over the zarr maps being written (replacing this image's older outputs)."""
+        import shutil
+
+        for prefix, _attr in OUTPUTS:  # a non-tiled run's masked / recon+visible do not belong to this one
+            name = f"{prefix}: {img.name}"
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        for prefix, key in TILED_OUTPUTS:
+            # zarr arrays, not dask: every refresh reads what is on disk now (dask's cache would not)
+            levels = output.levels(key)
+            self.viewer.add_image(
+                levels, name=f"{prefix}: {img.name}", multiscale=True, scale=tuple(output.scale),
+                translate=img.translate[-2:], colormap="inferno" if prefix == "error" else "gray",
+                contrast_limits=(0.0, 1e-6) if prefix == "error" else (0.0, 1.0),
+                metadata={"mim_workbench_tiled": str(output.path)},
+            )
+        old = self._tiled_dirs.get(img.name)
+        self._tiled_dirs[img.name] = output.path
+        if old is not None and old != output.path:
+            shutil.rmtree(old, ignore_errors=True)  # nothing shows it any more
+
+    def _show_tiled(self, stats: dict, img) -> None:
+        self.last_tiled = stats
+        self.progress.value = 100
+        m = stats.get("metrics") or {}
+        level = stats.get("level", 0)
+        if "psnr" in m:
+            self.metrics.value = (f"tiled, level {level}, {stats.get('tiles', 0)} tiles: masked-pixel PSNR "
+                                  f"{m['psnr']:.2f} dB (mean-fill baseline {m['psnr_baseline']:.2f} dB)  "
+                                  f"ratio {m.get('ratio', 0):.2f}, {m.get('strategy', '')}")
+        else:
+            self.metrics.value = f"tiled, level {level}: {stats.get('tiles', 0)} tiles, no masked pixel"
+
     def _failed(self, exc: Exception) -> None:
         from napari.utils.notifications import show_error
 
@@ -129,6 +243,11 @@ class InspectWidget(Container):
 
     def _show(self, result, img) -> None:
         self.last_result = result
+        self.progress.visible = False
+        for prefix, _attr in TILED_OUTPUTS:  # a multiscale map of an earlier tiled run cannot take these
+            name = f"{prefix}: {img.name}"
+            if name in self.viewer.layers and self.viewer.layers[name].multiscale:
+                self.viewer.layers.remove(name)
         for prefix, attr in OUTPUTS:
             canvas = getattr(result, attr).astype(np.float32)
             data = result.to_source(canvas, order=0 if prefix == "error" else 1).astype(np.float32)
@@ -146,3 +265,19 @@ class InspectWidget(Container):
         m = result.metrics
         self.metrics.value = (f"masked-pixel PSNR {m['psnr']:.2f} dB (mean-fill baseline {m['psnr_baseline']:.2f} dB)"
                               f"  ratio {m.get('ratio', 0):.2f}, {m.get('strategy', '')}")
+
+
+def wants_tiled(layer) -> bool:
+    """Multiscale layers, and single-scale ones above :data:`TILED_THRESHOLD_PIXELS`, go tile by tile."""
+    if layer.multiscale:
+        return True
+    shape = layer.data.shape[:2]
+    return int(shape[0]) * int(shape[1]) > TILED_THRESHOLD_PIXELS
+
+
+def _tiled_root() -> Path:
+    """Where tiled maps are written: ``$MIM_WORKBENCH_CACHE/inspect`` (else ``~/.cache/mim-workbench/inspect``)."""
+    env = os.environ.get("MIM_WORKBENCH_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
+    (base / "inspect").mkdir(parents=True, exist_ok=True)
+    return base / "inspect"
