@@ -147,7 +147,21 @@ def _add_predict(sub: argparse._SubParsersAction) -> Runner:
                    help="spatial map of a classifier (default: patch logits for full, rollout for probe models)")
     p.add_argument("--no-maps", action="store_true", help="folder mode: only the CSV")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
+    _add_tiled(p)
+    p.add_argument("--class", dest="map_class", help="--tiled classifier: the class whose map is written "
+                                                      "(default the predicted one)")
     return _run_predict
+
+
+def _add_tiled(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tiled (large images)",
+                             "--image only: maps of the whole image at a pyramid level, tile by tile into "
+                             "OUT/maps.zarr (OME-Zarr multiscale; memory bounded by one band of tiles)")
+    g.add_argument("--tiled", action="store_true", help="predict tile by tile (mammograms, slides)")
+    g.add_argument("--level", type=int, default=0, help="pyramid level (0 = full resolution; default 0)")
+    g.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
+    g.add_argument("--batch-size", type=int, default=8, help="tiles per batch (default 8)")
+    g.add_argument("--tile", type=int, help="tile side in pixels of the level (default: the model's)")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -155,6 +169,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .training.runtime import select_device
 
     device = select_device(args.device)
+    if getattr(args, "tiled", False):
+        return _run_predict_tiled(args, device)
     if args.image:
         path = predict_one(args.checkpoint, args.image, args.out, device=device, map=args.map)
         print(json.dumps(json.loads(path.read_text(encoding="utf-8"))))
@@ -162,6 +178,23 @@ def _run_predict(args: argparse.Namespace) -> int:
         path = predict_folder(args.checkpoint, args.data, args.out, device=device, map=args.map,
                               save_maps=not args.no_maps)
         print(str(path))
+    return 0
+
+
+def _run_predict_tiled(args: argparse.Namespace, device: Any) -> int:
+    from .errors import ConfigError
+    from .inference.predict import _safe
+    from .inference.tiled_predict import predict_tiled, save_tiled_prediction
+
+    if not args.image:
+        raise ConfigError("--tiled needs --image (one large image), not --data")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = predict_tiled(args.checkpoint, args.image, out=out / "maps.zarr", level=args.level,
+                        cls=getattr(args, "map_class", None), overlap=args.overlap, batch_size=args.batch_size,
+                        tile=args.tile, device=device)
+    path = save_tiled_prediction(res, out, _safe(Path(args.image).stem))[0]
+    print(json.dumps(json.loads(path.read_text(encoding="utf-8"))))
     return 0
 
 
@@ -349,6 +382,7 @@ def _add_dense_predict(sub: argparse._SubParsersAction) -> Runner:
     src.add_argument("--data", help="a folder -> predictions.csv + maps")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
+    _add_tiled(p)
     return _run_dense_predict
 
 
@@ -362,7 +396,9 @@ def _run_dense_predict(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{ckpt.path}: a {ckpt.kind!r} checkpoint; dense-predict needs a dense head "
                               "(use `predict` for classifiers)")
     return _run_predict(argparse.Namespace(checkpoint=ckpt, image=args.image, data=args.data, out=args.out,
-                                           map="auto", no_maps=False, device=args.device))
+                                           map="auto", no_maps=False, device=args.device, tiled=args.tiled,
+                                           level=args.level, overlap=args.overlap, batch_size=args.batch_size,
+                                           tile=args.tile, map_class=None))
 
 
 FINETUNE_COMMANDS: list[Callable[[argparse._SubParsersAction], Runner]] = [

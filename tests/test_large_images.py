@@ -238,3 +238,64 @@ def test_tiled_reconstruction_of_the_whole_mammogram_streams_into_zarr(mammo, ca
     coarse = np.asarray(err[-1][...])
     assert np.isfinite(coarse).all() and (coarse >= 0).all() and coarse.max() > 0
     assert res.metrics["n_pixels"] > 0 and np.isfinite(res.metrics["mse_baseline"])
+
+
+def test_tiled_prediction_maps_classifier_and_dense_head_cli(mammo, cache_env, tmp_path):
+    """predict --tiled: a classifier's patch-logit map and a dense head's class maps of the whole mammogram."""
+    import torch
+    from _mim_tiny import SAMPLE
+
+    from mim_workbench.cli import main
+    from mim_workbench.inference.tiled_predict import predict_tiled
+    from mim_workbench.io.pyramid import open_pyramid
+    from mim_workbench.models import ModelConfig
+    from mim_workbench.regions.large import propose_region_large
+    from mim_workbench.training.dense import DenseHead, train_dense
+    from mim_workbench.training.finetune import FinetuneConfig, finetune
+    from mim_workbench.training.strokes import simulate_strokes
+
+    torch.set_num_threads(2)
+    arch = {"img_size": 64, "embed_dim": 64, "depth": 2, "num_heads": 2}
+    cls = finetune(FinetuneConfig(data=str(SAMPLE), checkpoint=None, mode="full", out=str(tmp_path / "cls"),
+                                  epochs=1, batch_size=4, threads=2, **arch)).checkpoint
+    out = tmp_path / "pred_cls"
+    assert main(["predict", "--checkpoint", str(cls), "--image", str(mammo), "--tiled", "--level", "2",
+                 "--batch-size", "32", "--out", str(out)]) == 0
+    rec = json.loads((out / "predictions.json").read_text())
+    assert rec["kind"] == "classifier" and rec["map_kind"] == "patch_logits" and rec["map_class"] == rec["label"]
+    assert abs(sum(rec["probs"].values()) - 1) < 1e-4 and rec["tiles"] > 100 and rec["level"] == 2
+    import zarr
+
+    g = zarr.open_group(str(out / "maps.zarr" / "map"), mode="r")
+    assert g.attrs["mim_workbench"]["complete"] is True and g["0"].shape == (1250, 1000)
+    m = np.asarray(g["0"][...])
+    assert np.isfinite(m).all() and m.std() > 0                     # a map, not a constant
+    assert (out / f"{mammo.stem}_map.png").is_file()
+    other = [c for c in rec["classes"] if c != rec["label"]][0]
+    out2 = tmp_path / "pred_cls_other"
+    assert main(["predict", "--checkpoint", str(cls), "--image", str(mammo), "--tiled", "--level", "3",
+                 "--class", other, "--out", str(out2)]) == 0
+    assert json.loads((out2 / "predictions.json").read_text())["map_class"] == other
+
+    # a dense head trained on strokes of the breast / background at level 2
+    pyr = open_pyramid(mammo)
+    img = pyr.read_level(2)
+    breast = np.asarray(propose_region_large(pyr, "breast").at_level(pyr, 2)) > 0
+    strokes = simulate_strokes({"breast": breast, "background": ~breast}, fraction=0.01, seed=0)
+    head = train_dense([img], [strokes], model_config=ModelConfig(**arch), classes=["breast", "background"],
+                       steps=30, batch_size=4, crop=48, out=tmp_path / "dense")
+    bands = []
+    res = predict_tiled(head, pyr, out=tmp_path / "dense.zarr", level=2, batch_size=4, on_band=bands.append)
+    assert res.kind == "dense" and list(res.maps) == ["breast", "background"] and len(bands) > 1
+    assert all(a.row1 == b.row0 for a, b in zip(bands, bands[1:])) and bands[-1].row1 == 1250
+    probs = np.stack([np.asarray(res.output.levels(n)[0][...]) for n in res.maps])
+    assert probs.shape == (2, 1250, 1000) and np.isfinite(probs).all()
+    assert np.abs(probs.sum(axis=0) - 1).max() < 1e-3               # blended distributions stay distributions
+    whole = DenseHead.predict(head, img).probs                       # the same level in one piece
+    agree = (probs.argmax(0) == whole.argmax(0)).mean()
+    assert agree > 0.9, agree
+    out3 = tmp_path / "pred_dense"
+    assert main(["dense-predict", "--checkpoint", str(head.checkpoint), "--image", str(mammo), "--tiled",
+                 "--level", "3", "--out", str(out3)]) == 0
+    rec3 = json.loads((out3 / "predictions.json").read_text())
+    assert rec3["kind"] == "dense" and set(rec3["mean_prob"]) == {"breast", "background"}

@@ -199,12 +199,17 @@ def read_strokes(path: str | Path, shape: tuple[int, int] | None = None) -> np.n
     return arr
 
 
-def image_channels(work: np.ndarray, sigmas: tuple[float, ...]) -> np.ndarray:
-    """``[1 + len(sigmas), h, w]``: the image z-scored over its pixels, and smoothed copies."""
+def image_channels(work: np.ndarray, sigmas: tuple[float, ...],
+                   norm: tuple[float, float] | None = None) -> np.ndarray:
+    """``[1 + len(sigmas), h, w]``: the image z-scored over its pixels, and smoothed copies.
+
+    ``norm`` = (mean, std) to z-score with instead: a tile of a large image must use
+    the whole image's statistics, or every tile would be normalised differently.
+    """
     from scipy.ndimage import gaussian_filter
 
     x = work.astype(np.float32)
-    m, s = float(x.mean()), float(x.std())
+    m, s = (float(x.mean()), float(x.std())) if norm is None else (float(norm[0]), float(norm[1]))
     z = (x - m) / (s if s > 1e-6 else 1.0)
     chans = [z] + [gaussian_filter(z, sigma=sg, mode="nearest") for sg in sigmas]
     return np.stack(chans).astype(np.float32)
@@ -267,8 +272,8 @@ class DenseHead:
         return [k * stride for k in range(n)]
 
     @torch.no_grad()
-    def prepare(self, image: Any) -> _Prepared:
-        """Working image, its channels and its encoder patch features."""
+    def prepare(self, image: Any, *, norm: tuple[float, float] | None = None) -> _Prepared:
+        """Working image, its channels and its encoder patch features (``norm``: see :func:`image_channels`)."""
         from ..inference.reconstruct import _channels
         from ..io.letterbox import letterbox, place, resize_to
         from ..models.classifier import encoder_tokens, patch_grid
@@ -299,7 +304,7 @@ class DenseHead:
             Hc, Wc = rows[-1] + th, cols[-1] + tw
             canvas = place(work, (Hc, Wc))
             tiles = [(r, c) for r in rows for c in cols]
-        chans = image_channels(work_grey, cfg.blur_sigmas)
+        chans = image_channels(work_grey, cfg.blur_sigmas, norm)
         img = torch.from_numpy(place(np.moveaxis(chans, 0, -1), (Hc, Wc))).permute(2, 0, 1).contiguous()
         grid = None
         if cfg.use_features:
