@@ -40,6 +40,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> Runner:
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable augmentation")
     g.add_argument("--cache", action="store_const", const=True, help="cache decoded, resized images on disk")
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
+    g = p.add_argument_group("large images", "train on region-guided crops read from each image's on-disk pyramid "
+                                             "instead of whole letterboxed images (mammograms, slides)")
+    g.add_argument("--crop-level", type=int, metavar="N", help="pyramid level of the crops (0 = full resolution)")
+    g.add_argument("--crop-spacing", type=float, metavar="MM",
+                   help="or: the coarsest level whose pixels are at most this size in mm")
+    g.add_argument("--crops-per-image", type=int, help="crops of each image per epoch (default 16)")
+    g.add_argument("--crop-region-fraction", type=float,
+                   help="share of crops centred on the region mask, 0-1 (default 0.9)")
     g = p.add_argument_group("method")
     g.add_argument("--preset", help="named settings: rgmim-paper (ViT-B/16, RGMIM Table 1) or cpu")
     g.add_argument("--method", choices=("mae", "simmim", "miram"))

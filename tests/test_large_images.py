@@ -299,3 +299,29 @@ def test_tiled_prediction_maps_classifier_and_dense_head_cli(mammo, cache_env, t
                  "--level", "3", "--out", str(out3)]) == 0
     rec3 = json.loads((out3 / "predictions.json").read_text())
     assert rec3["kind"] == "dense" and set(rec3["mean_prob"]) == {"breast", "background"}
+
+
+def test_pretrain_cli_crop_flags(large_dir, mammo, cache_env, tmp_path, capsys):
+    from _mim_tiny import tiny_cli_flags
+
+    from mim_workbench.cli import build_parser, main
+    from mim_workbench.cli_engine import pretrain_config_from_args
+
+    parser, _ = build_parser()
+    cfg = pretrain_config_from_args(parser.parse_args(
+        ["pretrain", "--data", "d", "--out", "o", "--crop-spacing", "0.28", "--crops-per-image", "5",
+         "--crop-region-fraction", "0.5"]))
+    assert (cfg.crop_spacing, cfg.crops_per_image, cfg.crop_region_fraction, cfg.crop_level) == (0.28, 5, 0.5, None)
+    root = _crop_data(large_dir, mammo)
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--data", str(root / "images"), "--masks", str(root / "masks"), "--out", str(out),
+               *tiny_cli_flags(), "--strategy", "region", "--crop-level", "2", "--crops-per-image", "4",
+               "--crop-region-fraction", "1.0", "--epochs", "1", "--val-fraction", "0", "--quiet"])
+    assert rc == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["crop_level"], saved["crops_per_image"], saved["crop_region_fraction"]) == (2, 4, 1.0)
+    assert (out / "latest").is_file()
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(root / "images"), "--out", str(tmp_path / "bad"),
+                 "--crop-region-fraction", "1.5"]) == 2
+    assert "crop_region_fraction" in capsys.readouterr().err
