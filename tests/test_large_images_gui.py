@@ -92,3 +92,67 @@ def test_inspect_streams_a_tiled_reconstruction_into_multiscale_layers(make_napa
         coarse = np.asarray(out.data[-1][...])
         assert np.isfinite(coarse).all() and coarse.max() > 0                # coarser levels were refreshed too
     assert "masked: big" not in viewer.layers                                 # tiled runs show recon and error only
+
+
+def test_workbench_dock_regions_preview_and_autosave_on_a_multiscale_image(make_napari_viewer, qtbot, monkeypatch):
+    """Region layer, auto-propose, masking preview and autosave at a reduced level of a multiscale image."""
+    from mim_workbench.io.pyramid import mean2x2
+    import mim_workbench_napari._finetune_widget as ft
+    from mim_workbench_napari._widget import REGION_MAX_SIDE, WorkbenchWidget
+
+    levels = [L.mammogram_pixels((4096, 3072))]
+    while max(levels[-1].shape) > 256:
+        levels.append(np.rint(mean2x2(levels[-1])).astype(np.uint16))
+    viewer = make_napari_viewer()
+    img = viewer.add_image(levels, multiscale=True, name="mammo", scale=L.MAMMO_SPACING, translate=(2.0, 1.0),
+                           contrast_limits=(0, 65535))
+    w = WorkbenchWidget(viewer)
+    w.image.value = img
+    low_scale = (L.MAMMO_SPACING[0] * 4, L.MAMMO_SPACING[1] * 4)     # 4096 / 4 = 1024 = REGION_MAX_SIDE
+
+    w.create_region_layer()
+    region = viewer.layers["region: mammo"]
+    assert region.data.shape == (1024, 768) and max(region.data.shape) <= REGION_MAX_SIDE
+    assert tuple(region.scale) == pytest.approx(low_scale) and tuple(region.translate) == pytest.approx((2.0, 1.0))
+    assert np.allclose(np.asarray(region.extent.world)[1], np.asarray(img.extent.world)[1], rtol=0.01)
+
+    # painting is autosaved at that level and restored with it
+    region.data[100:300, 50:250] = 1
+    region.refresh()
+    w.autosave()
+    viewer.layers.remove(region)
+    w.create_region_layer()
+    restored = viewer.layers["region: mammo"]
+    assert restored.data.shape == (1024, 768) and int(restored.data.sum()) == 200 * 200
+
+    # auto-propose reads the reduced level through the pyramid and replaces the painted mask
+    w.preset.value = "breast"
+    w.propose_region()
+    proposed = viewer.layers["region: mammo"]
+    assert proposed.data.shape == (1024, 768) and tuple(proposed.scale) == pytest.approx(low_scale)
+    frac = float(np.asarray(proposed.data).mean())
+    assert 0.2 < frac < 0.9, frac
+    assert "breast" in w.status.value
+
+    # masking preview on the same grid, region-guided: the masked patches lie mostly in the breast
+    w.strategy.value = "region"
+    w.ratio.value = 0.3
+    w.show_preview.value = True
+    preview = viewer.layers["masking preview: mammo"]
+    assert preview.data.shape == (1024, 768) and tuple(preview.scale) == pytest.approx(low_scale)
+    masked = np.asarray(preview.data) > 0
+    assert 0.15 < masked.mean() < 0.45
+    assert (masked & (np.asarray(proposed.data) > 0)).sum() > 0.8 * masked.sum()
+
+    # the Fine-tune dock's strokes layer also lives at a reduced level, aligned with the image
+    monkeypatch.setattr(ft, "STROKES_MAX_SIDE", 2048)
+    f = ft.FinetuneWidget(viewer)
+    f.image.value = img
+    f.create_strokes_layer()
+    strokes = viewer.layers["strokes: mammo"]
+    assert strokes.data.shape == (2048, 1536)
+    assert tuple(strokes.scale) == pytest.approx((L.MAMMO_SPACING[0] * 2, L.MAMMO_SPACING[1] * 2))
+    assert np.allclose(np.asarray(strokes.extent.world)[1], np.asarray(img.extent.world)[1], rtol=0.01)
+    strokes.data[500:510, 300:600] = 1
+    (item,) = f._staged([img])                        # staged with the level the strokes were painted on
+    assert item.data.shape == item.strokes.shape == (2048, 1536)

@@ -35,6 +35,8 @@ TASK_DENSE = "dense map (painted strokes)"
 FROM_DATASET = "dataset folder / CSV"
 FROM_LAYERS = "layer metadata"
 STROKES_PREFIX = "strokes: "
+#: Longest side of the level strokes are painted at on a multiscale image (dense heads need detail).
+STROKES_MAX_SIDE = 4096
 HEATMAP_PREFIX = "heatmap: "
 DENSE_PREFIX = "dense: "
 _OWN_PREFIXES = (HEATMAP_PREFIX, DENSE_PREFIX, "masked: ", "recon: ", "recon+visible: ", "error: ",
@@ -142,9 +144,12 @@ class FinetuneWidget(Container):
             return
         layer = self.strokes_layer(img)
         if layer is None:
-            shape = np.asarray(img.data).shape[:2] if not img.multiscale else img.data[0].shape[:2]
+            from ._multiscale import layer_level_for_max_side
+
+            # multiscale: a reduced level (a 30000² Labels layer would not fit); staged with that level
+            _level, shape, scale = layer_level_for_max_side(img, STROKES_MAX_SIDE)
             layer = self.viewer.add_labels(np.zeros(shape, dtype=np.uint8), name=STROKES_PREFIX + img.name,
-                                           scale=img.scale[-2:], translate=img.translate[-2:], opacity=0.8)
+                                           scale=scale, translate=img.translate[-2:], opacity=0.8)
         layer.brush_size = max(2, int(min(layer.data.shape) // 100))
         layer.selected_label = 1
         layer.mode = "paint"
@@ -191,9 +196,11 @@ class FinetuneWidget(Container):
 
         items = []
         for layer in layers:
-            data = layer.data[0] if layer.multiscale else layer.data
-            source = layer.metadata.get("source") or (str(layer.source.path) if layer.source.path else None)
             strokes = self.strokes_layer(layer)
+            data = layer.data[0] if layer.multiscale else layer.data
+            if layer.multiscale and strokes is not None:  # the level the strokes were painted on
+                data = next((d for d in layer.data if tuple(d.shape[:2]) == tuple(strokes.data.shape[:2])), data)
+            source = layer.metadata.get("source") or (str(layer.source.path) if layer.source.path else None)
             items.append(StagedImage(name=layer.name, data=np.asarray(data), source=source,
                                      label=layer.metadata.get("label"),
                                      strokes=None if strokes is None else np.asarray(strokes.data)))

@@ -144,12 +144,10 @@ class InspectWidget(Container):
         from napari.qt.threading import create_worker
 
         from mim_workbench.inference.tiled_reconstruct import iter_reconstruct_tiled
-        from mim_workbench.io.pyramid import pyramid_from_arrays
 
-        levels = list(img.data) if img.multiscale else [img.data]
-        window = (img.metadata.get("mim_workbench_pyramid") or {}).get("window")
-        pyr = pyramid_from_arrays(levels, scale=tuple(img.scale[-2:]), window=tuple(window) if window else None,
-                                  source=str(img.metadata.get("source") or img.name))
+        from ._multiscale import layer_pyramid
+
+        pyr = layer_pyramid(img)
         region = None
         if self.region.value is not None:  # painted at any level: its own scale places it on the image
             lab = self.region.value

@@ -44,3 +44,32 @@ def pyramid_layer_data(pyr: Pyramid, *, name: str | None = None) -> LayerData:
 def read_pyramid_layer(path: str | Path) -> LayerData:
     """Open (building and caching when needed) and wrap one large image; colour kept for slides."""
     return pyramid_layer_data(open_pyramid(path, keep_color=True))
+
+
+def layer_level_for_max_side(layer: Any, max_side: int) -> tuple[int, tuple[int, int], tuple[float, float]]:
+    """(level, (h, w), napari scale) of the finest level of an image layer whose longest side is <= ``max_side``.
+
+    Why: masks and strokes painted on a multiscale image live at a reduced level (a
+    30000² Labels layer would not fit in memory); with this level's scale they lie
+    exactly on the image, and the core resamples them to any other level.  The
+    coarsest level when none fits; level 0 of a single-scale layer.
+    """
+    sy, sx = (float(v) for v in layer.scale[-2:])
+    if not layer.multiscale:
+        h, w = (int(v) for v in layer.data.shape[:2])
+        return 0, (h, w), (sy, sx)
+    levels = list(layer.data)
+    h0, w0 = (int(v) for v in levels[0].shape[:2])
+    pick = next((k for k, a in enumerate(levels) if max(a.shape[:2]) <= max_side), len(levels) - 1)
+    h, w = (int(v) for v in levels[pick].shape[:2])
+    return pick, (h, w), (sy * h0 / h, sx * w0 / w)
+
+
+def layer_pyramid(layer: Any) -> Pyramid:
+    """The layer's own arrays (file-backed or in memory) as a :class:`Pyramid`, scale = the layer's."""
+    from mim_workbench.io.pyramid import pyramid_from_arrays
+
+    levels = list(layer.data) if layer.multiscale else [layer.data]
+    window = (layer.metadata.get("mim_workbench_pyramid") or {}).get("window")
+    return pyramid_from_arrays(levels, scale=tuple(layer.scale[-2:]), window=tuple(window) if window else None,
+                               source=str(layer.metadata.get("source") or layer.name))

@@ -2,6 +2,12 @@
 
 Thin skin: every computation (reading masks, building masks, saving) is a core call;
 this module only wires napari layers and magicgui controls to it.
+
+Multiscale images (mammograms, slides): the region layer lives at a reduced pyramid
+level (longest side <= :data:`REGION_MAX_SIDE`) with that level's ``scale``, so it lies
+on the image; auto-propose runs :func:`~mim_workbench.regions.large.propose_region_large`
+there, and the masking preview is drawn on the same grid (its patch geometry follows
+the letterboxed training size, so it does not depend on the level).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import napari  # the viewer annotation must resolve: napari injects it by type
 PREVIEW_PREFIX = "masking preview: "
 # layers the workbench itself makes; they are never offered as inputs
 PREVIEW_PREFIXES = (PREVIEW_PREFIX, "masked: ", "recon: ", "recon+visible: ", "error: ")
+#: Longest side of the level a multiscale image's region mask is painted at (as region proposals use).
+REGION_MAX_SIDE = 1024
 
 
 def _notify(message: str, error: bool = False) -> None:
@@ -127,6 +135,14 @@ class WorkbenchWidget(Container):
             _notify(f"Could not autosave the region mask: {exc}", error=True)
 
     # ------------------------------------------------------------------ regions
+    @staticmethod
+    def region_grid(img) -> tuple[tuple[int, int], tuple[float, float]]:
+        """(shape, scale) of the region mask of ``img``: the image's own grid, or a reduced level of a multiscale one."""
+        from ._multiscale import layer_level_for_max_side
+
+        _level, shape, scale = layer_level_for_max_side(img, REGION_MAX_SIDE)
+        return shape, scale
+
     def create_region_layer(self) -> None:
         img = self.image.value
         if img is None:
@@ -134,11 +150,11 @@ class WorkbenchWidget(Container):
             return
         from mim_workbench.io.autosave import load_autosave
 
-        shape = img.data.shape[:2]
+        shape, scale = self.region_grid(img)
         restored = load_autosave(self._image_key(), shape)
         data = restored if restored is not None else np.zeros(shape, dtype=np.uint8)
         layer = self.viewer.add_labels(data, name=f"region: {img.name}",
-                                       scale=img.scale[-2:], translate=img.translate[-2:], opacity=0.45)
+                                       scale=scale, translate=img.translate[-2:], opacity=0.45)
         layer.mode = "paint"
         self.region.value = layer
         if restored is not None:
@@ -152,20 +168,34 @@ class WorkbenchWidget(Container):
         if img is None:
             _notify("Open an image first: the region is proposed from its pixels.", error=True)
             return
+        scale = None
         try:
-            mask = propose_region(img.data, self.preset.value)
+            if img.multiscale:  # never the full image: the level of the region grid, read from the pyramid
+                from mim_workbench.regions.large import propose_region_large
+
+                from ._multiscale import layer_pyramid
+
+                lm = propose_region_large(layer_pyramid(img), self.preset.value, max_side=REGION_MAX_SIDE)
+                mask, scale = lm.mask, lm.scale
+            else:
+                mask = propose_region(img.data, self.preset.value)
         except MimError as exc:
             _notify(str(exc), error=True)
             return
-        self._set_region(img, mask)
+        self._set_region(img, mask, scale)
         self.status.value = f"proposed {self.preset.value}: {mask.mean():.0%} of the image; paint to correct it"
 
-    def _set_region(self, img, mask: np.ndarray) -> None:
+    def _set_region(self, img, mask: np.ndarray, scale: tuple[float, float] | None = None) -> None:
         name = f"region: {img.name}"
-        if name in self.viewer.layers:
-            self.viewer.layers[name].data = mask
+        scale = tuple(scale) if scale is not None else tuple(img.scale[-2:])
+        old = self.viewer.layers[name] if name in self.viewer.layers else None
+        if old is not None and (old.data.shape != mask.shape or not np.allclose(old.scale[-2:], scale)):
+            self.viewer.layers.remove(old)  # another grid: a Labels layer cannot change shape and scale in place
+            old = None
+        if old is not None:
+            old.data = mask
         else:
-            self.viewer.add_labels(mask, name=name, scale=img.scale[-2:], translate=img.translate[-2:], opacity=0.45)
+            self.viewer.add_labels(mask, name=name, scale=scale, translate=img.translate[-2:], opacity=0.45)
         self.region.value = self.viewer.layers[name]
         self.viewer.layers[name].mode = "paint"
 
@@ -175,12 +205,13 @@ class WorkbenchWidget(Container):
         img = self.image.value
         if img is None or not str(path) or Path(path).is_dir():
             return
+        shape, scale = self.region_grid(img)
         try:
-            mask = read_mask(path, shape=img.data.shape[:2])
+            mask = read_mask(path, shape=shape)
         except MimError as exc:
             _notify(str(exc), error=True)
             return
-        self._set_region(img, mask)
+        self._set_region(img, mask, scale)
 
     def save_region(self, path: Path | str) -> None:
         from mim_workbench.io.mask_writer import save_mask
@@ -207,19 +238,29 @@ class WorkbenchWidget(Container):
             return
         from mim_workbench.masking.preview import preview_mask
 
-        region = None if self.region.value is None else np.asarray(self.region.value.data)
+        shape, scale = self.region_grid(img)
+        region = None
+        if self.region.value is not None:
+            lab = self.region.value
+            region = np.asarray(lab.data)
+            if region.shape[:2] != shape:  # painted on another grid: bring it onto the preview's by position
+                from mim_workbench.io.level_masks import resample_mask
+
+                region = resample_mask(region, shape, mask_scale=tuple(lab.scale[-2:]), scale=scale, lazy=False)
         try:
-            masked = preview_mask(img.data.shape[:2], strategy=self.strategy.value, ratio=float(self.ratio.value),
+            masked = preview_mask(shape, strategy=self.strategy.value, ratio=float(self.ratio.value),
                                   patch_size=int(self.patch.value), region=region, seed=int(self.seed.value))
         except MimError as exc:
             _notify(str(exc), error=True)
             return
         overlay = masked.astype(np.float32)
+        if name in self.viewer.layers and self.viewer.layers[name].data.shape != overlay.shape:
+            self.viewer.layers.remove(name)  # the image changed grid (e.g. replaced by a multiscale one)
         if name in self.viewer.layers:
             self.viewer.layers[name].data = overlay
         else:
             # an additive cyan wash, so the region's labels colour stays readable underneath
-            self.viewer.add_image(overlay, name=name, scale=img.scale[-2:], translate=img.translate[-2:],
+            self.viewer.add_image(overlay, name=name, scale=scale, translate=img.translate[-2:],
                                   colormap="cyan", contrast_limits=(0.0, 1.0), blending="additive", opacity=0.45)
         n = int(overlay.sum() / max(1, self.patch.value ** 2))
         self.status.value = f"{self.strategy.value}: {masked.mean():.0%} of pixels masked (~{n} patches)"
