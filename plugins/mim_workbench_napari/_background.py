@@ -84,3 +84,40 @@ class BackgroundRun:
         self.worker = None
         if not self.closed:
             self.on_done()
+
+
+class RunControls:
+    """Start / Pause / Stop behaviour shared by the training docks.
+
+    A dock mixing this in has ``job`` (a :class:`BackgroundRun`), ``pause`` (a button),
+    ``status`` (a label), ``plot`` (a loss plot) and ``_set_running(bool)``.
+    """
+
+    stop_message = "stopping…"
+
+    def _launch(self, task: str, config: dict[str, Any]) -> None:
+        self.plot.clear()
+        self.pause.text = "Pause"
+        self.job.start(task, config)
+        self._set_running(True)
+        self.status.value = "starting…"
+
+    def toggle_pause(self) -> None:
+        if self.job.run is None:
+            return
+        paused = self.job.toggle_pause()
+        self.pause.text = "Continue" if paused else "Pause"
+        self.status.value = "paused" if paused else "resumed"
+
+    def stop_training(self) -> None:
+        if self.job.run is not None:
+            self.job.stop()
+            self.status.value = self.stop_message
+
+    @property
+    def worker(self):
+        return self.job.worker
+
+    @property
+    def run(self):
+        return self.job.run

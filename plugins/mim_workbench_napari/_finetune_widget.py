@@ -27,7 +27,7 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, Label,
 from mim_workbench.inference.predict import load_predictor
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Progress, Started
 
-from ._background import BackgroundRun
+from ._background import BackgroundRun, RunControls
 from ._pretrain_widget import LossPlot, _fmt_eta, detected_devices
 
 TASK_CLASSIFY = "classifier (image labels)"
@@ -57,7 +57,7 @@ def fresh_run_dir(path: str | Path) -> Path:
     return candidate
 
 
-class FinetuneWidget(Container):
+class FinetuneWidget(RunControls, Container):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         from mim_workbench.sample import sample_root
@@ -242,10 +242,6 @@ class FinetuneWidget(Container):
                   self.out, self.device, self.classes):
             w.enabled = not running
 
-    @property
-    def worker(self):
-        return self.job.worker
-
     def start_training(self) -> None:
         from napari.utils.notifications import show_error
 
@@ -258,23 +254,7 @@ class FinetuneWidget(Container):
             self.status.value = "not started; ready"
             return
         self.out.value = str(out)
-        self.plot.clear()
-        self.pause.text = "Pause"
-        self.job.start(task, config)
-        self._set_running(True)
-        self.status.value = "starting…"
-
-    def toggle_pause(self) -> None:
-        if self.job.run is None:
-            return
-        paused = self.job.toggle_pause()
-        self.pause.text = "Continue" if paused else "Pause"
-        self.status.value = "paused" if paused else "resumed"
-
-    def stop_training(self) -> None:
-        if self.job.run is not None:
-            self.job.stop()
-            self.status.value = "stopping…"
+        self._launch(task, config)
 
     def _on_done(self) -> None:
         self._set_running(False)

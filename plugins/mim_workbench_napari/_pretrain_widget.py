@@ -15,7 +15,7 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label
 
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preview, Progress, Started
 
-from ._background import BackgroundRun
+from ._background import BackgroundRun, RunControls
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 
@@ -123,7 +123,9 @@ class LossPlot:
         p.end()
 
 
-class PretrainWidget(Container):
+class PretrainWidget(RunControls, Container):
+    stop_message = "stopping: saving a checkpoint…"
+
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         from mim_workbench.sample import sample_root
@@ -163,14 +165,6 @@ class PretrainWidget(Container):
         self._preview_name = "preview"
         self._set_running(False)
         self.native.destroyed.connect(self.job.shutdown)
-
-    @property
-    def run(self):
-        return self.job.run
-
-    @property
-    def worker(self):
-        return self.job.worker
 
     # ------------------------------------------------------------------ settings → config
     def apply_preset(self, *_) -> None:
@@ -220,24 +214,8 @@ class PretrainWidget(Container):
         except MimError as exc:
             show_error(str(exc))
             return
-        self.plot.clear()
-        self.pause.text = "Pause"
         self._preview_name = Path(str(self.data.value)).name or "preview"
-        self.job.start("pretrain", config)
-        self._set_running(True)
-        self.status.value = "starting…"
-
-    def toggle_pause(self) -> None:
-        if self.job.run is None:
-            return
-        paused = self.job.toggle_pause()
-        self.pause.text = "Continue" if paused else "Pause"
-        self.status.value = "paused" if paused else "resumed"
-
-    def stop_training(self) -> None:
-        if self.job.run is not None:
-            self.job.stop()
-            self.status.value = "stopping: saving a checkpoint…"
+        self._launch("pretrain", config)
 
     def shutdown(self, *_) -> None:
         """Viewer closing: ask the run to checkpoint and stop, wait briefly, then end it."""
