@@ -238,6 +238,15 @@ def test_tiled_reconstruction_of_the_whole_mammogram_streams_into_zarr(mammo, ca
     coarse = np.asarray(err[-1][...])
     assert np.isfinite(coarse).all() and (coarse >= 0).all() and coarse.max() > 0
     assert res.metrics["n_pixels"] > 0 and np.isfinite(res.metrics["mse_baseline"])
+    # bands are whole chunk rows, and the coarser levels (computed from each band in memory,
+    # odd rows carried to the next band) are the 2x2 means of the finer ones, band seams included
+    from mim_workbench.inference.tiling import band_rows
+    from mim_workbench.io.pyramid import mean2x2
+
+    assert rec[0].chunks[0] == band_rows(256, 0.125) == bands[0].row1
+    for k in range(1, len(rec)):
+        fine, c = np.asarray(rec[k - 1][...]), np.asarray(rec[k][...])
+        assert np.allclose(mean2x2(fine), c, atol=1e-6), k
 
 
 def test_tiled_prediction_maps_classifier_and_dense_head_cli(mammo, cache_env, tmp_path):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .tiling import Band, TiledOutput, create_output, run_tiled
+from .tiling import Band, TiledOutput, band_rows, create_output, run_tiled
 
 #: Longest side of the level the classifier's whole-image probabilities (and dense norms) come from.
 GLOBAL_MAX_SIDE = 1024
@@ -144,7 +144,8 @@ def iter_predict_tiled(
     if dense:
         tile_hw = (min(tile_hw[0], max(H, th)), min(tile_hw[1], max(W, tw)))  # no bigger than the image needs
     output = create_output(out, names, (H, W), scale=pyr.scale(level), attrs={
-        "source": pyr.meta.source, "level": level, "overlap": overlap, "tile": list(tile_hw), **record})
+        "source": pyr.meta.source, "level": level, "overlap": overlap, "tile": list(tile_hw), **record},
+        chunk_rows=band_rows(tile_hw[0], overlap))
     if stats is not None:  # before the first band: a GUI opens the maps while they are being written
         stats["output"] = output
     counted = {"tiles": 0}

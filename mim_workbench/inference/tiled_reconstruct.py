@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError
 from .reconstruct import _DEFAULT_RATIO, _DEFAULT_STRATEGY, model_from_checkpoint, psnr
-from .tiling import Band, TiledOutput, create_output, run_tiled
+from .tiling import Band, TiledOutput, band_rows, create_output, run_tiled
 
 OUTPUTS = ["reconstruction", "error"]
 
@@ -115,7 +115,7 @@ def iter_reconstruct_tiled(
     output = create_output(out, OUTPUTS, (H, W), scale=lscale, attrs={
         "source": pyr.meta.source, "level": level, "strategy": strategy, "ratio": ratio, "seed": seed,
         "overlap": overlap, "tile": [th, tw], "method": method,
-    })
+    }, chunk_rows=band_rows(th, overlap))
     if stats is not None:  # before the first band: a GUI opens the maps while they are being written
         stats["output"] = output
     acc = {"se": 0.0, "se_base": 0.0, "n": 0, "tiles": 0}
