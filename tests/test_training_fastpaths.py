@@ -14,6 +14,7 @@ import copy
 import importlib
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -364,3 +365,26 @@ def test_compiled_step_equals_eager():
     for _ in range(2):
         comp(x)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+class _SlowFirstCall:
+    """A stand-in compiled module whose first call takes long, as compiling does."""
+
+    def __init__(self, module, **kwargs):
+        self.module, self.calls = module, 0
+
+    def __call__(self, *a, **k):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(3.0)
+        return self.module(*a, **k)
+
+
+def test_compile_step_does_not_skew_images_per_s(tmp_path, monkeypatch):
+    """The compiling first step is left out of the smoothed step time (images/s, ETA)."""
+    monkeypatch.setattr(torch, "compile", _SlowFirstCall)
+    seen: list = []
+    pretrain(PretrainConfig(**tiny(tmp_path / "c", device="cpu", amp="off", max_steps=3, compile=True)),
+             on_event=seen.append)
+    ips = [e.images_per_s for e in seen if isinstance(e, ev.Progress)]
+    assert ips[1] > 2 * ips[0], ips

@@ -362,6 +362,7 @@ class _Trainer:
         history: list[dict[str, Any]] = []
         self._t_active = 0.0           # seconds of training, pauses excluded
         self._step_s: float | None = None  # smoothed seconds per step
+        self._reseed_step_s = False        # the first step compiled: let the second seed the average
         if cfg.preview_every:  # a first picture right away (also when resuming)
             self._preview()
         reason = "completed"
@@ -537,7 +538,13 @@ class _Trainer:
         dt = time.perf_counter() - t0
         self._t_active += dt
         # Smoothed step time; the first step (allocation, warm-up) is not representative.
-        self._step_s = dt if self._step_s is None else 0.8 * self._step_s + 0.2 * dt
+        if self._step_s is None or self._reseed_step_s:
+            # With compile the first step is mostly compilation (40-60 s on a small CPU): it
+            # would dominate images/s and the ETA for dozens of steps.
+            self._reseed_step_s = self._step_s is None and bool(getattr(self.train_forward, "active", False))
+            self._step_s = dt
+        else:
+            self._step_s = 0.8 * self._step_s + 0.2 * dt
         return {"step": self.step, "epoch": self.epoch, "loss": loss, "val_loss": None, "lr": lr,
                 "images_per_s": cfg.effective_batch / self._step_s if self._step_s > 0 else 0.0,
                 "grad_norm": grad_norm, "skipped": self.skipped, "elapsed_s": self._elapsed_before + self._t_active,
