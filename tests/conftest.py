@@ -41,6 +41,15 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread: shared CI machines stall OpenMP; results do not depend on it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def sample_root() -> Path:
     from mim_workbench.sample import sample_root
 

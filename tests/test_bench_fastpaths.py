@@ -21,13 +21,7 @@ TINY = {**REFERENCE_CONFIG, "img_size": 32, "patch_size": 8, "embed_dim": 48, "d
         "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Shared CI machines: one thread avoids OpenMP stalls; results do not depend on it.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fused_adamw_equals_default_adamw_with_training_groups():

@@ -37,12 +37,7 @@ CPU = torch.device("cpu")
 needs_bf16 = pytest.mark.skipif(not runtime.cpu_bf16_support()[0], reason="this CPU has no native bf16")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- amp on the CPU
