@@ -151,6 +151,7 @@ def test_dense_from_painted_strokes_overlays_labels(make_napari_viewer, qtbot, t
 def test_bad_inputs_notify_and_keep_ready(make_napari_viewer, qtbot, tmp_path):
     from mim_workbench_napari._finetune_widget import FROM_LAYERS, TASK_DENSE, FinetuneWidget
 
+    seen = len(_records())  # napari keeps every notification of the session
     viewer = make_napari_viewer()
     w = FinetuneWidget(viewer)
     viewer.add_image(np.random.default_rng(0).random((64, 64), dtype=np.float32), name="lonely")
@@ -158,15 +159,45 @@ def test_bad_inputs_notify_and_keep_ready(make_napari_viewer, qtbot, tmp_path):
     w.out.value = str(tmp_path / "ft")
     w.start_training()
     assert w.start.enabled and w.worker is None
-    assert any("at least two classes" in m for m in _records())
+    assert any("at least two classes" in m for m in _records()[seen:])
 
     w.task.value = TASK_DENSE
     w.start_training()
-    assert any("no painted strokes" in m for m in _records())
+    assert any("no painted strokes" in m for m in _records()[seen:])
 
     w.model.value = str(tmp_path / "no-such-model")
     w.image.value = viewer.layers["lonely"]
     w.predict()
     qtbot.waitUntil(lambda: w.predict_worker is None, timeout=30_000)
-    assert any("Prediction failed" in m and "no-such-model" in m for m in _records())
+    assert any("Prediction failed" in m and "no-such-model" in m for m in _records()[seen:])
     assert w.predict_button.enabled
+
+
+def test_large_image_prediction_streams_a_multiscale_heatmap(make_napari_viewer, qtbot, tmp_path, monkeypatch,
+                                                             sample_root):
+    import mim_workbench_napari._multiscale as multiscale
+    from mim_workbench.training.finetune import FinetuneConfig, finetune
+    from mim_workbench_napari._finetune_widget import HEATMAP_PREFIX, FinetuneWidget
+
+    monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(multiscale, "TILED_THRESHOLD_PIXELS", 500_000)
+    result = finetune(FinetuneConfig(data=str(sample_root), out=str(tmp_path / "clf"), mode="probe", epochs=2,
+                                     img_size=(64, 64), patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                     device="cpu", threads=1))
+    viewer = make_napari_viewer()
+    w = FinetuneWidget(viewer)
+    rng = np.random.default_rng(0)
+    big = np.clip(0.4 + 0.1 * rng.standard_normal((1200, 900)), 0, 1).astype(np.float32)
+    img = viewer.add_image(big, name="big", scale=(0.1, 0.1), translate=(2.0, 3.0))
+    w.image.value = img
+    w.model.value = str(result.checkpoint)
+    w.predict()
+    qtbot.waitUntil(lambda: w.predict_worker is None, timeout=120_000)
+    assert len(w.band_updates) >= 2 and w.band_updates[0][1] < big.shape[0], "the map filled in band by band"
+    heat = viewer.layers[HEATMAP_PREFIX + "big"]
+    assert heat.multiscale and tuple(heat.data[0].shape) == big.shape
+    assert tuple(heat.scale) == pytest.approx((0.1, 0.1)) and tuple(heat.translate) == pytest.approx((2.0, 3.0))
+    full = np.asarray(heat.data[0][...])
+    assert np.isfinite(full).all() and full.std() > 0
+    assert set(heat.metadata["probs"]) == {"COVID-19", "Other pneumonia"}
+    assert heat.metadata["label"] in w.result.value and "tiles" in w.result.value

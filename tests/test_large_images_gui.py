@@ -54,9 +54,10 @@ def test_inspect_streams_a_tiled_reconstruction_into_multiscale_layers(make_napa
                                                                        monkeypatch, tiny_checkpoint):
     """An in-memory image (no source file) above the (lowered) threshold goes tile by tile."""
     import mim_workbench_napari._inspect_widget as inspect
+    import mim_workbench_napari._multiscale as multiscale
 
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(inspect, "TILED_THRESHOLD_PIXELS", 1_000_000)
+    monkeypatch.setattr(multiscale, "TILED_THRESHOLD_PIXELS", 1_000_000)
     shape, scale = (2048, 1536), (0.07, 0.065)
     viewer = make_napari_viewer()
     layer = viewer.add_image(_phantom(shape), name="big", scale=scale, translate=(5.0, -3.0))

@@ -9,7 +9,10 @@ strokes are on disk before training starts.
 
 Predictions: a classifier gives class probabilities (dock text and the viewer's
 text overlay) and a heat map ``heatmap: NAME``; a dense head gives a Labels layer
-``dense: NAME`` and the heat map of its first class.
+``dense: NAME`` and the heat map of its first class.  Large images (multiscale, or
+above the tiling threshold) are predicted tile by tile into zarr maps: the heat map
+is a multiscale layer that fills in while it runs (a dense head's labels layer is
+not made for them: its per-class maps are in the zarr store).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mim_workbench.inference.predict import load_predictor
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Progress, Started
 
 from ._background import BackgroundRun, RunControls
+from ._multiscale import layer_pyramid, tiled_root, wants_tiled
 from ._pretrain_widget import LossPlot, _fmt_eta, detected_devices
 
 TASK_CLASSIFY = "classifier (image labels)"
@@ -304,7 +308,10 @@ class FinetuneWidget(RunControls, Container):
         if img is None or _blank(path):
             show_error("Choose a fine-tuned model checkpoint and an image layer to predict on.")
             return
-        data = np.asarray(img.data[0] if img.multiscale else img.data)
+        if wants_tiled(img):
+            self._predict_tiled(img, path)
+            return
+        data = np.asarray(img.data)
 
         def work():
             return self._predictor(path)(data)
@@ -316,6 +323,79 @@ class FinetuneWidget(RunControls, Container):
         self.predict_worker.errored.connect(self._predict_failed)
         self.predict_worker.finished.connect(self._predict_done)
         self.predict_worker.start()
+
+    def _predict_tiled(self, img, path: str) -> None:
+        """A large image: tile by tile into zarr maps shown as a multiscale heat map that fills in."""
+        import uuid
+
+        from napari.qt.threading import create_worker
+
+        from mim_workbench.inference.tiled_predict import iter_predict_tiled
+
+        pyr = layer_pyramid(img)
+        out = tiled_root("predict") / f"{uuid.uuid4().hex}.zarr"
+
+        def work():
+            stats: dict[str, Any] = {}
+            for band in iter_predict_tiled(self._predictor(path), pyr, out=out, level=0, stats=stats):
+                yield band, stats["output"]
+            return stats
+
+        self.result.value = "predicting tile by tile…"
+        self.predict_button.enabled = False
+        self.band_updates = []
+        self.predict_worker = create_worker(work, _ignore_errors=True)  # errors reach _predict_failed
+        self.predict_worker.yielded.connect(lambda item: self._show_band(item, img))
+        self.predict_worker.returned.connect(lambda stats: self._show_tiled_prediction(stats, img))
+        self.predict_worker.errored.connect(self._predict_failed)
+        self.predict_worker.finished.connect(self._predict_done)
+        self.predict_worker.start()
+
+    def _show_band(self, item, img) -> None:
+        import shutil
+
+        band, output = item
+        name = HEATMAP_PREFIX + img.name
+        key = output.names[0]   # the classifier's map, or a dense head's first class
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if layer is None or layer.metadata.get("mim_workbench_tiled") != str(output.path):
+            old = layer.metadata.get("mim_workbench_tiled") if layer is not None else None
+            for stale in (name, DENSE_PREFIX + img.name):
+                if stale in self.viewer.layers:
+                    self.viewer.layers.remove(stale)
+            # zarr arrays, not dask: every refresh reads what is on disk now
+            layer = self.viewer.add_image(
+                output.levels(key), name=name, multiscale=True, scale=tuple(output.scale),
+                translate=img.translate[-2:], colormap=self.colormap.value, opacity=float(self.opacity.value),
+                blending="additive", contrast_limits=(0.0, 1.0), metadata={"mim_workbench_tiled": str(output.path)})
+            if old:
+                shutil.rmtree(old, ignore_errors=True)  # nothing shows it any more
+        if key == "map":  # raw patch logits: scale the colours to what is there so far
+            coarse = np.asarray(output.levels(key)[-1][...])
+            lo, hi = float(coarse.min()), float(coarse.max())
+            layer.contrast_limits = (lo, hi if hi > lo else lo + 1e-6)
+        layer.refresh()
+        self.band_updates.append((band.row0, band.row1, band.tiles_done, band.tiles_total))
+        self.result.value = f"tiled: {band.tiles_done}/{band.tiles_total} tiles, rows up to {band.row1}"
+
+    def _show_tiled_prediction(self, stats: dict, img) -> None:
+        record = stats.get("record") or {}
+        self.last_prediction = record
+        layer = self.viewer.layers[HEATMAP_PREFIX + img.name]
+        layer.metadata.update({k: record[k] for k in ("probs", "label", "map_class", "classes") if k in record})
+        if record.get("kind") == "classifier":
+            ranked = sorted(record["probs"].items(), key=lambda kv: -kv[1])
+            self.result.value = (f"{img.name}: " + " · ".join(f"{c} {p:.2f}" for c, p in ranked)
+                                 + f"; map: patch logit of {record['map_class']}, {stats.get('tiles', 0)} tiles")
+            overlay = self.text_overlay()
+            overlay.text = f"{img.name}: {record['label']} ({record['probs'][record['label']]:.2f})"
+            overlay.position = "top_left"
+            overlay.font_size = 14
+            overlay.visible = True
+        else:
+            shares = ", ".join(f"{c} {f:.1%}" for c, f in record.get("label_fraction", {}).items())
+            self.result.value = (f"{img.name}: {shares}; heat map: p({record['classes'][0]}), "
+                                 f"{stats.get('tiles', 0)} tiles")
 
     def _predict_failed(self, exc: Exception) -> None:
         from napari.utils.notifications import show_error

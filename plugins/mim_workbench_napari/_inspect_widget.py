@@ -4,7 +4,7 @@ image layer (also one never trained on), side by side, with the masked-pixel PSN
 The reconstruction itself is :func:`mim_workbench.inference.reconstruct`; this widget
 runs it off the GUI thread and writes the results into layers named after the image.
 
-Large images (multiscale layers, or more than :data:`TILED_THRESHOLD_PIXELS` pixels)
+Large images (multiscale layers, or more than :data:`._multiscale.TILED_THRESHOLD_PIXELS` pixels)
 go tile by tile instead (:func:`~mim_workbench.inference.tiled_reconstruct.iter_reconstruct_tiled`):
 ``recon: NAME`` and ``error: NAME`` become multiscale layers over the zarr maps the
 run writes, and are refreshed after every finished band of rows, so the
@@ -14,7 +14,6 @@ pyramid or an in-memory array alike), so no source file is needed.
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -27,10 +26,9 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlid
 # triton, and loading triton's LLVM from a worker thread after napari made its GL context
 # segfaulted (Mesa/Xvfb).
 from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
-from mim_workbench.io.pyramid import PYRAMID_THRESHOLD_PIXELS
 
-#: Single-scale image layers with more pixels than this are reconstructed tile by tile too.
-TILED_THRESHOLD_PIXELS: int = PYRAMID_THRESHOLD_PIXELS
+from ._multiscale import tiled_root, wants_tiled
+
 TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
 
 OUTPUTS = (("masked", "masked"), ("recon", "reconstruction"), ("recon+visible", "recon_plus_visible"),
@@ -152,7 +150,7 @@ class InspectWidget(Container):
         if self.region.value is not None:  # painted at any level: its own scale places it on the image
             lab = self.region.value
             region = (np.asarray(lab.data[-1] if lab.multiscale else lab.data), tuple(lab.scale[-2:]))
-        out = _tiled_root() / f"{uuid.uuid4().hex}.zarr"
+        out = tiled_root("inspect") / f"{uuid.uuid4().hex}.zarr"
 
         def work():
             model, loaded = self._model(ckpt)
@@ -263,19 +261,3 @@ class InspectWidget(Container):
         m = result.metrics
         self.metrics.value = (f"masked-pixel PSNR {m['psnr']:.2f} dB (mean-fill baseline {m['psnr_baseline']:.2f} dB)"
                               f"  ratio {m.get('ratio', 0):.2f}, {m.get('strategy', '')}")
-
-
-def wants_tiled(layer) -> bool:
-    """Multiscale layers, and single-scale ones above :data:`TILED_THRESHOLD_PIXELS`, go tile by tile."""
-    if layer.multiscale:
-        return True
-    shape = layer.data.shape[:2]
-    return int(shape[0]) * int(shape[1]) > TILED_THRESHOLD_PIXELS
-
-
-def _tiled_root() -> Path:
-    """Where tiled maps are written: ``$MIM_WORKBENCH_CACHE/inspect`` (else ``~/.cache/mim-workbench/inspect``)."""
-    env = os.environ.get("MIM_WORKBENCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
-    (base / "inspect").mkdir(parents=True, exist_ok=True)
-    return base / "inspect"

@@ -12,9 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mim_workbench.io.pyramid import Pyramid, open_pyramid
+from mim_workbench.io.pyramid import PYRAMID_THRESHOLD_PIXELS, Pyramid, open_pyramid
 
 LayerData = tuple[Any, dict, str]
+
+#: Single-scale image layers with more pixels than this are reconstructed / predicted tile by tile too.
+TILED_THRESHOLD_PIXELS: int = PYRAMID_THRESHOLD_PIXELS
 
 
 def pyramid_layer_data(pyr: Pyramid, *, name: str | None = None) -> LayerData:
@@ -73,3 +76,21 @@ def layer_pyramid(layer: Any) -> Pyramid:
     window = (layer.metadata.get("mim_workbench_pyramid") or {}).get("window")
     return pyramid_from_arrays(levels, scale=tuple(layer.scale[-2:]), window=tuple(window) if window else None,
                                source=str(layer.metadata.get("source") or layer.name))
+
+
+def wants_tiled(layer: Any) -> bool:
+    """Multiscale layers, and single-scale ones above :data:`TILED_THRESHOLD_PIXELS`, go tile by tile."""
+    if layer.multiscale:
+        return True
+    shape = layer.data.shape[:2]
+    return int(shape[0]) * int(shape[1]) > TILED_THRESHOLD_PIXELS
+
+
+def tiled_root(kind: str) -> Path:
+    """Where a dock writes tiled maps: ``$MIM_WORKBENCH_CACHE/<kind>`` (else ``~/.cache/mim-workbench/<kind>``)."""
+    import os
+
+    env = os.environ.get("MIM_WORKBENCH_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
+    (base / kind).mkdir(parents=True, exist_ok=True)
+    return base / kind
