@@ -24,7 +24,6 @@ from mim_workbench_napari._finetune_widget import FROM_DATASET, STROKES_PREFIX, 
 from mim_workbench_napari._launch import open_workbench
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs"
-WORK = Path(tempfile.mkdtemp(prefix="mim-tour-"))
 app = napari.qt.get_qapp()
 
 
@@ -72,6 +71,7 @@ def only(viewer, names: list[str]):
 
 def main() -> None:
     # training children are spawned: they re-import this module, so nothing may run at import
+    work = Path(tempfile.mkdtemp(prefix="mim-tour-"))
     viewer = napari.Viewer(title="MIM Workbench", show=True)
     viewer.window.resize(1600, 950)
     docks = open_workbench(viewer)
@@ -92,7 +92,7 @@ def main() -> None:
     pre.preset.value = "quick-cpu"
     pre.epochs.value = 400
     pre.data.value = str(sample_root())
-    pre.out.value = str(WORK / "pretrain")
+    pre.out.value = str(work / "pretrain")
     pre.device.value = "cpu"
     pre.start_training()
     pump(90)
@@ -139,7 +139,7 @@ def main() -> None:
     ft.classes.value = "lung, other"
     ft.encoder.value = checkpoint
     ft.steps.value = 150
-    ft.out.value = str(WORK / "dense")
+    ft.out.value = str(work / "dense")
     ft.device.value = "cpu"
     ft.start_training()
     wait(lambda: ft.worker is None, 600, "the dense head")
@@ -153,7 +153,7 @@ def main() -> None:
     ft.task.value = TASK_CLASSIFY
     ft.labels_from.value = FROM_DATASET
     ft.data.value = str(sample_root())
-    ft.out.value = str(WORK / "classifier")
+    ft.out.value = str(work / "classifier")
     ft.epochs.value = 60
     ft.start_training()
     wait(lambda: ft.worker is None, 600, "the classifier")
