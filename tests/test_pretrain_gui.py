@@ -84,3 +84,15 @@ def test_closing_the_viewer_stops_training_and_keeps_a_checkpoint(make_napari_vi
     viewer.close()
     assert not run._proc.is_alive(), "the training process ended with the viewer"
     assert list_checkpoints(tmp_path / "run"), "the last state was checkpointed on close"
+
+
+def test_loss_curve_is_thinned_to_the_plot_width():
+    from mim_workbench_napari._pretrain_widget import _decimate
+
+    xs = list(range(10_000))
+    ys = [1.0 / (1 + x) for x in xs]
+    tx, ty = _decimate(xs, ys, 300)
+    assert len(tx) == len(ty) == 300
+    assert tx[0] < 20 and tx[-1] > 9_970 and all(a < b for a, b in zip(tx, tx[1:]))
+    assert abs(sum(ty) / 300 - sum(ys) / len(ys)) < 1e-3  # bins of equal size keep the mean
+    assert _decimate(xs[:50], ys[:50], 300) == (xs[:50], ys[:50])
