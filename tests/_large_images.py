@@ -43,34 +43,10 @@ def mammogram_pixels(shape: tuple[int, int] = MAMMO_SHAPE, seed: int = 3) -> np.
 
 
 def write_mammogram_dicom(path: Path, shape: tuple[int, int] = MAMMO_SHAPE) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from mim_workbench.sample import write_mg_dicom
 
-    pixels = mammogram_pixels(shape)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray, For Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "MG"
-    ds.PatientID = "SYNTH-LARGE"
-    ds.BodyPartExamined = "BREAST"
-    ds.ViewPosition = "MLO"
-    ds.ImageLaterality = "L"
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.ImagerPixelSpacing = list(MAMMO_SPACING)
-    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-    ds.WindowCenter, ds.WindowWidth = 30000, 40000
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_mg_dicom(path, mammogram_pixels(shape), spacing_mm=MAMMO_SPACING, window=(30000, 40000),
+                          patient=("SYNTHETIC^LARGE", "SYNTH-LARGE"))
 
 
 def _tiles(side: int, tile: int):

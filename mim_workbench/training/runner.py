@@ -13,6 +13,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue as queue_mod
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -27,7 +29,22 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def _child_main(task: str, config: dict[str, Any], events: Any, control: ProcessControl) -> None:
+def _watch_parent(parent_pid: int, events: Any, control: ProcessControl, every_s: float = 1.0) -> None:
+    """Checkpoint and stop when the parent (the viewer) dies without asking: killed, crashed.
+
+    Without this an orphaned run trains on for hours, holding a GPU nobody watches.
+    """
+    while os.getppid() == parent_pid:
+        time.sleep(every_s)
+    events.cancel_join_thread()  # nobody reads the queue any more: never block on exit
+    control.request_stop()
+
+
+def _child_main(task: str, config: dict[str, Any], events: Any, control: ProcessControl,
+                parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(parent_pid, events, control), daemon=True,
+                         name="mim-workbench-parent-watch").start()
     try:
         from .tasks import run_task
 
@@ -66,8 +83,9 @@ class TrainingProcess:
         self.failed: Failed | None = None
 
     def start(self) -> None:
-        self._proc = self._ctx.Process(target=_child_main, args=(self.task, self.config, self._events, self.control),
-                                       name=f"mim-workbench-{self.task}", daemon=True)
+        self._proc = self._ctx.Process(
+            target=_child_main, args=(self.task, self.config, self._events, self.control, os.getpid()),
+            name=f"mim-workbench-{self.task}", daemon=True)
         self._proc.start()
 
     @property
