@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import platform
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=5.0)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--out", default="benchmarks/results/gui_latency.json")
+    ap.add_argument("--no-previews", action="store_true", help="drop Preview events (diagnosis)")
     args = ap.parse_args()
 
     import napari
@@ -63,7 +65,10 @@ def main() -> None:
     w = PretrainWidget(viewer)
     viewer.window.add_dock_widget(w, name="bench pretrain")
     w.data.value = str(sample_root())
-    w.out.value = str(Path(os.environ.get("TMPDIR", "/tmp")) / "mim-gui-latency-run")
+    # a fresh run folder: an old run there would end the new one at once (and measure an idle viewer)
+    w.out.value = str(Path(tempfile.mkdtemp(prefix="mim-gui-latency-")) / "run")
+    if args.no_previews:  # isolates what the preview layers cost the event loop
+        w.job.on_event = lambda e, _orig=w.on_event: None if type(e).__name__ == "Preview" else _orig(e)
     w.img_size.value = args.img_size
     w.epochs.value = 1000
     w.batch.value = 8
@@ -74,6 +79,8 @@ def main() -> None:
     steps_before = len(w.plot.train[0])
     busy = gaps_while(app, args.seconds)
     steps = len(w.plot.train[0]) - steps_before
+    if steps == 0:
+        raise SystemExit(f"no training step during the measurement ({w.status.value}): nothing was measured")
     w.stop_training()
     gaps_while(app, 60, until=lambda: w.worker is None)
     result = {
@@ -81,7 +88,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "napari": napari.__version__},
         "training": {"img_size": args.img_size, "batch": 8, "model": w.model.value, "seconds": args.seconds,
-                     "steps_during_measurement": steps, "torch_threads_in_child": max(1, (os.cpu_count() or 2) - 1)},
+                     "steps_during_measurement": steps, "previews": not args.no_previews, "torch_threads_in_child": max(1, (os.cpu_count() or 2) - 1)},
         "idle": summary(idle), "training_running": summary(busy),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -271,21 +271,25 @@ class FinetuneWidget(RunControls, Container):
             self.progress.value = 0
             self.status.value = f"training on {event.device} ({event.n_train} images)"
         elif isinstance(event, Progress):
-            self.progress.value = min(event.step, self.progress.max)
-            self.status.value = (f"step {event.step}/{event.total}  loss {event.loss:.4f}  "
-                                 f"ETA {_fmt_eta(event.eta_s)}")
             self.plot.add(event.step, event.loss, event.val_loss)
+            self._progress_later(event)
         elif isinstance(event, CheckpointSaved):
             self.model.value = event.path
         elif isinstance(event, Finished):
+            self._flush_progress()
             self.progress.value = self.progress.max
             self.status.value = f"finished ({event.reason}) at step {event.step}"
             if event.last_checkpoint:
                 self.model.value = event.last_checkpoint
                 show_info(f"Fine-tuning {event.reason}; model: {event.last_checkpoint}")
         elif isinstance(event, Failed):
+            self._pending_progress = None  # the failure is the news now
             self.status.value = "failed; ready"
             show_error(f"Fine-tuning failed: {event.message}")
+
+    def _render_progress(self, event: Progress) -> None:
+        self.progress.value = min(event.step, self.progress.max)
+        self.status.value = f"step {event.step}/{event.total}  loss {event.loss:.4f}  ETA {_fmt_eta(event.eta_s)}"
 
     # ------------------------------------------------------------------ predict
     def text_overlay(self):

@@ -94,7 +94,7 @@ class LossPlot:
         if val_loss is not None and math.isfinite(val_loss):
             self.val[0].append(step)
             self.val[1].append(val_loss)
-        self.canvas.update()  # Qt coalesces repaints: at most one per frame
+        # repainted by the dock when it shows progress (at most once a second)
 
     def _paint(self, widget) -> None:
         from qtpy.QtCore import QPointF
@@ -254,10 +254,8 @@ class PretrainWidget(RunControls, Container):
             self.progress.value = event.start_step
             self.status.value = f"training on {event.device} ({event.n_train} images)"
         elif isinstance(event, Progress):
-            self.progress.value = min(event.step, self.progress.max)
-            self.status.value = (f"step {event.step}/{event.total}  loss {event.loss:.4f}  "
-                                 f"{event.images_per_s:.1f} img/s  ETA {_fmt_eta(event.eta_s)}")
             self.plot.add(event.step, event.loss, event.val_loss)
+            self._progress_later(event)
         elif isinstance(event, Preview):
             self._show_preview(event)
         elif isinstance(event, CheckpointSaved):
@@ -265,14 +263,21 @@ class PretrainWidget(RunControls, Container):
             self.checkpoints.choices = choices
             self.checkpoints.value = event.path
         elif isinstance(event, Finished):
+            self._flush_progress()
             self.status.value = f"finished ({event.reason}) at step {event.step}"
             if event.last_checkpoint:
                 self.resume_from.value = event.last_checkpoint
                 show_info(f"Pretraining {event.reason}; last checkpoint: {event.last_checkpoint}")
         elif isinstance(event, Failed):
+            self._pending_progress = None  # the failure is the news now
             self.status.value = "failed; ready"
             hint = f" Last checkpoint: {event.last_checkpoint}" if event.last_checkpoint else ""
             show_error(f"Pretraining failed: {event.message}.{hint}")
+
+    def _render_progress(self, event: Progress) -> None:
+        self.progress.value = min(event.step, self.progress.max)
+        self.status.value = (f"step {event.step}/{event.total}  loss {event.loss:.4f}  "
+                             f"{event.images_per_s:.1f} img/s  ETA {_fmt_eta(event.eta_s)}")
 
     def _show_preview(self, event: Preview) -> None:
         layers = {"masked": event.masked, "recon": event.reconstruction, "error": event.error}
