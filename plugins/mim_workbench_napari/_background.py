@@ -97,8 +97,8 @@ class RunControls:
     #: Progress reaches the dock's widgets at most this often: every repaint of the dock (label,
     #: bar, curve) costs the viewer's event loop ~8 ms, two to three times that while training
     #: competes for the CPU; a repaint per step (~0.3 s) gave p99 gaps of 28 ms, one a second
-    #: 20 ms (bench_gui_latency.py; two seconds measured no better).
-    progress_interval_ms = 1000
+    #: 20–22 ms, one every two seconds 18.5 ms (bench_gui_latency.py, Xvfb + llvmpipe).
+    progress_interval_ms = 2000
     _pending_progress = None
     _progress_timer = None
 
