@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 
 class MimError(Exception):
@@ -53,3 +56,12 @@ def summary_line(exc: BaseException, limit: int = 200) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     pick = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else type(exc).__name__)
     return pick if len(pick) <= limit else pick[: limit - 3] + "..."
+
+
+def check_known_keys(cls: type, values: Mapping[str, Any], what: str) -> None:
+    """Refuse settings that are not fields of the dataclass ``cls``, naming all of them at once
+    (they are typos, or a newer schema): ``ConfigError("unknown <what>(s): a, b")``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what}(s): {', '.join(unknown)}")

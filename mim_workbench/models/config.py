@@ -9,10 +9,10 @@ checked when the object is made (``__post_init__``) so a bad setting fails with 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_known_keys
 
 METHODS = ("mae", "simmim", "miram")
 
@@ -127,10 +127,7 @@ class ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ConfigError (they are typos or a newer schema)."""
         if not isinstance(data, dict):
             raise ConfigError(f"model config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model setting(s): {', '.join(unknown)}")
+        check_known_keys(cls, data, "model setting")
         return cls(**data)
 
 

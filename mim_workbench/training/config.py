@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_known_keys
 from .schema import check_field_types
 
 METHODS = ("mae", "simmim", "miram")
@@ -277,10 +277,7 @@ class PretrainConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a mapping of settings, got {type(values).__name__}")
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        check_known_keys(cls, values, "config key")
         merged: dict[str, Any] = {}
         preset = values.get("preset")
         if preset is not None:

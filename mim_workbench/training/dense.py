@@ -53,7 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, MimError
+from ..errors import CheckpointError, ConfigError, MimError, check_known_keys
 from .control import Control, NullControl
 from .events import CheckpointSaved, EventHandler, Failed, Finished, Progress, Started, null_handler
 
@@ -118,10 +118,7 @@ class DenseConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DenseConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown dense setting(s): {', '.join(unknown)}")
+        check_known_keys(cls, values, "dense setting")
         return cls(**values)
 
 

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, MimError
+from ..errors import ConfigError, MimError, check_known_keys
 from ..inference.reconstruct import json_safe
 from .control import Control, NullControl
 from .events import CheckpointSaved, EventHandler, Failed, Finished, Progress, Started, null_handler
@@ -196,10 +196,7 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown finetune setting(s): {', '.join(unknown)}")
+        check_known_keys(cls, values, "finetune setting")
         try:
             return cls(**values)
         except TypeError as exc:

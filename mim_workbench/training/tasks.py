@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_known_keys
 from .control import Control
 from .events import EventHandler
 
@@ -44,10 +44,7 @@ class DenseJob:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DenseJob:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown dense job setting(s): {', '.join(unknown)}")
+        check_known_keys(cls, values, "dense job setting")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
