@@ -82,6 +82,14 @@ RUN_CONTROL_FIELDS = frozenset({
 })
 
 
+def require_data_and_out(cfg: Any) -> None:
+    """A training run needs its dataset and its run directory (pretrain and finetune alike)."""
+    if not cfg.data:
+        raise ConfigError("data: no dataset given (--data PATH)")
+    if not cfg.out:
+        raise ConfigError("out: no run directory given (--out DIR)")
+
+
 @dataclass
 class PretrainConfig:
     """Everything ``pretrain`` needs.  Sizes are pixels, ratios and fractions in 0–1.

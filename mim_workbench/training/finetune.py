@@ -268,13 +268,11 @@ def finetune(config: FinetuneConfig, on_event: EventHandler | None = None, contr
 class _Finetune:
     def __init__(self, config: FinetuneConfig, emit: EventHandler, control: Control,
                  feature_cache: FeatureCache | None) -> None:
+        from .config import require_data_and_out
         from .runtime import resolve_amp, select_device
 
         cfg = config.resolved()
-        if not cfg.data:
-            raise ConfigError("data: no dataset given (--data PATH)")
-        if not cfg.out:
-            raise ConfigError("out: no run directory given (--out DIR)")
+        require_data_and_out(cfg)
         self.cfg = cfg
         self.emit = emit
         self.control = control

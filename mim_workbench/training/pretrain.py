@@ -26,7 +26,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, MimError, TrainingError
 from . import checkpoint as ckpt_mod
-from .config import RUN_CONTROL_FIELDS, PretrainConfig
+from .config import RUN_CONTROL_FIELDS, PretrainConfig, require_data_and_out
 from .control import Control, NullControl
 from .events import (
     CheckpointSaved,
@@ -184,10 +184,7 @@ class _Trainer:
             if config.init:
                 self.notes.append("init ignored: resuming restores the checkpoint's weights")
         cfg = config.resolved()
-        if not cfg.data:
-            raise ConfigError("data: no dataset given (--data PATH)")
-        if not cfg.out:
-            raise ConfigError("out: no run directory given (--out DIR)")
+        require_data_and_out(cfg)
         self.cfg = cfg
         self.resume = resume
         self.run_dir = Path(cfg.out).expanduser()
