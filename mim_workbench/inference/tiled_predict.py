@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .tiling import Band, TiledOutput, band_rows, create_output, run_tiled
+from .tiling import Band, TiledOutput, band_rows, create_output, run_tiled, tiles_to_tensor
 
 #: Longest side of the level the classifier's whole-image probabilities (and dense norms) come from.
 GLOBAL_MAX_SIDE = 1024
@@ -69,15 +69,6 @@ def _safe(name: str) -> str:
     from .predict import _safe as safe
 
     return safe(name)
-
-
-def _tensor(tiles: np.ndarray, in_chans: int, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(tiles)).float()
-    t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t[:, None]
-    if t.shape[1] != in_chans:
-        t = t.mean(dim=1, keepdim=True)
-        t = t.expand(-1, in_chans, -1, -1) if in_chans != 1 else t
-    return t.contiguous().to(device)
 
 
 @torch.no_grad()
@@ -166,7 +157,7 @@ def iter_predict_tiled(
         dev = pred.device
 
         def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], None]:
-            x = _tensor(tiles, in_chans, dev)
+            x = tiles_to_tensor(tiles, in_chans, dev)
             grid = pred.model.patch_logits(x)[:, k:k + 1].float()                 # [B, 1, gh, gw]
             up = F.interpolate(grid, size=tiles.shape[1:3], mode="bilinear", align_corners=False)
             counted["tiles"] += len(tiles)

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError
 from .reconstruct import _DEFAULT_RATIO, _DEFAULT_STRATEGY, model_from_checkpoint, psnr
-from .tiling import Band, TiledOutput, band_rows, create_output, run_tiled
+from .tiling import Band, TiledOutput, band_rows, create_output, run_tiled, tiles_to_tensor
 
 OUTPUTS = ["reconstruction", "error"]
 
@@ -120,15 +120,8 @@ def iter_reconstruct_tiled(
         stats["output"] = output
     acc = {"se": 0.0, "se_base": 0.0, "n": 0, "tiles": 0}
 
-    def to_tensor(tiles: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(tiles)).float()
-        t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t[:, None]
-        if t.shape[1] != C:
-            t = t.mean(dim=1, keepdim=True).expand(-1, C, -1, -1) if C != 1 else t.mean(dim=1, keepdim=True)
-        return t.contiguous().to(dev)
-
     def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        x = to_tensor(tiles)                                                  # [B, C, th, tw]
+        x = tiles_to_tensor(tiles, C, dev)                                    # [B, C, th, tw]
         B = x.shape[0]
         region = None
         if mask_img is not None:

@@ -280,3 +280,16 @@ def _cut(strip: np.ndarray, c: int, tw: int) -> np.ndarray:
         pad = [(0, 0), (0, tw - piece.shape[1])] + [(0, 0)] * (piece.ndim - 2)
         piece = np.pad(piece, pad)
     return piece
+
+
+def tiles_to_tensor(tiles: np.ndarray, in_chans: int, device: Any) -> Any:
+    """A batch of tiles ``[B, h, w(, C)]`` as a float tensor ``[B, in_chans, h, w]`` on ``device``
+    (colour averaged to grey and repeated when the model's channels differ)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(tiles)).float()
+    t = t.permute(0, 3, 1, 2) if t.ndim == 4 else t[:, None]
+    if t.shape[1] != in_chans:
+        t = t.mean(dim=1, keepdim=True)
+        t = t.expand(-1, in_chans, -1, -1) if in_chans != 1 else t
+    return t.contiguous().to(device)
