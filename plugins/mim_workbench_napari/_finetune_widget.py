@@ -298,6 +298,14 @@ class FinetuneWidget(RunControls, Container):
         overlays = getattr(canvas, "overlays", None)
         return overlays.text if overlays is not None and hasattr(overlays, "text") else self.viewer.text_overlay
 
+    def _announce(self, img, label: str, prob: float) -> None:
+        """The predicted class on the canvas, top left, where the eye is."""
+        overlay = self.text_overlay()
+        overlay.text = f"{img.name}: {label} ({prob:.2f})"
+        overlay.position = "top_left"
+        overlay.font_size = 14
+        overlay.visible = True
+
     def _predictor(self, path: str):
         if path not in self._predictors:
             self._predictors = {path: load_predictor(path)}  # one model at a time: memory is finite
@@ -391,11 +399,7 @@ class FinetuneWidget(RunControls, Container):
             ranked = sorted(record["probs"].items(), key=lambda kv: -kv[1])
             self.result.value = (f"{img.name}: " + " · ".join(f"{c} {p:.2f}" for c, p in ranked)
                                  + f"; map: patch logit of {record['map_class']}, {stats.get('tiles', 0)} tiles")
-            overlay = self.text_overlay()
-            overlay.text = f"{img.name}: {record['label']} ({record['probs'][record['label']]:.2f})"
-            overlay.position = "top_left"
-            overlay.font_size = 14
-            overlay.visible = True
+            self._announce(img, record["label"], record["probs"][record["label"]])
         else:
             shares = ", ".join(f"{c} {f:.1%}" for c, f in record.get("label_fraction", {}).items())
             self.result.value = (f"{img.name}: {shares}; heat map: p({record['classes'][0]}), "
@@ -438,11 +442,7 @@ class FinetuneWidget(RunControls, Container):
             ranked = sorted(probs.items(), key=lambda kv: -kv[1])
             text = " · ".join(f"{c} {p:.2f}" for c, p in ranked)
             self.result.value = f"{img.name}: {text}"
-            overlay = self.text_overlay()
-            overlay.text = f"{img.name}: {pred.label} ({probs[pred.label]:.2f})"
-            overlay.position = "top_left"
-            overlay.font_size = 14
-            overlay.visible = True
+            self._announce(img, pred.label, probs[pred.label])
             return
         # dense prediction: per-pixel classes and probabilities
         labels = self._put_layer("labels", DENSE_PREFIX + img.name, pred.labels, img, opacity=0.5)
