@@ -96,3 +96,66 @@ def test_loss_curve_is_thinned_to_the_plot_width():
     assert tx[0] < 20 and tx[-1] > 9_970 and all(a < b for a, b in zip(tx, tx[1:]))
     assert abs(sum(ty) / 300 - sum(ys) / len(ys)) < 1e-3  # bins of equal size keep the mean
     assert _decimate(xs[:50], ys[:50], 300) == (xs[:50], ys[:50])
+
+
+def _preview(step: int, value: float, size: int = 8):
+    import numpy as np
+
+    from mim_workbench.training.events import Preview
+
+    a = np.full((size, size), value, dtype=np.float32)
+    return Preview(step=step, image=a, masked=a.copy(), reconstruction=a.copy(), error=a * 0.5)
+
+
+def test_previews_update_the_same_layers_in_place(make_napari_viewer):
+    import numpy as np
+
+    from mim_workbench_napari._pretrain_widget import PretrainWidget
+
+    viewer = make_napari_viewer()
+    w = PretrainWidget(viewer)
+    w.on_event(_preview(0, 0.2))
+    layers = {p: viewer.layers[f"{p}: preview"] for p in ("masked", "recon", "error")}
+    w.on_event(_preview(25, 0.8))
+    assert [viewer.layers[f"{p}: preview"] for p in layers] == list(layers.values()), "no new layers"
+    assert len(viewer.layers) == 3
+    np.testing.assert_allclose(layers["recon"].data, 0.8)
+    np.testing.assert_allclose(layers["error"].data, 0.4)
+    assert layers["error"].contrast_limits == pytest.approx([0.0, 0.4]), "the error map stays visible as it shrinks"
+    # napari was told: the layer list's thumbnail shows the new values, not the first ones
+    thumb = layers["recon"].thumbnail
+    assert abs(int(thumb[thumb.shape[0] // 2, thumb.shape[1] // 2, 0]) - round(0.8 * 255)) <= 2
+    w.on_event(_preview(50, 0.3, size=12))  # a new shape replaces the data
+    assert layers["masked"].data.shape == (12, 12)
+    np.testing.assert_allclose(layers["masked"].data, 0.3)
+
+
+def test_progress_reaches_the_dock_in_one_held_repaint(make_napari_viewer):
+    from mim_workbench.training.events import Progress
+    from mim_workbench_napari._pretrain_widget import PretrainWidget
+
+    viewer = make_napari_viewer()
+    w = PretrainWidget(viewer)
+    w.progress.max = 100
+    event = Progress(step=40, total=100, epoch=0, loss=0.5, lr=1e-3, images_per_s=3.0, eta_s=20.0)
+    w.on_event(event)
+    assert w.progress.value == 0, "shown at the next progress interval, not at every step"
+    w._flush_progress()
+    assert w.progress.value == 40 and "step 40/100" in w.status.value
+    assert w.native.updatesEnabled(), "updates are held only while the widgets change"
+
+
+def test_a_long_status_line_wraps_instead_of_shrinking_the_canvas(make_napari_viewer, qtbot):
+    from mim_workbench_napari._launch import open_workbench
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1200, 900)
+    w = open_workbench(viewer)["Pretrain"]
+    canvas = viewer.window._qt_viewer.canvas.native
+    qtbot.wait(200)
+    before = canvas.width()
+    w.status.value = "step 123456/1000000  loss 0.987654  123.4 img/s  ETA 12:34:56 " * 3
+    qtbot.wait(200)
+    assert canvas.width() == before, "the dock did not widen"
+    assert w.status.native.heightForWidth(w.status.native.width()) > w.status.native.fontMetrics().height(), \
+        "the line wraps"

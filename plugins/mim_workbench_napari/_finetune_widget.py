@@ -22,7 +22,7 @@ from typing import Any
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, Label, LineEdit, ProgressBar, PushButton,
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, LineEdit, ProgressBar, PushButton,
                               SpinBox)
 
 # Imported on the main thread (see _inspect_widget): the worker thread must not be the
@@ -33,6 +33,7 @@ from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Pro
 from ._background import BackgroundRun, RunControls
 from ._multiscale import layer_pyramid, tiled_root, wants_tiled
 from ._pretrain_widget import LossPlot, _fmt_eta, detected_devices
+from ._status import status_label
 
 TASK_CLASSIFY = "classifier (image labels)"
 TASK_DENSE = "dense map (painted strokes)"
@@ -86,13 +87,13 @@ class FinetuneWidget(RunControls, Container):
         self.pause = PushButton(text="Pause")
         self.stop = PushButton(text="Stop")
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
-        self.status = Label(value="ready")
+        self.status = status_label("ready")
         self.model = FileEdit(label="Model checkpoint", mode="d", value="")
         self.colormap = ComboBox(label="Heat-map colours", choices=["inferno", "magma", "viridis", "turbo"],
                                  value="inferno")
         self.opacity = FloatSlider(label="Heat-map opacity", min=0.0, max=1.0, step=0.05, value=0.5)
         self.predict_button = PushButton(text="Predict on image")
-        self.result = Label(value="")
+        self.result = status_label()
         self.result.native.setWordWrap(True)
         self.extend([self.task, self.labels_from, self.data, self.image, self.label_text, self.set_label,
                      self.classes, self.new_strokes, self.encoder, self.mode, self.epochs, self.steps, self.out,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, Label, ProgressBar, PushButton,
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, ProgressBar, PushButton,
                               SpinBox)
 
 # Imported here, on the main thread, not lazily in the worker: timm pulls in torchvision and
@@ -28,6 +28,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlid
 from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
 
 from ._multiscale import tiled_root, wants_tiled
+from ._status import status_label
 
 TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
 
@@ -50,7 +51,7 @@ class InspectWidget(Container):
         self.run_button = PushButton(text="Reconstruct")
         self.resample = PushButton(text="Re-sample mask")
         self.side_by_side = CheckBox(text="Side by side", value=False)
-        self.metrics = Label(value="")
+        self.metrics = status_label()
         self.metrics.native.setWordWrap(True)  # PSNR, baseline, ratio and strategy do not fit one line
         self.progress = ProgressBar(label="Tiles", min=0, max=100, value=0, visible=False)
         self.extend([self.checkpoint, self.image, self.region, self.strategy, self.ratio, self.seed,

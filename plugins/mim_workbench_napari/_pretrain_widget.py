@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton,
+import numpy as np
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, ProgressBar, PushButton,
                               SpinBox)
 
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preview, Progress, Started
 
 from ._background import BackgroundRun, RunControls
+from ._status import status_label
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 
@@ -170,7 +172,7 @@ class PretrainWidget(RunControls, Container):
         self.pause = PushButton(text="Pause")
         self.stop = PushButton(text="Stop")
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
-        self.status = Label(value=f"ready (devices: {', '.join(d for d in devices if d != 'auto')})")
+        self.status = status_label(f"ready (devices: {', '.join(d for d in devices if d != 'auto')})")
         self.checkpoints = ComboBox(label="Checkpoints", choices=[])
         self.extend([self.data, self.out, self.preset, self.method, self.strategy, self.model, self.img_size, self.ratio,
                      self.epochs, self.batch, self.blr, self.device, self.resume_from, self.start, self.pause,
@@ -283,12 +285,19 @@ class PretrainWidget(RunControls, Container):
         layers = {"masked": event.masked, "recon": event.reconstruction, "error": event.error}
         for prefix, data in layers.items():
             name = f"{prefix}: {self._preview_name}"
-            if name in self.viewer.layers:
-                layer = self.viewer.layers[name]
-                layer.data = data
-                if prefix == "error":  # the error shrinks as training goes on: keep it visible
-                    layer.contrast_limits = (0.0, max(1e-6, float(data.max())))
-            else:
+            top = max(1e-6, float(data.max())) if prefix == "error" else 1.0
+            layer = self.viewer.layers[name] if name in self.viewer.layers else None
+            if layer is None:
                 cmap = "inferno" if prefix == "error" else "gray"
-                self.viewer.add_image(data, name=name, colormap=cmap,
-                                      contrast_limits=(0.0, max(1e-6, float(data.max())) if prefix == "error" else 1.0))
+                self.viewer.add_image(data, name=name, colormap=cmap, contrast_limits=(0.0, top))
+                continue
+            if prefix == "error":  # the error shrinks as training goes on: keep it visible
+                layer.contrast_limits = (0.0, top)
+            old = layer.data
+            if isinstance(old, np.ndarray) and (old.shape, old.dtype) == (data.shape, data.dtype) and old.flags.writeable:
+                # in place: a new array makes napari re-check the dims and extents of every layer,
+                # 2-3x the Python work per preview (bench_gui_latency.py names it in the long gaps)
+                old[...] = data
+                layer.refresh(extent=False, highlight=False)
+            else:
+                layer.data = data

@@ -15,9 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, Label, PushButton, SpinBox, CheckBox)
+from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, PushButton, SpinBox, CheckBox)
 
 from mim_workbench.errors import MimError
+
+from ._status import status_label
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 
@@ -53,7 +55,7 @@ class WorkbenchWidget(Container):
         self.patch = SpinBox(label="Patch size", min=4, max=128, value=16)
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
         self.show_preview = CheckBox(text="Show masking preview", value=False)
-        self.status = Label(value="")
+        self.status = status_label()
         self.extend([self.image, self.region, self.new_region, self.preset, self.propose, self.import_path, self.save_path, self.save,
                      self.strategy, self.ratio, self.patch, self.seed, self.show_preview, self.status])
 
