@@ -33,7 +33,8 @@ def _add_sample(viewer, sample_root, stem):
 
 
 def test_classifier_from_dataset_then_probabilities_and_heatmap(make_napari_viewer, qtbot, tmp_path, sample_root):
-    from mim_workbench_napari._finetune_widget import FROM_DATASET, HEATMAP_PREFIX, TASK_CLASSIFY, FinetuneWidget
+    from mim_workbench_napari._finetune_widget import FROM_DATASET, TASK_CLASSIFY, FinetuneWidget
+    from mim_workbench_napari._predict_panel import HEATMAP_PREFIX
 
     viewer = make_napari_viewer()
     w = FinetuneWidget(viewer)
@@ -107,8 +108,8 @@ def test_classifier_from_layer_metadata(make_napari_viewer, qtbot, tmp_path, sam
 
 def test_dense_from_painted_strokes_overlays_labels(make_napari_viewer, qtbot, tmp_path, sample_root):
     from mim_workbench.io import read_mask
-    from mim_workbench_napari._finetune_widget import (DENSE_PREFIX, HEATMAP_PREFIX, STROKES_PREFIX, TASK_DENSE,
-                                                       FinetuneWidget)
+    from mim_workbench_napari._finetune_widget import STROKES_PREFIX, TASK_DENSE, FinetuneWidget
+    from mim_workbench_napari._predict_panel import DENSE_PREFIX, HEATMAP_PREFIX
 
     viewer = make_napari_viewer()
     w = FinetuneWidget(viewer)

@@ -32,7 +32,8 @@ def test_whole_flow(make_napari_viewer, qtbot, tmp_path, sample_root):
     from mim_workbench import sample
     from mim_workbench.io import read_image, read_mask
     from mim_workbench.regions import dice
-    from mim_workbench_napari._finetune_widget import DENSE_PREFIX, HEATMAP_PREFIX, STROKES_PREFIX, TASK_DENSE
+    from mim_workbench_napari._finetune_widget import STROKES_PREFIX, TASK_DENSE
+    from mim_workbench_napari._predict_panel import DENSE_PREFIX, HEATMAP_PREFIX
     from mim_workbench_napari._launch import open_workbench
 
     seen = len(_records())  # notifications of earlier tests stay in napari's global record

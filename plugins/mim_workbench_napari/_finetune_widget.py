@@ -7,12 +7,7 @@ like pretraining (:mod:`._background`); inputs that only exist in the viewer are
 staged into the run folder first (:mod:`mim_workbench.io.staging`), so painted
 strokes are on disk before training starts.
 
-Predictions: a classifier gives class probabilities (dock text and the viewer's
-text overlay) and a heat map ``heatmap: NAME``; a dense head gives a Labels layer
-``dense: NAME`` and the heat map of its first class.  Large images (multiscale, or
-above the tiling threshold) are predicted tile by tile into zarr maps: the heat map
-is a multiscale layer that fills in while it runs (a dense head's labels layer is
-not made for them: its per-class maps are in the zarr store).
+Predictions and their overlays are the dock's lower panel (:mod:`._predict_panel`).
 """
 
 from __future__ import annotations
@@ -22,16 +17,12 @@ from typing import Any
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, LineEdit, ProgressBar, PushButton,
-                              SpinBox)
+from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit, ProgressBar, PushButton, SpinBox
 
-# Imported on the main thread (see _inspect_widget): the worker thread must not be the
-# first to load timm/torchvision/triton.
-from mim_workbench.inference.predict import load_predictor
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Progress, Started
 
 from ._background import BackgroundRun, RunControls
-from ._multiscale import layer_pyramid, tiled_root, wants_tiled
+from ._predict_panel import DENSE_PREFIX, HEATMAP_PREFIX, PredictPanel, blank
 from ._pretrain_widget import LossPlot, _fmt_eta, detected_devices
 from ._status import status_label
 
@@ -42,14 +33,8 @@ FROM_LAYERS = "layer metadata"
 STROKES_PREFIX = "strokes: "
 #: Longest side of the level strokes are painted at on a multiscale image (dense heads need detail).
 STROKES_MAX_SIDE = 4096
-HEATMAP_PREFIX = "heatmap: "
-DENSE_PREFIX = "dense: "
 _OWN_PREFIXES = (HEATMAP_PREFIX, DENSE_PREFIX, "masked: ", "recon: ", "recon+visible: ", "error: ",
                  "masking preview: ")
-
-
-def _blank(value: Any) -> bool:
-    return str(value) in ("", ".")
 
 
 def fresh_run_dir(path: str | Path) -> Path:
@@ -62,7 +47,7 @@ def fresh_run_dir(path: str | Path) -> Path:
     return candidate
 
 
-class FinetuneWidget(RunControls, Container):
+class FinetuneWidget(RunControls, PredictPanel, Container):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         from mim_workbench.sample import sample_root
@@ -88,22 +73,13 @@ class FinetuneWidget(RunControls, Container):
         self.stop = PushButton(text="Stop")
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self.status = status_label("ready")
-        self.model = FileEdit(label="Model checkpoint", mode="d", value="")
-        self.colormap = ComboBox(label="Heat-map colours", choices=["inferno", "magma", "viridis", "turbo"],
-                                 value="inferno")
-        self.opacity = FloatSlider(label="Heat-map opacity", min=0.0, max=1.0, step=0.05, value=0.5)
-        self.predict_button = PushButton(text="Predict on image")
-        self.result = status_label()
-        self.result.native.setWordWrap(True)
         self.extend([self.task, self.labels_from, self.data, self.image, self.label_text, self.set_label,
                      self.classes, self.new_strokes, self.encoder, self.mode, self.epochs, self.steps, self.out,
                      self.device, self.start, self.pause, self.stop, self.progress, self.status])
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot.canvas)
-        predict_box = Container(widgets=[self.model, self.colormap, self.opacity, self.predict_button, self.result],
-                                labels=True)
-        self.native.layout().addWidget(predict_box.native)
-        self._predict_box = predict_box
+        self._predict_box = self._build_predict_panel()
+        self.native.layout().addWidget(self._predict_box.native)
 
         self.task.changed.connect(self._update_visibility)
         self.labels_from.changed.connect(self._update_visibility)
@@ -112,17 +88,11 @@ class FinetuneWidget(RunControls, Container):
         self.start.changed.connect(self.start_training)
         self.pause.changed.connect(self.toggle_pause)
         self.stop.changed.connect(self.stop_training)
-        self.predict_button.changed.connect(self.predict)
-        self.opacity.changed.connect(self._style_heatmaps)
-        self.colormap.changed.connect(self._style_heatmaps)
         self.image.changed.connect(self._show_image_label)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         self.job = BackgroundRun(self.on_event, self._on_done)
         self.native.destroyed.connect(self.job.shutdown)
-        self.predict_worker = None
-        self.last_prediction = None
-        self._predictors: dict[str, Any] = {}
         self._set_running(False)
         self._update_visibility()
         self._show_image_label()
@@ -219,7 +189,7 @@ class FinetuneWidget(RunControls, Container):
         from mim_workbench.training.tasks import DenseJob
 
         out = fresh_run_dir(str(self.out.value))
-        encoder = None if _blank(self.encoder.value) else str(self.encoder.value)
+        encoder = None if blank(self.encoder.value) else str(self.encoder.value)
         device = self.device.value
         if self.task.value == TASK_DENSE:
             classes = [c.strip() for c in str(self.classes.value).split(",") if c.strip()]
@@ -232,7 +202,7 @@ class FinetuneWidget(RunControls, Container):
         if self.labels_from.value == FROM_LAYERS:
             data = str(stage_labelled(self._staged(self._image_layers()), out / "inputs"))
         else:
-            if _blank(self.data.value):
+            if blank(self.data.value):
                 raise ConfigError("choose a dataset folder or a CSV manifest with labels")
             data = str(self.data.value)
         cfg = FinetuneConfig(data=data, out=str(out), checkpoint=encoder, mode=self.mode.value,
@@ -291,165 +261,3 @@ class FinetuneWidget(RunControls, Container):
     def _render_progress(self, event: Progress) -> None:
         self.progress.value = min(event.step, self.progress.max)
         self.status.value = f"step {event.step}/{event.total}  loss {event.loss:.4f}  ETA {_fmt_eta(event.eta_s)}"
-
-    # ------------------------------------------------------------------ predict
-    def text_overlay(self):
-        # napari >= 0.9 moved the overlays to viewer.canvas.overlays
-        canvas = getattr(self.viewer, "canvas", None)
-        overlays = getattr(canvas, "overlays", None)
-        return overlays.text if overlays is not None and hasattr(overlays, "text") else self.viewer.text_overlay
-
-    def _announce(self, img, label: str, prob: float) -> None:
-        """The predicted class on the canvas, top left, where the eye is."""
-        overlay = self.text_overlay()
-        overlay.text = f"{img.name}: {label} ({prob:.2f})"
-        overlay.position = "top_left"
-        overlay.font_size = 14
-        overlay.visible = True
-
-    def _predictor(self, path: str):
-        if path not in self._predictors:
-            self._predictors = {path: load_predictor(path)}  # one model at a time: memory is finite
-        return self._predictors[path]
-
-    def predict(self) -> None:
-        from napari.qt.threading import create_worker
-        from napari.utils.notifications import show_error
-
-        img = self.image.value
-        path = str(self.model.value)
-        if img is None or _blank(path):
-            show_error("Choose a fine-tuned model checkpoint and an image layer to predict on.")
-            return
-        if wants_tiled(img):
-            self._predict_tiled(img, path)
-            return
-        data = np.asarray(img.data)
-
-        def work():
-            return self._predictor(path)(data)
-
-        self.result.value = "predicting…"
-        self.predict_button.enabled = False
-        self.predict_worker = create_worker(work, _ignore_errors=True)  # errors reach _predict_failed
-        self.predict_worker.returned.connect(lambda pred: self._show_prediction(pred, img))
-        self.predict_worker.errored.connect(self._predict_failed)
-        self.predict_worker.finished.connect(self._predict_done)
-        self.predict_worker.start()
-
-    def _predict_tiled(self, img, path: str) -> None:
-        """A large image: tile by tile into zarr maps shown as a multiscale heat map that fills in."""
-        import uuid
-
-        from napari.qt.threading import create_worker
-
-        from mim_workbench.inference.tiled_predict import iter_predict_tiled
-
-        pyr = layer_pyramid(img)
-        out = tiled_root("predict") / f"{uuid.uuid4().hex}.zarr"
-
-        def work():
-            stats: dict[str, Any] = {}
-            for band in iter_predict_tiled(self._predictor(path), pyr, out=out, level=0, stats=stats):
-                yield band, stats["output"]
-            return stats
-
-        self.result.value = "predicting tile by tile…"
-        self.predict_button.enabled = False
-        self.band_updates = []
-        self.predict_worker = create_worker(work, _ignore_errors=True)  # errors reach _predict_failed
-        self.predict_worker.yielded.connect(lambda item: self._show_band(item, img))
-        self.predict_worker.returned.connect(lambda stats: self._show_tiled_prediction(stats, img))
-        self.predict_worker.errored.connect(self._predict_failed)
-        self.predict_worker.finished.connect(self._predict_done)
-        self.predict_worker.start()
-
-    def _show_band(self, item, img) -> None:
-        import shutil
-
-        band, output = item
-        name = HEATMAP_PREFIX + img.name
-        key = output.names[0]   # the classifier's map, or a dense head's first class
-        layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if layer is None or layer.metadata.get("mim_workbench_tiled") != str(output.path):
-            old = layer.metadata.get("mim_workbench_tiled") if layer is not None else None
-            for stale in (name, DENSE_PREFIX + img.name):
-                if stale in self.viewer.layers:
-                    self.viewer.layers.remove(stale)
-            # zarr arrays, not dask: every refresh reads what is on disk now
-            layer = self.viewer.add_image(
-                output.levels(key), name=name, multiscale=True, scale=tuple(output.scale),
-                translate=img.translate[-2:], colormap=self.colormap.value, opacity=float(self.opacity.value),
-                blending="additive", contrast_limits=(0.0, 1.0), metadata={"mim_workbench_tiled": str(output.path)})
-            if old:
-                shutil.rmtree(old, ignore_errors=True)  # nothing shows it any more
-        if key == "map":  # raw patch logits: scale the colours to what is there so far
-            coarse = np.asarray(output.levels(key)[-1][...])
-            lo, hi = float(coarse.min()), float(coarse.max())
-            layer.contrast_limits = (lo, hi if hi > lo else lo + 1e-6)
-        layer.refresh()
-        self.band_updates.append((band.row0, band.row1, band.tiles_done, band.tiles_total))
-        self.result.value = f"tiled: {band.tiles_done}/{band.tiles_total} tiles, rows up to {band.row1}"
-
-    def _show_tiled_prediction(self, stats: dict, img) -> None:
-        record = stats.get("record") or {}
-        self.last_prediction = record
-        layer = self.viewer.layers[HEATMAP_PREFIX + img.name]
-        layer.metadata.update({k: record[k] for k in ("probs", "label", "map_class", "classes") if k in record})
-        if record.get("kind") == "classifier":
-            ranked = sorted(record["probs"].items(), key=lambda kv: -kv[1])
-            self.result.value = (f"{img.name}: " + " · ".join(f"{c} {p:.2f}" for c, p in ranked)
-                                 + f"; map: patch logit of {record['map_class']}, {stats.get('tiles', 0)} tiles")
-            self._announce(img, record["label"], record["probs"][record["label"]])
-        else:
-            shares = ", ".join(f"{c} {f:.1%}" for c, f in record.get("label_fraction", {}).items())
-            self.result.value = (f"{img.name}: {shares}; heat map: p({record['classes'][0]}), "
-                                 f"{stats.get('tiles', 0)} tiles")
-
-    def _predict_failed(self, exc: Exception) -> None:
-        from napari.utils.notifications import show_error
-
-        self.result.value = "prediction failed"
-        show_error(f"Prediction failed: {exc}")
-
-    def _predict_done(self) -> None:
-        self.predict_button.enabled = True
-        self.predict_worker = None
-
-    def _put_layer(self, kind: str, name: str, data: np.ndarray, img, **kwargs: Any):
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            layer.data = data
-            return layer
-        add = self.viewer.add_labels if kind == "labels" else self.viewer.add_image
-        return add(data, name=name, scale=img.scale[-2:], translate=img.translate[-2:], **kwargs)
-
-    def _style_heatmaps(self, *_: Any) -> None:
-        for layer in self.viewer.layers:
-            if layer.name.startswith(HEATMAP_PREFIX):
-                layer.opacity = float(self.opacity.value)
-                layer.colormap = self.colormap.value
-
-    def _show_prediction(self, pred: Any, img) -> None:
-        self.last_prediction = pred
-        heat_kwargs = {"colormap": self.colormap.value, "opacity": float(self.opacity.value),
-                       "blending": "additive", "contrast_limits": (0.0, 1.0)}
-        if hasattr(pred, "probs") and np.ndim(pred.probs) == 1:
-            probs = {c: float(p) for c, p in zip(pred.classes, pred.probs)}
-            lo, hi = float(pred.map.min()), float(pred.map.max())
-            heat = ((pred.map - lo) / (hi - lo) if hi > lo else np.zeros_like(pred.map)).astype(np.float32)
-            layer = self._put_layer("image", HEATMAP_PREFIX + img.name, heat, img, **heat_kwargs)
-            layer.metadata.update({"probs": probs, "label": pred.label, "map_kind": pred.map_kind})
-            ranked = sorted(probs.items(), key=lambda kv: -kv[1])
-            text = " · ".join(f"{c} {p:.2f}" for c, p in ranked)
-            self.result.value = f"{img.name}: {text}"
-            self._announce(img, pred.label, probs[pred.label])
-            return
-        # dense prediction: per-pixel classes and probabilities
-        labels = self._put_layer("labels", DENSE_PREFIX + img.name, pred.labels, img, opacity=0.5)
-        labels.metadata["classes"] = list(pred.classes)
-        heat = pred.probs[0].astype(np.float32)
-        layer = self._put_layer("image", HEATMAP_PREFIX + img.name, heat, img, **heat_kwargs)
-        layer.metadata.update({"class": pred.classes[0]})
-        shares = [f"{k + 1}={c} {float((pred.labels == k + 1).mean()):.1%}" for k, c in enumerate(pred.classes)]
-        self.result.value = f"{img.name}: " + ", ".join(shares) + f"; heat map: p({pred.classes[0]})"
