@@ -132,8 +132,8 @@ def test_region_strategy_refuses_masks_that_match_no_image(bad_dir, tmp_path):
 
 
 def test_pretrain_on_a_folder_with_broken_files(bad_dir, tmp_path):
-    """Files whose header already fails are skipped with a note; one that fails only when
-    its pixels are decoded stops the run with an error naming it."""
+    """Files whose header already fails are skipped with a note; when the only image fails
+    once its pixels are decoded, the run stops with an error naming it."""
     from mim_workbench.training import events as ev
     from mim_workbench.training.pretrain import pretrain
 
@@ -157,6 +157,49 @@ def test_pretrain_on_a_folder_with_broken_files(bad_dir, tmp_path):
     with pytest.raises(errors.ReaderError, match=r"no_pixels\.dcm: image header .* but no pixel data"):
         pretrain(PretrainConfig(**tiny(tmp_path / "run2", data=str(data), masks=None, max_steps=1,
                                         val_fraction=0.0)))
+
+
+def test_pretraining_goes_on_past_a_file_that_fails_to_decode(bad_dir, tmp_path):
+    """A header that promises pixels it lacks passes the dataset scan; training swaps in the
+    next readable image (batches keep their size), says which file, once, and keeps a record."""
+    from mim_workbench.training import events as ev
+    from mim_workbench.training.pretrain import pretrain
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"good{i}.png").write_bytes((bad_dir / "png_named.tif").read_bytes())
+    (data / "no_pixels.dcm").write_bytes((bad_dir / "no_pixels.dcm").read_bytes())
+    seen: list = []
+    cfg = PretrainConfig(**tiny(tmp_path / "run", data=str(data), masks=None, strategy="random", epochs=3,
+                                batch_size=2, val_fraction=0.0, preview_every=2))
+    result = pretrain(cfg, on_event=seen.append)
+    progress = [e for e in seen if isinstance(e, ev.Progress)]
+    assert result.step == len(progress) == 6, "every planned step ran"
+    reported = [u for e in progress for u in e.unreadable]
+    assert len(reported) == 1 and "no_pixels.dcm" in reported[0] and "no pixel data" in reported[0]
+    assert any("no_pixels.dcm" in (e.message or "") for e in progress)
+    assert any(isinstance(e, ev.Preview) for e in seen)
+    record = (tmp_path / "run" / "unreadable.txt").read_text().splitlines()
+    assert len(record) == 1 and "no_pixels.dcm" in record[0]
+
+
+def test_dataset_substitutes_an_undecodable_sample_only_when_asked(bad_dir, tmp_path):
+    from mim_workbench.io.mim_dataset import MIMDataset
+
+    (tmp_path / "a.png").write_bytes((bad_dir / "png_named.tif").read_bytes())
+    (tmp_path / "b.dcm").write_bytes((bad_dir / "no_pixels.dcm").read_bytes())
+    samples = sorted(discover(str(tmp_path)).samples, key=lambda s: s.image)   # a.png, b.dcm
+    strict = MIMDataset(samples, img_size=32)
+    with pytest.raises(errors.ReaderError, match=r"b\.dcm"):
+        strict[1]
+    lenient = MIMDataset(samples, img_size=32, substitute_unreadable=True)
+    item = lenient[1]
+    assert item["index"] == 0 and "b.dcm" in item["unreadable"]
+    assert torch.equal(item["image"], lenient[0]["image"]) and lenient[0]["unreadable"] == ""
+    only_bad = MIMDataset([samples[1]], img_size=32, substitute_unreadable=True)
+    with pytest.raises(errors.ReaderError, match=r"b\.dcm"):
+        only_bad[0]
 
 
 @pytest.mark.parametrize("case", _by_kind("config"))

@@ -145,6 +145,21 @@ def test_progress_reaches_the_dock_in_one_held_repaint(make_napari_viewer):
     assert w.native.updatesEnabled(), "updates are held only while the widgets change"
 
 
+def test_a_skipped_unreadable_image_is_a_warning(make_napari_viewer):
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    from mim_workbench.training.events import Progress
+    from mim_workbench_napari._pretrain_widget import PretrainWidget
+
+    w = PretrainWidget(make_napari_viewer())
+    seen = len(notification_manager.records)
+    w.on_event(Progress(step=3, total=10, epoch=0, loss=0.5, lr=1e-3, images_per_s=3.0, eta_s=2.0,
+                        unreadable=("/data/b.dcm: image header but no pixel data",)))
+    (note,) = notification_manager.records[seen:]
+    assert note.severity == NotificationSeverity.WARNING and "b.dcm" in str(note.message)
+    assert "training goes on" in str(note.message)
+
+
 def test_a_long_status_line_wraps_instead_of_shrinking_the_canvas(make_napari_viewer, qtbot):
     from mim_workbench_napari._launch import open_workbench
 

@@ -15,6 +15,14 @@ do not depend on DataLoader workers, processes or DDP ranks and a resumed run
 repeats them. Call :meth:`MIMDataset.set_epoch` before each epoch (with
 ``persistent_workers=True`` workers keep their own copy; recreate the loader
 or use non-persistent workers).
+
+A file that passed the dataset scan but fails to decode (truncated pixel data, a
+header that promises pixels it lacks) raises the reader's error naming it; with
+``substitute_unreadable=True`` (pretraining: unlabelled, many images, long runs) the
+next readable sample takes its place instead, so batches keep their size, and the
+item's ``unreadable`` field carries the reader's message for the training loop to
+report.  Only when no sample at all can be read is the error raised then.  Labelled
+fine-tuning keeps the error: a few labels are too precious to swap silently.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mim_workbench.errors import ConfigError
+from mim_workbench.errors import ConfigError, ReaderError
 from mim_workbench.io.augment import crop_resize, jitter, sample_params
 from mim_workbench.io.cache import DecodeCache
 from mim_workbench.io.datasets import Sample
@@ -66,6 +74,7 @@ class MIMDataset(Dataset):
         seed: int = 0,
         cache: DecodeCache | None = None,
         classes: Sequence[str] | None = None,
+        substitute_unreadable: bool = False,
     ) -> None:
         if in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {in_chans}")
@@ -78,6 +87,7 @@ class MIMDataset(Dataset):
         self.augment = bool(augment)
         self.seed = int(seed)
         self.cache = cache
+        self.substitute_unreadable = bool(substitute_unreadable)
         self.epoch = 0
         self.classes = list(classes) if classes is not None else sorted({s.label for s in self.samples if s.label is not None})
         self._label_index = {c: i for i, c in enumerate(self.classes)}
@@ -143,11 +153,27 @@ class MIMDataset(Dataset):
             t = t.permute(2, 0, 1)
         return t.contiguous()
 
+    def _readable(self, i: int) -> tuple[int, dict[str, np.ndarray], str]:
+        """(index, arrays, problem): sample ``i``, or the next readable one when ``i`` cannot be decoded."""
+        try:
+            return i, self._arrays(self.samples[i]), ""
+        except ReaderError as first:
+            if not self.substitute_unreadable:
+                raise
+            n = len(self.samples)
+            for k in range(1, n):
+                j = (i + k) % n
+                try:
+                    return j, self._arrays(self.samples[j]), str(first)
+                except ReaderError:
+                    continue
+            raise
+
     def __getitem__(self, i: int) -> dict:
         if i < 0:
             i += len(self)
+        i, arrays, unreadable = self._readable(i)
         sample = self.samples[i]
-        arrays = self._arrays(sample)
         image = arrays["image"]
         region = arrays.get("region")
         fine = arrays.get("fine")
@@ -171,6 +197,7 @@ class MIMDataset(Dataset):
             "has_region": region is not None,
             "index": i,
             "label": self._label_index.get(sample.label, -1) if sample.label is not None else -1,
+            "unreadable": unreadable,   # the skipped file's reader message, "" for none
         }
         if self.fine_scale is not None:
             item["fine"] = self._to_chw(fine)

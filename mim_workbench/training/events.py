@@ -45,6 +45,7 @@ class Progress:
     val_loss: float | None = None  # set on the event that closes an epoch
     skipped_steps: int = 0        # steps skipped so far because the loss or gradients were not finite
     message: str | None = None    # e.g. why this step was skipped
+    unreadable: tuple[str, ...] = ()  # files first found undecodable at this step (reader messages)
 
 
 @dataclass(frozen=True, eq=False)

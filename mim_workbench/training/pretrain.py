@@ -235,7 +235,7 @@ class _Trainer:
         cache = self._make_cache(cfg)
         fine_scale = int(self.model_cfg.miram_scale) if cfg.method == "miram" else None
         common = dict(img_size=tuple(cfg.img_size), in_chans=cfg.in_chans, fine_scale=fine_scale,
-                      seed=cfg.seed, cache=cache)
+                      seed=cfg.seed, cache=cache, substitute_unreadable=True)
         if cfg.crop_level is not None or cfg.crop_spacing is not None:  # large images: pyramid crops
             from ..io.crop_dataset import pretrain_crop_datasets
 
@@ -244,8 +244,9 @@ class _Trainer:
         else:
             self.train_ds = MIMDataset(self.train_samples, augment=cfg.augment, **common)
             self.val_ds = MIMDataset(self.val_samples, augment=False, **common) if self.val_samples else None
-            # The preview image: a fixed held-back image (a training image when none is held back).
-            self.preview_ds = MIMDataset([(self.val_samples or self.train_samples)[0]], augment=False, **common)
+            # The preview image: a fixed held-back image (a training image when none is held back);
+            # the other samples are there to stand in if it cannot be decoded.
+            self.preview_ds = MIMDataset(self.val_samples or self.train_samples, augment=False, **common)
         self.data_signature = ckpt_mod.dataset_signature(self.train_samples + self.val_samples)
         self.data_notes = list(getattr(index, "notes", []) or [])
 
@@ -306,6 +307,7 @@ class _Trainer:
         self.step, self.epoch, self.position = 0, 0, 0
         self.skipped = 0
         self._nonfinite_run = 0         # consecutive skipped steps; max_nonfinite_steps ends the run
+        self._unreadable: set[str] = set()  # files that failed to decode, already reported
         self._elapsed_before = 0.0     # training seconds of the interrupted run(s), for metrics.csv
         self.last_val: float | None = None
         self.last_loss: float | None = None
@@ -485,8 +487,10 @@ class _Trainer:
         set_lr(self.optimizer, lr)
         local = self.plan.local_slice() if self.dist.enabled else None
         loss_sum = torch.zeros((), dtype=torch.float64)
+        unreadable: list[str] = []
         for k in range(cfg.accum_steps):
             batch = next(batches)
+            unreadable += self._new_unreadable(batch)
             mask = self._masks(batch, cfg.batch_size, self.mask_gen, local)
             sync = k == cfg.accum_steps - 1 or not self.dist.enabled
             ctx = contextlib.nullcontext() if sync else self.ddp_model.no_sync()  # type: ignore[operator]
@@ -525,6 +529,9 @@ class _Trainer:
             message = (message + "; " if message else "") + (
                 f"{self._region_fallbacks} region-guided mask(s) fell back to random (empty region)")
             self._region_fallbacks = 0
+        if unreadable:
+            message = "; ".join(([message] if message else []) + [
+                f"skipped an unreadable image, another took its place: {u}" for u in unreadable])
         if self._compile_messages:  # compile failed during this step: said once, training went on eagerly
             message = "; ".join(([message] if message else []) + self._compile_messages)
             self._compile_messages.clear()
@@ -545,7 +552,20 @@ class _Trainer:
         return {"step": self.step, "epoch": self.epoch, "loss": loss, "val_loss": None, "lr": lr,
                 "images_per_s": cfg.effective_batch / self._step_s if self._step_s > 0 else 0.0,
                 "grad_norm": grad_norm, "skipped": self.skipped, "elapsed_s": self._elapsed_before + self._t_active,
-                "message": message}
+                "message": message, "unreadable": unreadable}
+
+    def _new_unreadable(self, batch: dict[str, Any]) -> list[str]:
+        """Reader messages of files this batch had to skip, each reported once per run and
+        listed in the run folder's ``unreadable.txt`` (headless runs keep the record)."""
+        new = [p for p in dict.fromkeys(batch.get("unreadable") or ()) if p and p not in self._unreadable]
+        self._unreadable.update(new)
+        if new and self.dist.is_main and self.run_dir is not None:
+            try:
+                with open(self.run_dir / "unreadable.txt", "a", encoding="utf-8") as fh:
+                    fh.writelines(f"step {self.step + 1}: {p}\n" for p in new)
+            except OSError:
+                pass  # the event and the CLI line still say it
+        return new
 
     def _report(self, row: dict[str, Any]) -> None:
         eta = (self.stop_at - self.step) * (self._step_s or 0.0)
@@ -555,7 +575,8 @@ class _Trainer:
             self.metrics.write(row)
         self.emit(Progress(step=row["step"], total=self.stop_at, epoch=row["epoch"], loss=row["loss"],
                            lr=row["lr"], images_per_s=row["images_per_s"], eta_s=eta, val_loss=row["val_loss"],
-                           skipped_steps=self.skipped, message=row["message"]))
+                           skipped_steps=self.skipped, message=row["message"],
+                           unreadable=tuple(row.get("unreadable") or ())))
         limit = self.cfg.max_nonfinite_steps
         if limit and self._nonfinite_run >= limit:
             first = self.step - self._nonfinite_run + 1
@@ -604,7 +625,8 @@ class _Trainer:
             return
         t0 = time.perf_counter()
         item = self.preview_ds[0]
-        batch = {k: (v[None] if isinstance(v, torch.Tensor) else torch.as_tensor([v])) for k, v in item.items()}
+        batch = {k: (v[None] if isinstance(v, torch.Tensor) else torch.as_tensor([v]))
+                 for k, v in item.items() if not isinstance(v, str)}
         gen = torch.Generator().manual_seed(self.cfg.seed + _PREVIEW_SEED_OFFSET)
         mask = self._masks(batch, 1, gen, None, count_fallbacks=False)
         self.model.eval()

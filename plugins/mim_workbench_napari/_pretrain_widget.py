@@ -249,7 +249,7 @@ class PretrainWidget(RunControls, Container):
 
     # ------------------------------------------------------------------ events → widgets and layers
     def on_event(self, event) -> None:
-        from napari.utils.notifications import show_error, show_info
+        from napari.utils.notifications import show_error, show_info, show_warning
 
         if isinstance(event, Started):
             self.progress.max = max(1, event.stop_at or event.total_steps)
@@ -258,6 +258,8 @@ class PretrainWidget(RunControls, Container):
         elif isinstance(event, Progress):
             self.plot.add(event.step, event.loss, event.val_loss)
             self._progress_later(event)
+            for problem in event.unreadable:
+                show_warning(f"Skipped an image that could not be read (training goes on): {problem}")
         elif isinstance(event, Preview):
             self._show_preview(event)
         elif isinstance(event, CheckpointSaved):
