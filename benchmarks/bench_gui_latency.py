@@ -94,6 +94,38 @@ def name_long_gaps(stamps: np.ndarray, threshold_ms: float = 20.0) -> dict[str, 
     return named
 
 
+def open_bench_viewer(window: str = "1200x900"):
+    """(viewer, app, Pretrain dock): the workbench as ``mim-workbench gui`` opens it, in a window
+    of a fixed size with fresh napari settings (napari restores an old session's window size)."""
+    settings = Path(tempfile.mkdtemp(prefix="mim-bench-napari-")) / "settings.yaml"
+    os.environ["NAPARI_CONFIG"] = str(settings)
+    import napari
+    from mim_workbench_napari._launch import open_workbench
+
+    viewer = napari.Viewer(show=True)
+    width, height = (int(v) for v in window.split("x"))
+    viewer.window._qt_window.resize(width, height)
+    docks = open_workbench(viewer)
+    app = napari.qt.get_qapp()
+    gaps_while(app, 2.0)  # the window's first paints are start-up, not idle
+    return viewer, app, docks["Pretrain"]
+
+
+def start_pretraining(w, data: str | Path, out: str | Path, *, img_size: int, batch: int, epochs: int) -> None:
+    """Start CPU pretraining from the Pretrain dock ``w`` and wait for its first two steps."""
+    w.data.value = str(data)
+    w.out.value = str(out)
+    w.img_size.value = img_size
+    w.epochs.value = epochs
+    w.batch.value = batch
+    w.device.value = "cpu"
+    w.start_training()
+    from qtpy.QtWidgets import QApplication
+
+    # let the child process start and reach its first steps before measuring
+    gaps_while(QApplication.instance(), 120, until=lambda: w.plot.train[0] and len(w.plot.train[0]) > 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -104,37 +136,22 @@ def main() -> None:
     ap.add_argument("--no-previews", action="store_true", help="drop Preview events (diagnosis)")
     args = ap.parse_args()
 
-    settings = Path(tempfile.mkdtemp(prefix="mim-gui-latency-napari-")) / "settings.yaml"
-    os.environ["NAPARI_CONFIG"] = str(settings)
-    import napari
-    from mim_workbench.sample import sample_root
-    from mim_workbench_napari._launch import open_workbench
-
     _trace_gc()
-    viewer = napari.Viewer(show=True)
-    width, height = (int(v) for v in args.window.split("x"))
-    viewer.window._qt_window.resize(width, height)
-    docks = open_workbench(viewer)
-    app = napari.qt.get_qapp()
-    gaps_while(app, 2.0)  # the window's first paints are start-up, not idle
+    viewer, app, w = open_bench_viewer(args.window)
+    import napari  # after open_bench_viewer: it points napari at fresh settings first
+
     idle = gaps_while(app, args.idle_seconds)
 
-    w = docks["Pretrain"]
-    w.data.value = str(sample_root())
-    # a fresh run folder: an old run there would end the new one at once (and measure an idle viewer)
-    w.out.value = str(Path(tempfile.mkdtemp(prefix="mim-gui-latency-")) / "run")
     on_event = w.on_event
     if args.no_previews:  # isolates what the preview layers cost the event loop
         on_event = lambda e, _orig=on_event: None if type(e).__name__ == "Preview" else _orig(e)  # noqa: E731
     w.job.on_event = lambda e: _traced(on_event, type(e).__name__)(e)
     w._flush_progress = _traced(w._flush_progress, "progress repaint")
-    w.img_size.value = args.img_size
-    w.epochs.value = 1000
-    w.batch.value = 8
-    w.device.value = "cpu"
-    w.start_training()
-    # let the child process start and reach its first steps before measuring
-    gaps_while(app, 60, until=lambda: w.plot.train[0] and len(w.plot.train[0]) > 1)
+    from mim_workbench.sample import sample_root
+
+    # a fresh run folder: an old run there would end the new one at once (and measure an idle viewer)
+    start_pretraining(w, sample_root(), Path(tempfile.mkdtemp(prefix="mim-gui-latency-")) / "run",
+                      img_size=args.img_size, batch=8, epochs=1000)
     steps_before = len(w.plot.train[0])
     stamps = ticks_while(app, args.seconds)
     busy = np.diff(stamps) * 1000.0

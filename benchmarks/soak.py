@@ -14,9 +14,10 @@ What it reports (JSON, also printed):
   training, and idle after it stopped.
 * ``training``: steps, checkpoints written, the losses at both ends, failures.
 
-GUI mode (default when a display exists) trains through the Pretrain dock (the real
-child-process path, with the preview layers and loss curve updating; the dock does not
-switch the decoded-image cache on); ``--headless`` runs the same child process through
+GUI mode (default when a display exists) trains through the workbench's Pretrain dock
+in the viewer ``bench_gui_latency.py`` opens (the real child-process path, with the
+preview layers and loss curve updating; the dock does not switch the decoded-image
+cache on); ``--headless`` runs the same child process through
 ``TrainingProcess`` with the cache on.  Both use a private cache folder, removed at the end.
 
     xvfb-run -a python benchmarks/soak.py --minutes 20 --out benchmarks/results/soak.json
@@ -41,7 +42,7 @@ import numpy as np
 import torch  # noqa: F401  (before napari's GL context: see tests/conftest.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gui_latency import gaps_while, summary  # noqa: E402
+from bench_gui_latency import gaps_while, open_bench_viewer, start_pretraining, summary  # noqa: E402
 
 
 def _psutil():
@@ -133,28 +134,13 @@ def soak_headless(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def soak_gui(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    import napari
-    from mim_workbench_napari._launch import open_workbench
-    from mim_workbench_napari._pretrain_widget import PretrainWidget
-
     psutil = _psutil()
     me = psutil.Process()
-    viewer = napari.Viewer(show=True)
-    open_workbench(viewer)
-    app = napari.qt.get_qapp()
+    viewer, app, w = open_bench_viewer(args.window)
     idle_before = gaps_while(app, args.gui_seconds)
-
-    w = PretrainWidget(viewer)
-    viewer.window.add_dock_widget(w, name="soak pretrain")
     cfg = training_config(args, out)
-    w.data.value = str(Path(cfg["data"]).parent)
-    w.out.value = cfg["out"]
-    w.img_size.value = args.img_size
-    w.epochs.value = 10_000
-    w.batch.value = args.batch
-    w.device.value = "cpu"
-    w.start_training()
-    gaps_while(app, 120, until=lambda: w.plot.train[0] and len(w.plot.train[0]) > 1)
+    start_pretraining(w, Path(cfg["data"]).parent, cfg["out"], img_size=args.img_size, batch=args.batch,
+                      epochs=10_000)
     t0 = time.monotonic()
     start = gaps_while(app, args.gui_seconds)
     times, child_rss, gui_rss = [], [], []
@@ -195,6 +181,7 @@ def main() -> None:
     ap.add_argument("--sample-every", type=float, default=10.0, help="seconds between memory samples")
     ap.add_argument("--warmup-minutes", type=float, default=2.0, help="memory growth is measured after this")
     ap.add_argument("--gui-seconds", type=float, default=20.0, help="length of each event-loop window")
+    ap.add_argument("--window", default="1200x900", help="GUI mode: main window size WIDTHxHEIGHT")
     ap.add_argument("--out", default="benchmarks/results/soak.json")
     args = ap.parse_args()
 
