@@ -14,7 +14,6 @@ pyramid or an in-memory array alike), so no source file is needed.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import napari  # the viewer annotation must resolve: napari injects it by type
@@ -27,7 +26,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlid
 # segfaulted (Mesa/Xvfb).
 from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
 
-from ._multiscale import tiled_root, wants_tiled
+from ._multiscale import ScratchMaps, wants_tiled
 from ._status import status_label
 
 TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
@@ -66,7 +65,8 @@ class InspectWidget(Container):
         self.last_result = None
         self.last_tiled: dict | None = None          # stats of the last tiled run (output, metrics, tiles)
         self.band_updates: list[tuple[int, int, int, int]] = []   # (row0, row1, tiles done, total) per band shown
-        self._tiled_dirs: dict[str, Path] = {}       # image name -> zarr maps its layers read
+        self.maps = ScratchMaps("inspect")            # the zarr maps tiled layers read
+        self.native.destroyed.connect(self.maps.clear)
 
     def _image_layers(self, _=None) -> list:
         from napari.layers import Image
@@ -151,7 +151,7 @@ class InspectWidget(Container):
         if self.region.value is not None:  # painted at any level: its own scale places it on the image
             lab = self.region.value
             region = (np.asarray(lab.data[-1] if lab.multiscale else lab.data), tuple(lab.scale[-2:]))
-        out = tiled_root("inspect") / f"{uuid.uuid4().hex}.zarr"
+        out = self.maps.new()
 
         def work():
             model, loaded = self._model(ckpt)
@@ -181,7 +181,7 @@ class InspectWidget(Container):
 
     def _show_band(self, item, img) -> None:
         band, output = item
-        if self._tiled_dirs.get(img.name) != output.path:
+        if self.maps.shown.get(img.name) != output.path:
             self._add_tiled_layers(output, img)
         for prefix, key in TILED_OUTPUTS:
             layer = self.viewer.layers[f"{prefix}: {img.name}"]
@@ -196,8 +196,6 @@ class InspectWidget(Container):
 
     def _add_tiled_layers(self, output, img) -> None:
         """Multiscale layers over the zarr maps being written (replacing this image's older outputs)."""
-        import shutil
-
         for prefix, _attr in OUTPUTS:  # a non-tiled run's masked / recon+visible do not belong to this one
             name = f"{prefix}: {img.name}"
             if name in self.viewer.layers:
@@ -211,10 +209,7 @@ class InspectWidget(Container):
                 contrast_limits=(0.0, 1e-6) if prefix == "error" else (0.0, 1.0),
                 metadata={"mim_workbench_tiled": str(output.path)},
             )
-        old = self._tiled_dirs.get(img.name)
-        self._tiled_dirs[img.name] = output.path
-        if old is not None and old != output.path:
-            shutil.rmtree(old, ignore_errors=True)  # nothing shows it any more
+        self.maps.show(img.name, output.path)
 
     def _show_tiled(self, stats: dict, img) -> None:
         self.last_tiled = stats

@@ -94,3 +94,66 @@ def tiled_root(kind: str) -> Path:
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
     (base / kind).mkdir(parents=True, exist_ok=True)
     return base / kind
+
+
+#: Maps older than this in a tiled root belong to no open viewer (a crashed or killed session).
+STALE_AFTER_S = 3 * 24 * 3600.0
+
+
+class ScratchMaps:
+    """The tiled output maps (zarr folders) one dock writes for its layers to read.
+
+    They are scratch: a map is removed as soon as a newer one for the same image
+    replaces its layers, the rest when the dock or the viewer closes (``clear``), and
+    maps that a crashed session left behind are removed at the next start once they are
+    older than :data:`STALE_AFTER_S`.  Saving a layer writes a copy elsewhere.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.root = tiled_root(kind)
+        self.shown: dict[str, Path] = {}   # image name -> the map its layers read now
+        self.prune_stale()
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.clear)
+
+    def new(self) -> Path:
+        """A fresh map folder name (the writer creates it)."""
+        import uuid
+
+        return self.root / f"{uuid.uuid4().hex}.zarr"
+
+    def show(self, image_name: str, path: Path) -> None:
+        """``path`` now backs ``image_name``'s layers: the map it replaces goes."""
+        old = self.shown.get(image_name)
+        self.shown[image_name] = Path(path)
+        if old is not None and old != Path(path):
+            _remove(old)
+
+    def clear(self, *_: Any) -> None:
+        for path in self.shown.values():
+            _remove(path)
+        self.shown.clear()
+
+    def prune_stale(self, now: float | None = None) -> list[Path]:
+        import time
+
+        now = time.time() if now is None else now
+        gone = []
+        for entry in self.root.glob("*.zarr"):
+            try:
+                old = now - entry.stat().st_mtime > STALE_AFTER_S
+            except OSError:
+                continue
+            if old:
+                _remove(entry)
+                gone.append(entry)
+        return gone
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

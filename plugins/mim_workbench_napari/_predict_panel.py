@@ -20,7 +20,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, PushBut
 # first to load timm/torchvision/triton.
 from mim_workbench.inference.predict import load_predictor
 
-from ._multiscale import layer_pyramid, tiled_root, wants_tiled
+from ._multiscale import ScratchMaps, layer_pyramid, wants_tiled
 from ._status import status_label
 
 HEATMAP_PREFIX = "heatmap: "
@@ -52,6 +52,8 @@ class PredictPanel:
         self.predict_worker = None
         self.last_prediction = None
         self._predictors: dict[str, Any] = {}
+        self.maps = ScratchMaps("predict")            # the zarr maps tiled heat maps read
+        self.native.destroyed.connect(self.maps.clear)
         return Container(widgets=[self.model, self.colormap, self.opacity, self.predict_button, self.result],
                          labels=True)
 
@@ -101,14 +103,12 @@ class PredictPanel:
 
     def _predict_tiled(self, img, path: str) -> None:
         """A large image: tile by tile into zarr maps shown as a multiscale heat map that fills in."""
-        import uuid
-
         from napari.qt.threading import create_worker
 
         from mim_workbench.inference.tiled_predict import iter_predict_tiled
 
         pyr = layer_pyramid(img)
-        out = tiled_root("predict") / f"{uuid.uuid4().hex}.zarr"
+        out = self.maps.new()
 
         def work():
             stats: dict[str, Any] = {}
@@ -127,14 +127,11 @@ class PredictPanel:
         self.predict_worker.start()
 
     def _show_band(self, item, img) -> None:
-        import shutil
-
         band, output = item
         name = HEATMAP_PREFIX + img.name
         key = output.names[0]   # the classifier's map, or a dense head's first class
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if layer is None or layer.metadata.get("mim_workbench_tiled") != str(output.path):
-            old = layer.metadata.get("mim_workbench_tiled") if layer is not None else None
+        if layer is None or self.maps.shown.get(img.name) != output.path:
             for stale in (name, DENSE_PREFIX + img.name):
                 if stale in self.viewer.layers:
                     self.viewer.layers.remove(stale)
@@ -143,8 +140,7 @@ class PredictPanel:
                 output.levels(key), name=name, multiscale=True, scale=tuple(output.scale),
                 translate=img.translate[-2:], colormap=self.colormap.value, opacity=float(self.opacity.value),
                 blending="additive", contrast_limits=(0.0, 1.0), metadata={"mim_workbench_tiled": str(output.path)})
-            if old:
-                shutil.rmtree(old, ignore_errors=True)  # nothing shows it any more
+            self.maps.show(img.name, output.path)
         if key == "map":  # raw patch logits: scale the colours to what is there so far
             coarse = np.asarray(output.levels(key)[-1][...])
             lo, hi = float(coarse.min()), float(coarse.max())
