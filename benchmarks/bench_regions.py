@@ -140,15 +140,12 @@ def cross_validate(root: Path, rows: list[dict], folds: int = 5) -> dict:
 
 # ----------------------------------------------------------------- breast
 def bench_breast() -> dict:
-    from mim_workbench.sample import mammogram_phantom
+    from mim_workbench.sample import mammogram_phantom, mammogram_phantom_truth
 
     img = np.asarray(read_image(mammogram_phantom()).data)
     h, w = img.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    outline = ((yy - h * 0.52) / (h * 0.46)) ** 2 + (xx / (w * 0.78)) ** 2 <= 1.0
-    pect = (xx / (w * 0.32) + yy / (h * 0.42)) < 1.0
-    label = np.zeros((h, w), bool)
-    label[60:140, w - 180 : w - 60] = True
+    truth = mammogram_phantom_truth(img.shape)
+    outline, pect, label = truth["breast"], truth["pectoral"], truth["label"]
     m, t_small = timed(propose_region, img, "breast")
     mp, t_small_p = timed(propose_region, img, "breast", exclude_pectoral=True)
     out = {"phantom": {

@@ -104,24 +104,36 @@ def write_mg_dicom(path: str | Path, pixels: np.ndarray, *, spacing_mm: float | 
     return path
 
 
+def mammogram_phantom_truth(shape: tuple[int, int] = (1600, 1200)) -> dict[str, np.ndarray]:
+    """The phantom's ground truth, boolean ``shape`` masks: ``breast`` (the outline, pectoral
+    wedge included), ``pectoral`` (the wedge) and ``label`` (the burned-in marker)."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # Breast: half-ellipse against the left edge (chest wall), nipple to the right.
+    breast = ((yy - h * 0.52) / (h * 0.46)) ** 2 + (xx / (w * 0.78)) ** 2 <= 1.0
+    # Pectoral muscle: a wedge in the upper-left corner (MLO view).
+    pectoral = (xx / (w * 0.32) + yy / (h * 0.42)) < 1.0
+    label = np.zeros((h, w), bool)
+    label[60:140, w - 180:w - 60] = True
+    return {"breast": breast, "pectoral": pectoral, "label": label}
+
+
 def _phantom_pixels(shape: tuple[int, int], seed: int) -> np.ndarray:
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)
     h, w = shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    # Breast: half-ellipse against the left edge (chest wall), nipple to the right.
-    cy, ry, rx = h * 0.52, h * 0.46, w * 0.78
-    inside = ((yy - cy) / ry) ** 2 + (xx / rx) ** 2 <= 1.0
+    truth = mammogram_phantom_truth(shape)
+    inside = truth["breast"]
     # Thickness falls off towards the skin line, so density does too.
+    cy, ry, rx = h * 0.52, h * 0.46, w * 0.78
     depth = np.sqrt(np.clip(1.0 - ((yy - cy) / ry) ** 2 - (xx / rx) ** 2, 0, 1))
     texture = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 12)
     texture += 0.5 * ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 3)
     texture = (texture - texture.mean()) / (texture.std() + 1e-6)
     tissue = 1500 + 900 * depth + 260 * texture * depth
-    # Pectoral muscle: a bright wedge in the upper-left corner (MLO view).
-    pect = (xx / (w * 0.32) + yy / (h * 0.42)) < 1.0
-    tissue = np.where(pect, tissue + 700, tissue)
+    tissue = np.where(truth["pectoral"], tissue + 700, tissue)   # the muscle is bright
     # A mass with a fuzzy margin, and a cluster of microcalcifications.
     my, mx = h * 0.55, w * 0.42
     r = np.hypot(yy - my, xx - mx)
@@ -131,7 +143,7 @@ def _phantom_pixels(shape: tuple[int, int], seed: int) -> np.ndarray:
         tissue += 900 * np.exp(-(((yy - py) ** 2 + (xx - px) ** 2) / 6.0))
     img = np.where(inside, tissue, 80 + 20 * rng.random(shape, dtype=np.float32))
     # Burned-in laterality marker, as on real films (a bright block + letter-like bars).
-    img[60:140, w - 180:w - 60] = 3900
+    img[truth["label"]] = 3900
     img[75:125, w - 160:w - 150] = 200
     img[115:125, w - 160:w - 110] = 200
     return np.clip(img, 0, 4095).astype(np.uint16)

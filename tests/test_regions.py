@@ -153,15 +153,11 @@ def test_lungs_two_sides_and_inverted_film():
 def phantom():
     from mim_workbench.sample import mammogram_phantom
 
+    from mim_workbench.sample import mammogram_phantom_truth
+
     img = np.asarray(read_image(mammogram_phantom()).data)
-    h, w = img.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    # the phantom's geometry (mim_workbench.sample._phantom_pixels)
-    outline = ((yy - h * 0.52) / (h * 0.46)) ** 2 + (xx / (w * 0.78)) ** 2 <= 1.0
-    pectoral = (xx / (w * 0.32) + yy / (h * 0.42)) < 1.0
-    label = np.zeros((h, w), bool)
-    label[60:140, w - 180 : w - 60] = True
-    return img, outline, pectoral, label
+    truth = mammogram_phantom_truth(img.shape)
+    return img, truth["breast"], truth["pectoral"], truth["label"]
 
 
 def test_breast_phantom_outline_without_label(phantom):
