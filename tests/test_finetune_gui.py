@@ -202,3 +202,44 @@ def test_large_image_prediction_streams_a_multiscale_heatmap(make_napari_viewer,
     assert np.isfinite(full).all() and full.std() > 0
     assert set(heat.metadata["probs"]) == {"COVID-19", "Other pneumonia"}
     assert heat.metadata["label"] in w.result.value and "tiles" in w.result.value
+
+
+def test_large_image_dense_prediction_streams_multiscale_labels(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    import mim_workbench_napari._multiscale as multiscale
+    from mim_workbench.models import ModelConfig
+    from mim_workbench.training.dense import train_dense
+    from mim_workbench_napari._finetune_widget import FinetuneWidget
+    from mim_workbench_napari._predict_panel import DENSE_PREFIX, HEATMAP_PREFIX
+    from napari.layers import Labels
+
+    monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(multiscale, "TILED_THRESHOLD_PIXELS", 500_000)
+    rng = np.random.default_rng(0)
+    small = np.clip(0.3 + 0.1 * rng.standard_normal((128, 128)), 0, 1).astype(np.float32)
+    small[:, 64:] += 0.4                                        # a bright right half: class 1
+    strokes = np.zeros((128, 128), np.uint8)
+    strokes[20:110:6, 70:120] = 1
+    strokes[20:110:6, 8:58] = 2
+    head = train_dense([small], [strokes], model_config=ModelConfig(img_size=(64, 64), patch_size=8, embed_dim=32,
+                                                                   depth=1, num_heads=2),
+                       classes=["bright", "dark"], steps=10, batch_size=4, crop=48, out=tmp_path / "dense")
+    viewer = make_napari_viewer()
+    w = FinetuneWidget(viewer)
+    big = np.clip(0.3 + 0.1 * rng.standard_normal((1200, 900)), 0, 1).astype(np.float32)
+    big[:, 450:] += 0.4
+    img = viewer.add_image(big, name="big", scale=(0.1, 0.1), translate=(2.0, 3.0))
+    w.image.value = img
+    w.model.value = str(head.checkpoint)
+    w.predict()
+    qtbot.waitUntil(lambda: w.predict_worker is None, timeout=120_000)
+    labels = viewer.layers[DENSE_PREFIX + "big"]
+    heat = viewer.layers[HEATMAP_PREFIX + "big"]
+    assert isinstance(labels, Labels) and labels.multiscale and tuple(labels.data[0].shape) == big.shape
+    assert tuple(labels.scale) == pytest.approx((0.1, 0.1)) and tuple(labels.translate) == pytest.approx((2.0, 3.0))
+    assert labels.metadata["classes"] == ["bright", "dark"]
+    full = np.asarray(labels.data[0][...])
+    assert set(np.unique(full)) <= {1, 2} and full.all(), "every pixel got a class"
+    p_bright = np.asarray(heat.data[0][...])
+    np.testing.assert_array_equal(full == 1, p_bright > 1 - p_bright)   # the labels are the maps' argmax
+    coarse = np.asarray(labels.data[-1][...])
+    assert coarse.shape == tuple(heat.data[-1].shape) and set(np.unique(coarse)) <= {1, 2}

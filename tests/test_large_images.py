@@ -18,6 +18,8 @@ import pytest
 
 import _large_images as L
 
+from mim_workbench.inference.tiling import argmax_labels
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -303,11 +305,33 @@ def test_tiled_prediction_maps_classifier_and_dense_head_cli(mammo, cache_env, t
     whole = DenseHead.predict(head, img).probs                       # the same level in one piece
     agree = (probs.argmax(0) == whole.argmax(0)).mean()
     assert agree > 0.9, agree
+    labels = argmax_labels(res.output, list(res.maps))               # what the viewer shows as dense: NAME
+    assert [lv.shape for lv in labels] == [tuple(a.shape) for a in res.output.levels("breast")]
+    np.testing.assert_array_equal(np.asarray(labels[0]), probs.argmax(0) + 1)
     out3 = tmp_path / "pred_dense"
     assert main(["dense-predict", "--checkpoint", str(head.checkpoint), "--image", str(mammo), "--tiled",
                  "--level", "3", "--out", str(out3)]) == 0
     rec3 = json.loads((out3 / "predictions.json").read_text())
     assert rec3["kind"] == "dense" and set(rec3["mean_prob"]) == {"breast", "background"}
+
+
+def test_argmax_labels_read_the_maps_as_they_are_written(tmp_path):
+    from mim_workbench.inference.tiling import ArgmaxLabels, create_output
+
+    out = create_output(tmp_path / "maps.zarr", ["a", "b", "c"], (40, 30), scale=(0.5, 0.5), min_side=8)
+    labels = argmax_labels(out, out.names)
+    assert len(labels) == len(out.levels("a")) >= 2 and labels[0].dtype == np.uint8
+    assert not np.asarray(labels[0]).any(), "nothing written yet: no label"
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet([1, 1, 1], size=(20, 30)).transpose(2, 0, 1).astype(np.float32)   # the top half
+    for k, name in enumerate(out.names):
+        out.levels(name, mode="r+")[0][:20] = p[k]
+    lab = labels[0]
+    np.testing.assert_array_equal(lab[:20], p.argmax(0) + 1)
+    assert not lab[20:].any()
+    np.testing.assert_array_equal(lab[5:9, 3:7], (p.argmax(0) + 1)[5:9, 3:7])
+    with pytest.raises(ValueError, match="differ in shape"):
+        ArgmaxLabels([np.zeros((4, 4)), np.zeros((4, 5))])
 
 
 def test_pretrain_cli_crop_flags(large_dir, mammo, cache_env, tmp_path, capsys):

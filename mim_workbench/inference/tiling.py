@@ -87,6 +87,48 @@ class TiledOutput:
         return [group[str(k)] for k in range(n)]
 
 
+class ArgmaxLabels:
+    """Class labels of K probability maps at one level, computed on read.
+
+    ``1 + argmax`` over the maps (uint8; uint16 beyond 254 classes), 0 where no tile has
+    been written yet (every map still holds its fill value 0).  Array-like enough for
+    napari (``shape``, ``dtype``, ``ndim``, slicing, ``__array__``): a dense head's labels of
+    a whole large image need no second store, and each refresh reads what the maps hold
+    now, so the labels fill in band by band with the heat map.
+    """
+
+    def __init__(self, arrays: list[Any]) -> None:
+        if not arrays:
+            raise ValueError("ArgmaxLabels needs at least one probability map")
+        shapes = {tuple(a.shape) for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"probability maps of one level differ in shape: {sorted(shapes)}")
+        self.arrays = list(arrays)
+        self.shape = tuple(arrays[0].shape)
+        self.ndim = len(self.shape)
+        self.size = math.prod(self.shape)
+        self.dtype = np.dtype(np.uint8 if len(arrays) < 255 else np.uint16)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        probs = np.stack([np.asarray(a[key], dtype=np.float32) for a in self.arrays])
+        labels = (probs.argmax(axis=0) + 1).astype(self.dtype)
+        labels[probs.max(axis=0) <= 0] = 0
+        return labels
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def argmax_labels(output: TiledOutput, names: list[str]) -> list[ArgmaxLabels]:
+    """One :class:`ArgmaxLabels` per level of ``output``'s maps ``names`` (label k = names[k-1])."""
+    per_name = [output.levels(n) for n in names]
+    return [ArgmaxLabels([levels[k] for levels in per_name]) for k in range(len(per_name[0]))]
+
+
 def band_rows(tile_rows: int, overlap: float) -> int:
     """Rows between tile rows (the stride) -- the height of every band but the last."""
     return max(1, int(round(tile_rows * (1 - overlap))))

@@ -3,10 +3,9 @@
 A classifier gives class probabilities (panel text and the viewer's text overlay) and a
 heat map ``heatmap: NAME``; a dense head gives a Labels layer ``dense: NAME`` and the heat
 map of its first class.  Large images (multiscale, or above the tiling threshold) are
-predicted tile by tile into zarr maps: the heat map is a multiscale layer that fills in
-while it runs (a dense head's labels layer is not made for them: its per-class maps are in
-the zarr store).  Prediction runs in a napari worker thread; the layers change on the GUI
-thread.
+predicted tile by tile into zarr maps: the heat map (and a dense head's labels, computed
+from the class maps on read) are multiscale layers that fill in while it runs.
+Prediction runs in a napari worker thread; the layers change on the GUI thread.
 """
 
 from __future__ import annotations
@@ -140,12 +139,20 @@ class PredictPanel:
                 output.levels(key), name=name, multiscale=True, scale=tuple(output.scale),
                 translate=img.translate[-2:], colormap=self.colormap.value, opacity=float(self.opacity.value),
                 blending="additive", contrast_limits=(0.0, 1.0), metadata={"mim_workbench_tiled": str(output.path)})
+            if key != "map":  # a dense head: its labels (1 + argmax of the class maps), read as they fill in
+                from mim_workbench.inference.tiling import argmax_labels
+
+                self.viewer.add_labels(argmax_labels(output, output.names), name=DENSE_PREFIX + img.name,
+                                       multiscale=True, scale=tuple(output.scale), translate=img.translate[-2:],
+                                       opacity=0.5, metadata={"mim_workbench_tiled": str(output.path)})
             self.maps.show(img.name, output.path)
         if key == "map":  # raw patch logits: scale the colours to what is there so far
             coarse = np.asarray(output.levels(key)[-1][...])
             lo, hi = float(coarse.min()), float(coarse.max())
             layer.contrast_limits = (lo, hi if hi > lo else lo + 1e-6)
         layer.refresh()
+        if DENSE_PREFIX + img.name in self.viewer.layers and key != "map":
+            self.viewer.layers[DENSE_PREFIX + img.name].refresh()
         self.band_updates.append((band.row0, band.row1, band.tiles_done, band.tiles_total))
         self.result.value = f"tiled: {band.tiles_done}/{band.tiles_total} tiles, rows up to {band.row1}"
 
@@ -160,6 +167,8 @@ class PredictPanel:
                                  + f"; map: patch logit of {record['map_class']}, {stats.get('tiles', 0)} tiles")
             self._announce(img, record["label"], record["probs"][record["label"]])
         else:
+            if DENSE_PREFIX + img.name in self.viewer.layers:
+                self.viewer.layers[DENSE_PREFIX + img.name].metadata["classes"] = list(record.get("classes", []))
             shares = ", ".join(f"{c} {f:.1%}" for c, f in record.get("label_fraction", {}).items())
             self.result.value = (f"{img.name}: {shares}; heat map: p({record['classes'][0]}), "
                                  f"{stats.get('tiles', 0)} tiles")
