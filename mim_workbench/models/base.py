@@ -150,6 +150,10 @@ class MIMModel(nn.Module):
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
 
+    # Not traced by torch.compile: the counts decide shapes (data-dependent), and the masks are
+    # host tensors anyway; compiled graphs start after it (without this, dynamo warned of a graph
+    # break at int(counts.min()) on every first compile).
+    @torch.compiler.disable
     def _indices(self, mask: torch.Tensor, device: torch.device) -> MaskIndices:
         """Gather indices, computed where the mask lives (no sync for CPU masks), then moved."""
         idx = mask_to_indices(mask)
