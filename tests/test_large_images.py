@@ -97,6 +97,37 @@ def test_pyramid_cache_is_reused_and_never_stale(mammo, cache_env, tmp_path):
     assert a.level_for_spacing(0.3) == 2
 
 
+def test_pyramid_cache_drops_the_least_recently_opened_beyond_its_cap(tmp_path, monkeypatch):
+    import time
+
+    from PIL import Image
+
+    from mim_workbench.io.pyramid import KEEP_RECENT_S, open_pyramid, pyramid_cache_entries, prune_pyramid_cache
+
+    root = tmp_path / "pyramids"
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("a", "b", "c"):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(rng.integers(0, 255, (700, 500), dtype=np.uint8)).save(paths[-1])
+    stores = [open_pyramid(p, cache_root=root).store for p in paths]
+    sizes = {e: size for _, size, e in pyramid_cache_entries(root)}
+    assert set(sizes) == set(stores) and all(v > 0 for v in sizes.values())
+    old = time.time() - KEEP_RECENT_S - 3600
+    for store in stores[:2]:                     # a and b were last opened two days ago...
+        os.utime(store / "zarr.json", (old, old))
+    open_pyramid(paths[0], cache_root=root)     # ...and a again just now: opening stamps it
+    cap = sizes[stores[0]] + sizes[stores[2]] + 1
+    assert prune_pyramid_cache(root, max_bytes=cap) == [stores[1]]
+    assert stores[0].is_dir() and not stores[1].exists() and stores[2].is_dir()
+    # under the cap, or all recently opened: nothing goes
+    assert prune_pyramid_cache(root, max_bytes=cap) == []
+    assert prune_pyramid_cache(root, max_bytes=1) == [], "a pyramid opened today may be in use"
+    monkeypatch.setenv("MIM_WORKBENCH_PYRAMID_CACHE_GB", "0")   # the cap from the environment
+    later = time.time() + 2 * KEEP_RECENT_S
+    assert prune_pyramid_cache(root, now=later) == [stores[2], stores[0]], "least recently opened first"
+
+
 def test_pyramidal_tiff_30000_opens_multiscale_with_bounded_memory(big_tiff, cache_env):
     script = textwrap.dedent(f"""
         import json, sys, psutil

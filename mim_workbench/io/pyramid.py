@@ -30,6 +30,12 @@ else ``~/.cache/mim-workbench``).  The key is a sha256 over the source's resolve
 path, size and ``mtime_ns`` and the build settings (plus :data:`PYRAMID_FORMAT` and
 the package version): an edited source or another setting misses, so a stale
 pyramid is never served.  Entries are written to a temporary name and renamed.
+
+The cache has a soft cap (:data:`DEFAULT_PYRAMID_CACHE_BYTES`, or
+``MIM_WORKBENCH_PYRAMID_CACHE_GB``): after each build the least recently opened
+entries go until the total fits, but never one opened within :data:`KEEP_RECENT_S`
+(a viewer or a training run may be reading it), so the cap can be exceeded for a day.
+Every open stamps the entry's ``zarr.json`` (kernel atime is unreliable).
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ PYRAMID_THRESHOLD_PIXELS: int = 8_000_000
 DEFAULT_CHUNK = 512
 #: Coarsest level: the longest side stops shrinking at or below this.
 DEFAULT_MIN_SIDE = 256
+#: Soft cap of the pyramid cache (``MIM_WORKBENCH_PYRAMID_CACHE_GB`` overrides).
+DEFAULT_PYRAMID_CACHE_BYTES = 20 * 1024**3
+#: Entries opened this recently are never evicted.
+KEEP_RECENT_S = 24 * 3600.0
 #: Rows/cols per block while building (a multiple of the chunk): bounds memory.
 BUILD_BLOCK = 2048
 
@@ -225,7 +235,77 @@ def open_pyramid(path: str | os.PathLike, *, keep_color: bool = True, chunk: int
         pyr = _open_built(entry)
         if pyr is None:
             raise ReaderError(p, f"pyramid written to {entry} cannot be read back")
+        _stamp(entry)
+        prune_pyramid_cache(root)
+    else:
+        _stamp(entry)
     return pyr
+
+
+def _stamp(entry: Path) -> None:
+    try:
+        os.utime(entry / "zarr.json")
+    except OSError:
+        pass
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def pyramid_cache_cap() -> int:
+    """The cache's soft cap in bytes: ``MIM_WORKBENCH_PYRAMID_CACHE_GB`` or the default."""
+    env = os.environ.get("MIM_WORKBENCH_PYRAMID_CACHE_GB")
+    if env:
+        try:
+            return int(float(env) * 1024**3)
+        except ValueError:
+            pass
+    return DEFAULT_PYRAMID_CACHE_BYTES
+
+
+def pyramid_cache_entries(root: str | os.PathLike | None = None) -> list[tuple[float, int, Path]]:
+    """(last opened, bytes, folder) of every built pyramid in the cache."""
+    base = Path(root) if root is not None else pyramid_cache_root()
+    out = []
+    for entry in base.glob("*/*.zarr"):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            used = os.stat(entry / "zarr.json").st_mtime
+        except OSError:
+            used = 0.0
+        out.append((used, _tree_bytes(entry), entry))
+    return out
+
+
+def prune_pyramid_cache(root: str | os.PathLike | None = None, max_bytes: int | None = None,
+                        now: float | None = None) -> list[Path]:
+    """Remove the least recently opened pyramids until the cache fits ``max_bytes``, sparing
+    those opened within :data:`KEEP_RECENT_S`; returns what was removed."""
+    import time
+
+    cap = pyramid_cache_cap() if max_bytes is None else int(max_bytes)
+    now = time.time() if now is None else now
+    entries = sorted(pyramid_cache_entries(root), key=lambda e: (e[0], e[2].name))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for used, size, entry in entries:
+        if total <= cap:
+            break
+        if now - used < KEEP_RECENT_S:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        removed.append(entry)
+    return removed
 
 
 def _open_built(entry: Path) -> Pyramid | None:
