@@ -51,7 +51,6 @@ class InspectWidget(Container):
         self.resample = PushButton(text="Re-sample mask")
         self.side_by_side = CheckBox(text="Side by side", value=False)
         self.metrics = status_label()
-        self.metrics.native.setWordWrap(True)  # PSNR, baseline, ratio and strategy do not fit one line
         self.progress = ProgressBar(label="Tiles", min=0, max=100, value=0, visible=False)
         self.extend([self.checkpoint, self.image, self.region, self.strategy, self.ratio, self.seed,
                      self.run_button, self.resample, self.side_by_side, self.metrics, self.progress])
