@@ -16,7 +16,6 @@ import json
 import multiprocessing as mp
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np

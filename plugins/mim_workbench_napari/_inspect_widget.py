@@ -14,8 +14,6 @@ pyramid or an in-memory array alike), so no source file is needed.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import napari  # the viewer annotation must resolve: napari injects it by type
 import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, ProgressBar, PushButton,
