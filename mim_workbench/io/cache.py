@@ -71,7 +71,8 @@ def _fingerprint(path: Path) -> list:
     return [str(p), size, newest]
 
 
-def _dir_size(path: Path) -> int:
+def dir_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (files vanishing meanwhile count as 0)."""
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for name in files:
@@ -152,7 +153,7 @@ class DecodeCache:
         except (OSError, ValueError):
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        size = _dir_size(final)
+        size = dir_size(final)
         if self._total is None:
             self._total = self.size_bytes()
         else:
@@ -177,7 +178,7 @@ class DecodeCache:
 
     def size_bytes(self) -> int:
         """Bytes used by all entries (a full scan)."""
-        return sum(_dir_size(e) for e in self._entries())
+        return sum(dir_size(e) for e in self._entries())
 
     def evict(self, target_bytes: int | None = None) -> int:
         """Delete least-recently-used entries until at most ``target_bytes`` remain; returns bytes freed."""
@@ -188,7 +189,7 @@ class DecodeCache:
                 used = os.stat(self._marker(e)).st_atime
             except OSError:
                 used = 0.0
-            entries.append((used, e, _dir_size(e)))
+            entries.append((used, e, dir_size(e)))
         total = sum(size for _, _, size in entries)
         freed = 0
         for _used, e, size in sorted(entries, key=lambda t: (t[0], t[1].name)):
@@ -206,7 +207,7 @@ class DecodeCache:
         if self.root.is_dir():
             for sub in self.root.iterdir():
                 if sub.is_dir() and len(sub.name) == 2:
-                    freed += _dir_size(sub)
+                    freed += dir_size(sub)
                     shutil.rmtree(sub, ignore_errors=True)
         self._total = 0
         return freed

@@ -249,17 +249,6 @@ def _stamp(entry: Path) -> None:
         pass
 
 
-def _tree_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(dirpath, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
 def pyramid_cache_cap() -> int:
     """The cache's soft cap in bytes: ``MIM_WORKBENCH_PYRAMID_CACHE_GB`` or the default."""
     env = os.environ.get("MIM_WORKBENCH_PYRAMID_CACHE_GB")
@@ -273,6 +262,8 @@ def pyramid_cache_cap() -> int:
 
 def pyramid_cache_entries(root: str | os.PathLike | None = None) -> list[tuple[float, int, Path]]:
     """(last opened, bytes, folder) of every built pyramid in the cache."""
+    from mim_workbench.io.cache import dir_size
+
     base = Path(root) if root is not None else pyramid_cache_root()
     out = []
     for entry in base.glob("*/*.zarr"):
@@ -282,7 +273,7 @@ def pyramid_cache_entries(root: str | os.PathLike | None = None) -> list[tuple[f
             used = os.stat(entry / "zarr.json").st_mtime
         except OSError:
             used = 0.0
-        out.append((used, _tree_bytes(entry), entry))
+        out.append((used, dir_size(entry), entry))
     return out
 
 
