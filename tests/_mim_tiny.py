@@ -36,3 +36,13 @@ def tiny_cli_flags() -> list[str]:
     return ["--img-size", "64", "--embed-dim", "64", "--depth", "2", "--num-heads", "2",
             "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
             "--batch-size", "4", "--threads", "2", "--preview-every", "0"]
+
+
+def fill_pretrain_dock(w: Any, data: str | Path, out: str | Path, *, epochs: int) -> None:
+    """Set a Pretrain dock ``w`` for a tiny CPU run (64 px, batch 4) on ``data`` into ``out``."""
+    w.data.value = str(data)
+    w.out.value = str(out)
+    w.img_size.value = 64
+    w.epochs.value = epochs
+    w.batch.value = 4
+    w.device.value = "cpu"

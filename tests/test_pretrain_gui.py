@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from _mim_tiny import fill_pretrain_dock
 
 pytestmark = pytest.mark.gui
 
@@ -15,12 +16,7 @@ def test_pretrain_dock_runs_previews_and_checkpoints(make_napari_viewer, qtbot, 
     viewer = make_napari_viewer()
     w = PretrainWidget(viewer)
     viewer.window.add_dock_widget(w)
-    w.data.value = str(sample_root)
-    w.out.value = str(tmp_path / "run")
-    w.img_size.value = 64
-    w.epochs.value = 2
-    w.batch.value = 4
-    w.device.value = "cpu"
+    fill_pretrain_dock(w, sample_root, tmp_path / "run", epochs=2)
 
     w.start_training()
     assert not w.start.enabled and w.stop.enabled
@@ -72,12 +68,7 @@ def test_closing_the_viewer_stops_training_and_keeps_a_checkpoint(make_napari_vi
     viewer = make_napari_viewer()
     w = PretrainWidget(viewer)
     viewer.window.add_dock_widget(w)
-    w.data.value = str(sample_root)
-    w.out.value = str(tmp_path / "run")
-    w.img_size.value = 64
-    w.epochs.value = 500  # far more than the test waits for
-    w.batch.value = 4
-    w.device.value = "cpu"
+    fill_pretrain_dock(w, sample_root, tmp_path / "run", epochs=500)  # far more than the test waits for
     w.start_training()
     qtbot.waitUntil(lambda: w.progress.value >= 3, timeout=60_000)
     run = w.run

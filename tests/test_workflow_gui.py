@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _mim_tiny import fill_pretrain_dock
 
 pytestmark = pytest.mark.gui
 
@@ -67,12 +68,7 @@ def test_whole_flow(make_napari_viewer, qtbot, tmp_path, sample_root):
     assert (viewer.layers["masking preview: cxr0162"].data > 0.5).mean() < share
 
     # -- pretraining in the background: previews, pause, continue, stop ------------------------
-    pre.data.value = str(sample_root)
-    pre.out.value = str(tmp_path / "pretrain")
-    pre.img_size.value = 64
-    pre.epochs.value = 40
-    pre.batch.value = 4
-    pre.device.value = "cpu"
+    fill_pretrain_dock(pre, sample_root, tmp_path / "pretrain", epochs=40)
     pre.start_training()
     events: list = []
     pre.worker.yielded.connect(events.append)
