@@ -3,10 +3,8 @@ specific error or its documented recovery, through the API and the command line.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _bad_corpus import load_corpus
 from _mim_tiny import TINY_MODEL, tiny
 
 from mim_workbench import errors
@@ -22,11 +21,7 @@ from mim_workbench.io import info_records, read_image, read_mask, read_path
 from mim_workbench.io.datasets import discover
 from mim_workbench.training.config import PretrainConfig
 
-_spec = importlib.util.spec_from_file_location(
-    "make_corpus", Path(__file__).parent / "data" / "bad" / "make_corpus.py")
-corpus = importlib.util.module_from_spec(_spec)
-sys.modules["make_corpus"] = corpus  # dataclasses look their module up while the class is built
-_spec.loader.exec_module(corpus)  # type: ignore[union-attr]
+corpus = load_corpus()
 
 # Generated at collection (parametrisation needs the case list); removed after the module.
 _ROOT = Path(tempfile.mkdtemp(prefix="mim-bad-corpus-"))

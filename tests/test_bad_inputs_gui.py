@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _bad_corpus import load_corpus
 
 pytestmark = pytest.mark.gui
-
-
-def _corpus():
-    spec = importlib.util.spec_from_file_location("make_corpus", Path(__file__).parent / "data" / "bad" / "make_corpus.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_corpus", mod)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 class _Payload:
@@ -39,7 +30,7 @@ def test_bad_files_notify_and_leave_the_viewer_intact(make_napari_viewer, qtbot,
 
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "bad"
-    _corpus().make_corpus(bad)
+    load_corpus().make_corpus(bad)
     viewer = make_napari_viewer()
     image = viewer.add_image(np.random.rand(64, 80).astype(np.float32), name="film")
     w = WorkbenchWidget(viewer)

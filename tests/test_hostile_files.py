@@ -10,14 +10,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _bad_corpus import load_corpus
 from _mim_tiny import TINY_MODEL, tiny, tiny_cli_flags
 
 from mim_workbench.cli import main
@@ -136,18 +135,10 @@ def _phi_strings() -> list[bytes]:
     return sorted(out)
 
 
-def _corpus():
-    spec = importlib.util.spec_from_file_location("make_corpus", Path(__file__).parent / "data" / "bad" / "make_corpus.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_corpus", mod)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
 def test_phi_never_reaches_outputs_or_logs(tmp_path, capfd):
     import numpy as np
 
-    corpus = _corpus()
+    corpus = load_corpus()
     data = tmp_path / "dicoms"
     data.mkdir()
     rng = np.random.default_rng(0)
