@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .training.allocator import allocator_state, tune_cpu_allocator
 
 # ====================================================================== configuration
 #: The issue's reference configuration: ViT-Tiny/16 at 224 px, decoder 128 x 4 x 4 heads.
@@ -212,6 +213,8 @@ class BenchStep:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "off")
         if dtype is torch.float16 and dev.type != "cuda":
             raise ConfigError("amp=fp16 needs CUDA (use bf16 on the CPU)")
+        if dev.type == "cpu":
+            tune_cpu_allocator()          # as the training loop does (training.runtime.prepare_device)
         self._s = _Settings(dev, dtype)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -796,6 +799,7 @@ def machine_record(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(), "device": device,
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cpu_idle": cpu_idle_fraction(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "malloc": allocator_state(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
@@ -837,10 +841,12 @@ def _loss_ok(v: torch.Tensor) -> bool:
 
 def run_bench(options: BenchOptions | None = None) -> Iterator[dict[str, Any]]:
     """Yield the bench's JSON-able records in order (see ``benchmarks/README.md``)."""
+    from .training.runtime import prepare_device
+
     opt = options or BenchOptions()
-    if opt.threads:
-        torch.set_num_threads(int(opt.threads))
-    dev = torch.device(opt.device)
+    # As training does (threads, allocator), before anything is timed; the peer runs in
+    # this process too, so it gets the same allocator.
+    dev = prepare_device(opt.device, threads=int(opt.threads) if opt.threads else None)
     base = {**REFERENCE_CONFIG, **(opt.config or {})}
     for m in opt.methods:
         if m not in METHODS:

@@ -486,15 +486,13 @@ def _train_dense(images: list[Any], strokes: list[Any], checkpoint: Any, model_c
     from ..models.dense_head import DenseHeadNet
     from .encoder_source import load_encoder
     from .optim import build_optimizer, lr_at, set_lr
-    from .runtime import select_device
+    from .runtime import prepare_device
 
     if len(images) != len(strokes):
         raise ConfigError(f"{len(images)} images but {len(strokes)} stroke images")
     if not images:
         raise ConfigError("no images to train the dense head on")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = select_device(cfg.device)
+    device = prepare_device(cfg.device, threads=cfg.threads)
     torch.manual_seed(cfg.seed)
     loaded = load_encoder(checkpoint, model_config=model_config)
     labels_np = []

@@ -269,7 +269,7 @@ class _Finetune:
     def __init__(self, config: FinetuneConfig, emit: EventHandler, control: Control,
                  feature_cache: FeatureCache | None) -> None:
         from .config import require_data_and_out
-        from .runtime import resolve_amp, select_device
+        from .runtime import prepare_device, resolve_amp
 
         cfg = config.resolved()
         require_data_and_out(cfg)
@@ -287,9 +287,7 @@ class _Finetune:
                               "choose another --out")
         if cfg.mode == "probe" and cfg.batch_size < 2:
             raise ConfigError("batch_size=1: the linear probe's BatchNorm needs batches of at least 2")
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        self.device = select_device(cfg.device)
+        self.device = prepare_device(cfg.device, threads=cfg.threads)
         self.amp_dtype, amp_notes = resolve_amp(cfg.amp, self.device)
         self.notes += amp_notes
         torch.manual_seed(cfg.seed)

@@ -41,7 +41,7 @@ from .events import (
 )
 from .metrics import MetricsLog
 from .optim import build_optimizer, grad_norm_, load_optimizer_state, lr_at, set_lr
-from .runtime import CompiledForward, DistContext, resolve_amp, select_device
+from .runtime import CompiledForward, DistContext, prepare_device, resolve_amp
 from .sampler import LocalBatches, StepPlan
 
 # Fixed seeds (offsets from config.seed) of the generators that must not depend on
@@ -189,9 +189,7 @@ class _Trainer:
         self.resume = resume
         self.run_dir = Path(cfg.out).expanduser()
 
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        self.device = select_device(cfg.device, local_rank=self.dist.local_rank)
+        self.device = prepare_device(cfg.device, threads=cfg.threads, local_rank=self.dist.local_rank)
         self.amp_dtype, amp_notes = resolve_amp(cfg.amp, self.device)
         self.notes += amp_notes
         self._seed_everything(cfg.seed)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from .allocator import tune_cpu_allocator
 
 
 def select_device(requested: str, *, local_rank: int = 0) -> torch.device:
@@ -45,6 +46,18 @@ def select_device(requested: str, *, local_rank: int = 0) -> torch.device:
     if req == "cpu":
         return torch.device("cpu")
     raise ConfigError(f"device={requested!r}: choose auto, cpu, cuda, cuda:N or mps")
+
+
+def prepare_device(requested: str, *, threads: int | None = None, local_rank: int = 0) -> torch.device:
+    """What every training entry point does first: thread count, device, and on the CPU
+    the allocator tuning (:func:`.allocator.tune_cpu_allocator`; training runs in its own
+    process, so the tuning never reaches the viewer)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = select_device(requested, local_rank=local_rank)
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    return device
 
 
 def _mps_available() -> bool:
