@@ -130,10 +130,11 @@ def test_loss_depends_only_on_masked_targets(method):
         assert not torch.equal(a.losses["fine"], c.losses["fine"])
 
 
-@pytest.mark.parametrize("chans", [1, 3])
-def test_mae_matches_plain_reference_computation(chans):
-    """Visible-only patch embedding + masked-only heads == MAE computed the plain way (loss and gradients)."""
-    model = tiny("mae", chans, stats_loss_weight=0.0)
+@pytest.mark.parametrize("chans,decoder_depth", [(1, 1), (3, 1), (1, 3)])
+def test_mae_matches_plain_reference_computation(chans, decoder_depth):
+    """Visible-only patch embedding, last decoder block and heads at the masked rows only ==
+    MAE computed the plain way (loss and gradients)."""
+    model = tiny("mae", chans, stats_loss_weight=0.0, decoder_depth=decoder_depth)
     x, mask, _ = batch(model, ratio=0.75)
     out = model(x, mask)
     out.loss.backward()
@@ -162,6 +163,46 @@ def test_mae_matches_plain_reference_computation(chans):
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(ours[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("variant", ["plain", "qk_norm+layerscale", "matmul_attention", "no_qkv_bias"])
+def test_last_decoder_block_at_masked_rows_equals_whole_block(variant):
+    """block_at_rows == block(x) gathered at the rows, values and gradients (every input and weight)."""
+    from timm.models.vision_transformer import Block
+
+    from mim_workbench.models.decoder import block_at_rows, rows_supported
+
+    torch.manual_seed(0)
+    kw = {"qk_norm": True, "init_values": 0.1} if variant == "qk_norm+layerscale" else {}
+    block = Block(32, 4, qkv_bias=variant != "no_qkv_bias", **kw)
+    block.attn.fused_attn = variant != "matmul_attention"
+    assert rows_supported(block)
+    x = torch.randn(3, 13, 32, requires_grad=True)
+    rows = torch.stack([torch.randperm(13)[:9] for _ in range(3)])
+    g = torch.randn(3, 9, 32)
+
+    def grads(fn):
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        y = fn()
+        y.backward(g)
+        return y.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}
+
+    y_ref, gx_ref, gw_ref = grads(lambda: block(x).gather(1, rows[..., None].expand(-1, -1, 32)))
+    y, gx, gw = grads(lambda: block_at_rows(block, x, rows))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    for n in gw_ref:
+        torch.testing.assert_close(gw[n], gw_ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_unknown_block_kinds_run_whole():
+    from mim_workbench.models.decoder import block_at_rows, rows_supported
+
+    block = torch.nn.Linear(8, 8)
+    x, rows = torch.randn(2, 5, 8), torch.tensor([[0, 3], [4, 1]])
+    assert not rows_supported(block)
+    torch.testing.assert_close(block_at_rows(block, x, rows), block(x).gather(1, rows[..., None].expand(-1, -1, 8)))
 
 
 @pytest.mark.parametrize("method", ["mae", "miram"])
