@@ -66,3 +66,35 @@ def test_cli_pretrain_under_torchrun_exits_cleanly_on_every_rank(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "latest").is_file() and (out / "ckpt-2" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_unreadable_files_met_by_any_rank_are_recorded(tmp_path):
+    """A file that fails to decode on rank 1 is named in rank 0's record, as on one process."""
+    import shutil
+
+    from _bad_corpus import load_corpus
+    from _mim_tiny import SAMPLE_IMAGES
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for src in sorted(SAMPLE_IMAGES.glob("*.png"))[:6]:
+        shutil.copy(src, data / src.name)
+    # Half the files are broken; one epoch draws all 12, 6 per rank: rank 1 meets some.
+    bad = [f"broken{i}.dcm" for i in range(6)]
+    for name in bad:
+        (data / name).write_bytes(load_corpus().dicom_bytes(None))
+    settings = tiny(data=str(data), masks=None, strategy="random", epochs=1, batch_size=4, threads=1,
+                    val_fraction=0.0, checkpoint_interval_s=0)
+    cfg_file = tmp_path / "ddp.json"
+    cfg_file.write_text(json.dumps({**settings, "out": str(tmp_path / "ddp")}), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "tests" / "_ddp_pretrain.py"), str(cfg_file)],
+        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = (tmp_path / "ddp" / "unreadable.txt").read_text().splitlines()
+    assert sorted(name for name in bad if any(name in line for line in record)) == bad, record
+    assert len(record) == len(bad), "each file is recorded once"

@@ -505,8 +505,11 @@ class _Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = grad_norm_(params, cfg.clip_grad)
         finite_loss = math.isfinite(local_loss)
-        sums = self.dist.sum_floats([local_loss if finite_loss else 0.0, 0.0 if finite_loss else 1.0], self.device)
+        sums = self.dist.sum_floats([local_loss if finite_loss else 0.0, 0.0 if finite_loss else 1.0,
+                                     float(len(unreadable))], self.device)
         n_bad = sums[1]
+        if sums[2]:  # some process met an unreadable file: all learn its name (rare, so gathered only then)
+            unreadable = self._record_unreadable(unreadable)
         loss = sums[0] / self.dist.world_size if not n_bad else float("nan")
         message = None
         if n_bad or not math.isfinite(grad_norm):
@@ -553,9 +556,15 @@ class _Trainer:
                 "message": message, "unreadable": unreadable}
 
     def _new_unreadable(self, batch: dict[str, Any]) -> list[str]:
-        """Reader messages of files this batch had to skip, each reported once per run and
-        listed in the run folder's ``unreadable.txt`` (headless runs keep the record)."""
-        new = [p for p in dict.fromkeys(batch.get("unreadable") or ()) if p and p not in self._unreadable]
+        """Reader messages of files this batch had to skip that this process has not seen yet."""
+        return [p for p in dict.fromkeys(batch.get("unreadable") or ()) if p and p not in self._unreadable]
+
+    def _record_unreadable(self, local: list[str]) -> list[str]:
+        """The step's new unreadable files of every process (all of them call this together),
+        each reported once per run and listed in the run folder's ``unreadable.txt``
+        (headless runs keep the record)."""
+        new = [p for part in self.dist.gather_objects(local) for p in part if p not in self._unreadable]
+        new = list(dict.fromkeys(new))
         self._unreadable.update(new)
         if new and self.dist.is_main and self.run_dir is not None:
             try:

@@ -269,6 +269,14 @@ class DistContext:
         dist.all_gather(parts, src.contiguous())
         return torch.cat(parts, 0).to(t.device)
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, in rank order (pickled; for rare, small records)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
