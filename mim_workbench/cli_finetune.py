@@ -76,12 +76,16 @@ def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
                     "a stratified share of the training labels. Writes metrics.json (accuracy, AUC, AP on the test "
                     "split), history.csv and a checkpoint that `predict` uses.",
     )
-    p.add_argument("--checkpoint", required=True,
-                   help="pretrain/finetune checkpoint or run directory, an exported encoder .safetensors, or 'scratch'")
-    p.add_argument("--data", required=True,
-                   help="labelled images: class folders, images/ + labels.csv, or a CSV manifest")
+    p.add_argument("--checkpoint",
+                   help="pretrain/finetune checkpoint or run directory, an exported encoder .safetensors, or 'scratch' "
+                        "(required unless --resume)")
+    p.add_argument("--data", help="labelled images: class folders, images/ + labels.csv, or a CSV manifest "
+                                  "(required unless --resume)")
     p.add_argument("--masks", help="region-mask folder (only used to discover the data set)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", help="run directory (required unless --resume)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped or crashed run from its last finished epoch, with its own settings "
+                        "(only --device, --threads, --max-steps, --time-budget may be given)")
     p.add_argument("--mode", choices=("probe", "full"), default="probe", help="default probe")
     p.add_argument("--fraction", type=float, default=1.0, help="share of the training labels used (default 1.0)")
     p.add_argument("--epochs", type=int, help="default 100 (probe) / 30 (full)")
@@ -109,11 +113,38 @@ def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
     return _run_finetune
 
 
-def _run_finetune(args: argparse.Namespace) -> int:
-    from .cli_engine import _StopOnSignal
-    from .inference.reconstruct import json_safe
-    from .training.finetune import FinetuneConfig, finetune
+#: finetune flags that are training settings, with their argparse defaults (not allowed with --resume).
+_SETTING_DEFAULTS: dict[str, Any] = {
+    "checkpoint": None, "data": None, "masks": None, "out": None, "mode": "probe", "fraction": 1.0,
+    "epochs": None, "batch_size": 16, "lr": None, "weight_decay": None, "layer_decay": None,
+    "label_smoothing": None, "drop_path": None, "balance": None, "patience": None, "augment": None,
+    "val_fraction": None, "test_fraction": None, "split_seed": None, "positive_class": None, "seed": 0,
+    "model": None, "img_size": None, "patch_size": None, "embed_dim": None, "depth": None, "num_heads": None,
+}
 
+
+def _resume_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of the run in ``--resume RUN_DIR`` plus this session's run-control flags."""
+    from .errors import ConfigError
+    from .training.finetune_state import resume_config
+
+    given = [k for k, default in _SETTING_DEFAULTS.items() if getattr(args, k, default) != default]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConfigError(f"--resume continues the run with its own settings; drop {flags} "
+                          "(only --device, --threads, --max-steps, --time-budget may be given)")
+    return resume_config(args.resume, device=None if args.device == "auto" else args.device, threads=args.threads,
+                         max_steps=args.max_steps, time_budget_s=args.time_budget)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+
+    if args.resume:
+        return _run_values(_resume_values(args), args)
+    missing = [f"--{k}" for k in ("checkpoint", "data", "out") if getattr(args, k) is None]
+    if missing:
+        raise ConfigError(f"finetune needs {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
     values: dict[str, Any] = {"checkpoint": args.checkpoint, "data": args.data, "out": args.out, "mode": args.mode,
                               "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed,
                               "device": args.device, **_arch_values(args)}
@@ -124,6 +155,14 @@ def _run_finetune(args: argparse.Namespace) -> int:
             values[k] = getattr(args, k)
     if args.time_budget is not None:
         values["time_budget_s"] = args.time_budget
+    return _run_values(values, args)
+
+
+def _run_values(values: dict[str, Any], args: argparse.Namespace) -> int:
+    from .cli_engine import _StopOnSignal
+    from .inference.reconstruct import json_safe
+    from .training.finetune import FinetuneConfig, finetune
+
     with _StopOnSignal() as control:
         res = finetune(FinetuneConfig.from_dict(values), on_event=_printer("finetune", args.quiet), control=control)
     m = res.metrics

@@ -77,6 +77,38 @@ def test_classifier_from_dataset_then_probabilities_and_heatmap(make_napari_view
     _wait_trained(qtbot, w)
 
 
+def test_a_stopped_classifier_run_resumes_from_the_dock(make_napari_viewer, qtbot, tmp_path, sample_root):
+    from mim_workbench.training import events as ev
+    from mim_workbench.training.finetune import FinetuneConfig, finetune
+    from mim_workbench.training.finetune_state import STATE_FILE
+    from mim_workbench_napari._finetune_widget import TASK_CLASSIFY, TASK_DENSE, FinetuneWidget
+
+    run = tmp_path / "ft"
+    first = finetune(FinetuneConfig(data=str(sample_root), out=str(run), checkpoint="scratch", mode="probe",
+                                    epochs=4, max_steps=2, batch_size=4, threads=1, device="cpu", img_size=64,
+                                    embed_dim=64, depth=2, num_heads=2))
+    assert first.reason == "max_steps" and (run / STATE_FILE).is_file()
+    viewer = make_napari_viewer()
+    w = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.device.value = "cpu"
+    w.out.value = str(tmp_path / "elsewhere")
+    assert not _shown(w.resume_run), "nothing to resume in a fresh folder"
+    w.out.value = str(run)
+    assert _shown(w.resume_run)
+    w.task.value = TASK_DENSE
+    assert not _shown(w.resume_run), "dense runs have no resume"
+    w.task.value = TASK_CLASSIFY
+    w.resume_training()
+    assert not w.start.enabled and not w.resume_run.enabled and w.stop.enabled
+    _wait_trained(qtbot, w)
+    assert "completed" in w.status.value and str(w.out.value) == str(run), "it went on in the same folder"
+    assert not (run / STATE_FILE).exists() and not _shown(w.resume_run)
+    assert any("resumed at epoch" in line for line in (run / "metrics.json").read_text().splitlines())
+    w.on_event(ev.Finished(run_dir=str(run), step=3, last_checkpoint=None, reason="stopped"))
+    assert "Resume stopped run continues it" in w.status.value
+
+
 def test_classifier_from_layer_metadata(make_napari_viewer, qtbot, tmp_path, sample_root):
     from mim_workbench_napari._finetune_widget import FROM_LAYERS, FinetuneWidget
 

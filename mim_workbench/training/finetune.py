@@ -40,6 +40,10 @@ The run directory holds ``config.json``, ``history.csv`` (one row per epoch),
 ``pretrain``: Started, Progress (one per optimiser step; ``val_loss`` on the step
 closing an epoch), CheckpointSaved, Finished (reason ``completed``,
 ``early_stopped``, ``stopped``, ``time_budget`` or ``max_steps``), Failed.
+
+Until the plan is done (completed or early-stopped) the run directory also holds
+``resume.pt``, the loop's state at the last finished epoch: a stopped, limited or
+crashed run continues from there with ``resume=True`` (:mod:`.finetune_state`).
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ from ..errors import ConfigError, MimError, check_known_keys
 from ..inference.reconstruct import json_safe
 from .control import Control, NullControl
 from .events import CheckpointSaved, EventHandler, Failed, Finished, Progress, Started, null_handler
+from .checkpoint import restore_rng_state
+from .finetune_state import LoopState, load_state, remove_state, restore_loop, save_state
 
 FINETUNE_KIND = "finetune"
 BALANCE = ("weights", "sampler", "none")
@@ -122,6 +128,7 @@ class FinetuneConfig:
     max_steps: int | None = None
     time_budget_s: float | None = None
     num_workers: int = 0
+    resume: bool = False                   # continue the stopped or crashed run in ``out`` (finetune_state)
 
     def __post_init__(self) -> None:
         from .config import parse_img_size
@@ -282,7 +289,7 @@ class _Finetune:
         self.run_dir = Path(cfg.out).expanduser()
         from .checkpoint import list_checkpoints
 
-        if list_checkpoints(self.run_dir):
+        if list_checkpoints(self.run_dir) and not cfg.resume:
             raise ConfigError(f"out={str(self.run_dir)!r} already holds a run (checkpoints found); "
                               "choose another --out")
         if cfg.mode == "probe" and cfg.batch_size < 2:
@@ -434,9 +441,26 @@ class _Finetune:
             optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
+        train_ids = [s.id for s in self.train_samples]
+        st = LoopState()
+        if cfg.resume:
+            payload = load_state(self.run_dir, cfg.to_dict(), train_ids)
+            st = restore_loop(payload)
+            self.model.load_state_dict(payload["model"], strict=cfg.mode == "full")
+            optimizer.load_state_dict(payload["optimizer"])
+            if scaler is not None and payload["scaler"] is not None:
+                scaler.load_state_dict(payload["scaler"])
+            restore_rng_state(payload["rng"])
+            if st.step >= stop_at:
+                raise ConfigError(f"resume: the run already reached step {st.step} of {stop_at}"
+                                  + (f" (max_steps={cfg.max_steps}: raise or unset it)" if cfg.max_steps else ""))
+            if cfg.time_budget_s is not None and st.t_active >= cfg.time_budget_s:
+                raise ConfigError(f"resume: the run already trained {st.t_active:.0f} s, its time budget "
+                                  f"(time_budget_s={cfg.time_budget_s:g}): raise or unset it")
+            self.notes.append(f"resumed at epoch {st.epoch + 1} (step {st.step})")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n",
-                                                  encoding="utf-8")
+        (self.run_dir / "config.json").write_text(
+            json.dumps({**cfg.to_dict(), "resume": False}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if setup_s > 1.0 and self.use_features:
             self.notes.append(f"frozen features computed in {setup_s:.1f} s")
         self.emit(Started(run_dir=str(self.run_dir), config={**cfg.to_dict(), "task": "finetune",
@@ -449,13 +473,11 @@ class _Finetune:
         # Epochs still warming up are neither kept as "best" nor counted towards patience
         # (an almost untrained head often has the lowest validation loss).
         first_candidate = max(0, math.ceil(cfg.warmup_epochs) - 1)
-        best_loss, best_state, best_epoch, best_step = math.inf, None, None, 0
-        bad_epochs, step, epoch = 0, 0, 0
-        history: list[dict[str, Any]] = []
         reason = "completed"
-        t_active, step_s = 0.0, None
+        step_s = None
         stopped = False
-        while epoch < cfg.epochs and step < stop_at and not stopped:
+        while st.epoch < cfg.epochs and st.step < stop_at and not stopped:
+            epoch = st.epoch
             if not self.use_features:
                 self.train_ds.set_epoch(epoch)
             if cfg.balance == "sampler":
@@ -468,7 +490,7 @@ class _Finetune:
             batches = [order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist() for b in range(spe)]
             loader = None if self.use_features else iter(self._loader(batches))
             for b in range(spe):
-                if step >= stop_at:
+                if st.step >= stop_at:
                     break
                 if self.control.pause_requested() and not self.control.stop_requested():
                     while self.control.pause_requested() and not self.control.stop_requested():
@@ -476,12 +498,12 @@ class _Finetune:
                 if self.control.stop_requested():
                     reason, stopped = "stopped", True
                     break
-                if cfg.time_budget_s is not None and t_active >= cfg.time_budget_s:
+                if cfg.time_budget_s is not None and st.t_active >= cfg.time_budget_s:
                     reason, stopped = "time_budget", True
                     break
                 t0 = time.perf_counter()
                 idx = batches[b]
-                lr = lr_at(step, total_steps=total, warmup_steps=warmup, lr=cfg.lr, min_lr=min(cfg.min_lr, cfg.lr))
+                lr = lr_at(st.step, total_steps=total, warmup_steps=warmup, lr=cfg.lr, min_lr=min(cfg.min_lr, cfg.lr))
                 set_scaled_lr(optimizer, lr)
                 if self.use_features:
                     x, y = train_x[idx].to(self.device), train_y[idx].to(self.device)
@@ -505,38 +527,43 @@ class _Finetune:
                         loss.backward()
                         optimizer.step()
                     losses.append(lv)
-                step += 1
+                st.step += 1
                 dt = time.perf_counter() - t0
-                t_active += dt
+                st.t_active += dt
                 step_s = dt if step_s is None else 0.8 * step_s + 0.2 * dt
                 closes = b == spe - 1
                 val_loss = val_acc = None
                 if closes:
                     val_loss, val_acc = self._val_loss()
-                self.emit(Progress(step=step, total=stop_at, epoch=epoch, loss=lv, lr=lr,
+                self.emit(Progress(step=st.step, total=stop_at, epoch=epoch, loss=lv, lr=lr,
                                    images_per_s=len(idx) / step_s if step_s else 0.0,
-                                   eta_s=(stop_at - step) * (step_s or 0.0), val_loss=val_loss,
-                                   message=None if math.isfinite(lv) else f"step {step} skipped: non-finite loss"))
+                                   eta_s=(stop_at - st.step) * (step_s or 0.0), val_loss=val_loss,
+                                   message=None if math.isfinite(lv) else f"step {st.step} skipped: non-finite loss"))
                 if closes:
-                    history.append({"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else None,
-                                    "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr, "elapsed_s": t_active})
+                    st.history.append({"epoch": epoch, "step": st.step,
+                                       "loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
+                                       "val_accuracy": val_acc, "lr": lr, "elapsed_s": st.t_active})
                     if val_loss is None or epoch < first_candidate:
                         pass
-                    elif val_loss < best_loss - 1e-6:
-                        best_loss, best_epoch, best_step, bad_epochs = val_loss, epoch, step, 0
-                        best_state = self._snapshot()
+                    elif val_loss < st.best_loss - 1e-6:
+                        st.best_loss, st.best_epoch, st.best_step, st.bad_epochs = val_loss, epoch, st.step, 0
+                        st.best_state = self._snapshot()
                     else:
-                        bad_epochs += 1
+                        st.bad_epochs += 1
+                    st.epoch = epoch + 1
+                    save_state(self.run_dir, st, config=cfg.to_dict(), train_ids=train_ids,
+                               model_state=self._snapshot(), optimizer=optimizer, scaler=scaler)
             if stopped:
                 break
-            epoch += 1
-            if cfg.patience and bad_epochs >= cfg.patience and self.val_data is not None:
+            st.epoch = epoch + 1
+            if cfg.patience and st.bad_epochs >= cfg.patience and self.val_data is not None:
                 reason = "early_stopped"
                 break
-        if reason == "completed" and step >= stop_at and stop_at < total:
+        if reason == "completed" and st.step >= stop_at and stop_at < total:
             reason = "max_steps"
-        if best_state is not None:
-            self.model.load_state_dict(best_state, strict=cfg.mode == "full")
+        step, history, best_epoch, best_step = st.step, st.history, st.best_epoch, st.best_step
+        if st.best_state is not None:
+            self.model.load_state_dict(st.best_state, strict=cfg.mode == "full")
         else:
             best_step = step
             best_epoch = history[-1]["epoch"] if history else None
@@ -575,6 +602,8 @@ class _Finetune:
             "reason": reason, "checkpoint": str(path), "encoder": self.loaded.describe(), "notes": self.notes,
         }
         (self.run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n", encoding="utf-8")
+        if reason in ("completed", "early_stopped"):
+            remove_state(self.run_dir)   # the plan is done: nothing to continue
         self.emit(Finished(run_dir=str(self.run_dir), step=step, last_checkpoint=str(path), reason=reason))
         return FinetuneResult(run_dir=str(self.run_dir), checkpoint=str(path), metrics=metrics, eval_split=eval_split,
                               val_metrics=val_metrics, classes=self.classes, reason=reason, best_epoch=best_epoch,

@@ -69,13 +69,15 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
                             value=str(Path.home() / "mim-workbench-runs" / "finetune"))
         self.device = ComboBox(label="Device", choices=detected_devices(), value="auto")
         self.start = PushButton(text="Start")
+        self.resume_run = PushButton(text="Resume stopped run",
+                                     tooltip="continue the run in Run folder from its last finished epoch")
         self.pause = PushButton(text="Pause")
         self.stop = PushButton(text="Stop")
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
         self.status = status_label("ready")
         self.extend([self.task, self.labels_from, self.data, self.image, self.label_text, self.set_label,
                      self.classes, self.new_strokes, self.encoder, self.mode, self.epochs, self.steps, self.out,
-                     self.device, self.start, self.pause, self.stop, self.progress, self.status])
+                     self.device, self.start, self.resume_run, self.pause, self.stop, self.progress, self.status])
         self.plot = LossPlot()
         self.native.layout().addWidget(self.plot.canvas)
         self._predict_box = self._build_predict_panel()
@@ -86,6 +88,8 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         self.set_label.changed.connect(self.set_image_label)
         self.new_strokes.changed.connect(self.create_strokes_layer)
         self.start.changed.connect(self.start_training)
+        self.resume_run.changed.connect(self.resume_training)
+        self.out.changed.connect(self._update_resumable)
         self.pause.changed.connect(self.toggle_pause)
         self.stop.changed.connect(self.stop_training)
         self.image.changed.connect(self._show_image_label)
@@ -164,6 +168,14 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         self.classes.visible = self.new_strokes.visible = dense
         self.mode.visible = self.epochs.visible = not dense
         self.steps.visible = dense
+        self._update_resumable()
+
+    def _update_resumable(self, *_: Any) -> None:
+        """"Resume stopped run" shows while Run folder holds a classifier run that can continue."""
+        from mim_workbench.training.finetune_state import resumable
+
+        self.resume_run.visible = self.task.value == TASK_CLASSIFY and not blank(self.out.value) \
+            and resumable(Path(str(self.out.value)).expanduser())
 
     # ------------------------------------------------------------------ settings → job
     def _staged(self, layers: list) -> list:
@@ -211,7 +223,7 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
 
     # ------------------------------------------------------------------ control
     def _set_running(self, running: bool) -> None:
-        self.start.enabled = not running
+        self.start.enabled = self.resume_run.enabled = not running
         self.pause.enabled = self.stop.enabled = running
         for w in (self.task, self.labels_from, self.data, self.encoder, self.mode, self.epochs, self.steps,
                   self.out, self.device, self.classes):
@@ -231,8 +243,26 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         self.out.value = str(out)
         self._launch(task, config)
 
+    def resume_training(self) -> None:
+        """Continue the run in Run folder with its own settings (the Device choice applies)."""
+        from napari.utils.notifications import show_error
+
+        from mim_workbench.errors import MimError
+        from mim_workbench.training.finetune import FinetuneConfig
+        from mim_workbench.training.finetune_state import resume_config
+
+        try:
+            values = resume_config(Path(str(self.out.value)).expanduser(), device=self.device.value)
+            config = FinetuneConfig.from_dict(values).to_dict()
+        except MimError as exc:
+            show_error(f"Fine-tuning not resumed: {exc}")
+            self.status.value = "not resumed; ready"
+            return
+        self._launch("finetune", config)
+
     def _on_done(self) -> None:
         self._set_running(False)
+        self._update_resumable()
 
     def on_event(self, event: Any) -> None:
         from napari.utils.notifications import show_error, show_info
@@ -249,7 +279,9 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         elif isinstance(event, Finished):
             self._flush_progress()
             self.progress.value = self.progress.max
-            self.status.value = f"finished ({event.reason}) at step {event.step}"
+            self.status.value = f"finished ({event.reason}) at step {event.step}" + (
+                "; Resume stopped run continues it" if event.reason in ("stopped", "time_budget", "max_steps")
+                else "")
             if event.last_checkpoint:
                 self.model.value = event.last_checkpoint
                 show_info(f"Fine-tuning {event.reason}; model: {event.last_checkpoint}")
