@@ -63,3 +63,61 @@ def test_closing_the_viewer_removes_the_docks_maps(make_napari_viewer, monkeypat
 
     QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
     assert not any(p.exists() for p in made)
+
+
+def test_a_map_being_written_stops_at_its_next_band_and_goes_when_closed(monkeypatch, tmp_path, qapp):
+    from mim_workbench_napari._multiscale import ScratchMaps
+
+    monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path))
+    maps = ScratchMaps("predict")
+    out = maps.new()
+    written, closed = [], []
+
+    def writer():                   # a tiled writer: one file per band
+        try:
+            for k in range(10):
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"band{k}").write_text("x")
+                written.append(k)
+                yield k
+        finally:
+            closed.append(True)
+
+    bands = maps.stream(out, writer())
+    assert [next(bands), next(bands)] == [0, 1]
+    maps.show("img", out)
+    maps.clear()                    # the dock or the viewer closes while band 2 is being written
+    assert list(bands) == [], "no band is handed on after closing"
+    assert closed and len(written) < 10, "the writer was stopped, not run to the end"
+    assert not out.exists(), "the partial map is removed"
+
+    finished = ScratchMaps("predict")
+    done = finished.new()
+    assert list(finished.stream(done, iter([0, 1]))) == [0, 1]
+
+
+def test_closing_mid_prediction_cuts_the_tiled_prediction_short(make_napari_viewer, qtbot, tmp_path, monkeypatch,
+                                                                sample_root):
+    import numpy as np
+
+    import mim_workbench_napari._multiscale as multiscale
+    from mim_workbench.training.finetune import FinetuneConfig, finetune
+    from mim_workbench_napari._finetune_widget import FinetuneWidget
+
+    monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(multiscale, "TILED_THRESHOLD_PIXELS", 500_000)
+    result = finetune(FinetuneConfig(data=str(sample_root), out=str(tmp_path / "clf"), mode="probe", epochs=1,
+                                     img_size=(64, 64), patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                     device="cpu", threads=1))
+    viewer = make_napari_viewer()
+    w = FinetuneWidget(viewer)
+    big = np.full((2400, 900), 0.4, dtype=np.float32)
+    w.image.value = viewer.add_image(big, name="big")
+    w.model.value = str(result.checkpoint)
+    w.predict()
+    qtbot.waitUntil(lambda: len(w.band_updates) >= 1, timeout=60_000)
+    out = w.maps.shown["big"]
+    w.maps.clear()                 # what closing the dock or the viewer does
+    qtbot.waitUntil(lambda: w.predict_worker is None, timeout=60_000)
+    assert w.band_updates[-1][1] < big.shape[0], "it stopped before the last band"
+    assert not out.exists() and not list((tmp_path / "cache" / "predict").glob("*.zarr"))

@@ -159,10 +159,11 @@ class InspectWidget(Container):
             # the level the model was pretrained on (crop-based runs), as far as this pyramid goes
             level = min(max(0, int(config.get("crop_level") or 0)), len(pyr.levels) - 1)
             stats: dict = {}
-            for band in iter_reconstruct_tiled(model, pyr, out=out, level=level, region_mask=region,
-                                               strategy=chosen, ratio=ratio, seed=seed, stats=stats):
+            bands = iter_reconstruct_tiled(model, pyr, out=out, level=level, region_mask=region,
+                                           strategy=chosen, ratio=ratio, seed=seed, stats=stats)
+            for band in self.maps.stream(out, bands):
                 yield band, stats["output"]
-            return stats
+            return None if self.maps.closed else stats
 
         self.metrics.value = "reconstructing tile by tile…"
         self.progress.value = 0
@@ -177,6 +178,8 @@ class InspectWidget(Container):
         self.worker.start()
 
     def _show_band(self, item, img) -> None:
+        if self.maps.closed:   # a band sent just before the dock or the viewer closed: its map is gone
+            return
         band, output = item
         if self.maps.shown.get(img.name) != output.path:
             self._add_tiled_layers(output, img)
@@ -208,7 +211,9 @@ class InspectWidget(Container):
             )
         self.maps.show(img.name, output.path)
 
-    def _show_tiled(self, stats: dict, img) -> None:
+    def _show_tiled(self, stats: dict | None, img) -> None:
+        if stats is None:    # cut short: the dock or the viewer is closing
+            return
         self.last_tiled = stats
         self.progress.value = 100
         m = stats.get("metrics") or {}

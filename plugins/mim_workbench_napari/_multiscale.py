@@ -9,6 +9,7 @@ from DICOM ``ImagerPixelSpacing``/``PixelSpacing`` or TIFF resolution).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +107,14 @@ class ScratchMaps:
     They are scratch: a map is removed as soon as a newer one for the same image
     replaces its layers, the rest when the dock or the viewer closes (``clear``), and
     maps that a crashed session left behind are removed at the next start once they are
-    older than :data:`STALE_AFTER_S`.  Saving a layer writes a copy elsewhere.
+    older than :data:`STALE_AFTER_S`.  A map still being written when that happens stops
+    at its next band and is removed then (``stream``).  Saving a layer writes a copy elsewhere.
     """
 
     def __init__(self, kind: str) -> None:
         self.root = tiled_root(kind)
         self.shown: dict[str, Path] = {}   # image name -> the map its layers read now
+        self.closed = False                # the dock or the viewer is closing: no new bands
         self.prune_stale()
         from qtpy.QtWidgets import QApplication
 
@@ -133,9 +136,26 @@ class ScratchMaps:
             _remove(old)
 
     def clear(self, *_: Any) -> None:
+        self.closed = True
         for path in self.shown.values():
             _remove(path)
         self.shown.clear()
+
+    def stream(self, out: Path, bands: Iterator[Any]) -> Iterator[Any]:
+        """``bands`` (a tiled writer filling ``out``) until the maps are cleared; then the
+        writer is closed at its next band and ``out`` removed, so closing the viewer
+        mid-prediction neither waits for the whole image nor leaves a partial map."""
+        try:
+            for band in bands:
+                if self.closed:
+                    break
+                yield band
+        finally:
+            close = getattr(bands, "close", None)
+            if close is not None:
+                close()
+            if self.closed:
+                _remove(out)
 
     def prune_stale(self, now: float | None = None) -> list[Path]:
         import time

@@ -111,9 +111,10 @@ class PredictPanel:
 
         def work():
             stats: dict[str, Any] = {}
-            for band in iter_predict_tiled(self._predictor(path), pyr, out=out, level=0, stats=stats):
+            bands = iter_predict_tiled(self._predictor(path), pyr, out=out, level=0, stats=stats)
+            for band in self.maps.stream(out, bands):
                 yield band, stats["output"]
-            return stats
+            return None if self.maps.closed else stats
 
         self.result.value = "predicting tile by tile…"
         self.predict_button.enabled = False
@@ -126,6 +127,8 @@ class PredictPanel:
         self.predict_worker.start()
 
     def _show_band(self, item, img) -> None:
+        if self.maps.closed:   # a band sent just before the dock or the viewer closed: its map is gone
+            return
         band, output = item
         name = HEATMAP_PREFIX + img.name
         key = output.names[0]   # the classifier's map, or a dense head's first class
@@ -156,7 +159,9 @@ class PredictPanel:
         self.band_updates.append((band.row0, band.row1, band.tiles_done, band.tiles_total))
         self.result.value = f"tiled: {band.tiles_done}/{band.tiles_total} tiles, rows up to {band.row1}"
 
-    def _show_tiled_prediction(self, stats: dict, img) -> None:
+    def _show_tiled_prediction(self, stats: dict | None, img) -> None:
+        if stats is None:    # cut short: the dock or the viewer is closing
+            return
         record = stats.get("record") or {}
         self.last_prediction = record
         layer = self.viewer.layers[HEATMAP_PREFIX + img.name]
