@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .training.allocator import allocator_state, tune_cpu_allocator
+from .training.allocator import allocator_state
+from .training.runtime import configure_backend, prepare_device
 
 # ====================================================================== configuration
 #: The issue's reference configuration: ViT-Tiny/16 at 224 px, decoder 128 x 4 x 4 heads.
@@ -213,8 +214,7 @@ class BenchStep:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "off")
         if dtype is torch.float16 and dev.type != "cuda":
             raise ConfigError("amp=fp16 needs CUDA (use bf16 on the CPU)")
-        if dev.type == "cpu":
-            tune_cpu_allocator()          # as the training loop does (training.runtime.prepare_device)
+        configure_backend(dev)            # as the training loop does (training.runtime.prepare_device)
         self._s = _Settings(dev, dtype)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -841,8 +841,6 @@ def _loss_ok(v: torch.Tensor) -> bool:
 
 def run_bench(options: BenchOptions | None = None) -> Iterator[dict[str, Any]]:
     """Yield the bench's JSON-able records in order (see ``benchmarks/README.md``)."""
-    from .training.runtime import prepare_device
-
     opt = options or BenchOptions()
     # As training does (threads, allocator), before anything is timed; the peer runs in
     # this process too, so it gets the same allocator.

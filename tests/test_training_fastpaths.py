@@ -59,6 +59,22 @@ def test_cpu_bf16_falls_back_to_fp32_with_a_clear_note(monkeypatch):
     assert dtype is None and "fp16" in notes[0]
 
 
+def test_cuda_training_uses_tf32_without_touching_cpu_matmuls():
+    """TF32 is CUDA's switch only (settable without a GPU); the CPU's oneDNN fp32 precision stays."""
+    matmul = torch.backends.cuda.matmul
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    saved = getattr(matmul, key), getattr(torch.backends.cudnn, "allow_tf32")
+    cpu_before = getattr(mkldnn, "fp32_precision", None)
+    try:
+        runtime.configure_backend(torch.device("cuda"))
+        assert getattr(matmul, key) in ("tf32", True)
+        assert getattr(mkldnn, "fp32_precision", None) == cpu_before
+    finally:
+        setattr(matmul, key, saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 def test_cpu_bf16_support_reports_what_it_found():
     ok, what = runtime.cpu_bf16_support()
     assert isinstance(ok, bool) and what

@@ -49,15 +49,41 @@ def select_device(requested: str, *, local_rank: int = 0) -> torch.device:
 
 
 def prepare_device(requested: str, *, threads: int | None = None, local_rank: int = 0) -> torch.device:
-    """What every training entry point does first: thread count, device, and on the CPU
-    the allocator tuning (:func:`.allocator.tune_cpu_allocator`; training runs in its own
-    process, so the tuning never reaches the viewer)."""
+    """What every training entry point does first: thread count, device, backend settings
+    (:func:`configure_backend`)."""
     if threads is not None:
         torch.set_num_threads(threads)
     device = select_device(requested, local_rank=local_rank)
+    configure_backend(device)
+    return device
+
+
+def configure_backend(device: torch.device) -> None:
+    """Process-wide settings for training on ``device``.
+
+    CPU: the allocator tuning (:func:`.allocator.tune_cpu_allocator`; training runs in its
+    own process, so it never reaches the viewer).  CUDA: TF32 for fp32 matmuls and
+    convolutions (what autocast leaves in fp32: the loss, norms' statistics, and every
+    matmul of an ``amp="off"`` run), 10 mantissa bits, the usual choice for training on
+    Ampere and newer.  Only CUDA's switch is set: ``set_float32_matmul_precision`` would
+    also change CPU (oneDNN) matmuls.
+    """
     if device.type == "cpu":
         tune_cpu_allocator()
-    return device
+    elif device.type == "cuda":
+        enable_cuda_tf32()
+
+
+def enable_cuda_tf32() -> None:
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):           # torch >= 2.9
+        matmul.fp32_precision = "tf32"
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def _mps_available() -> bool:
