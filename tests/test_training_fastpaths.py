@@ -219,7 +219,7 @@ def _grads_after_backward(seed: int):
 @pytest.mark.parametrize("max_norm", [None, 1e-3, 1e6])
 def test_grad_norm_equals_clip_grad_norm(max_norm):
     ours, ref = _grads_after_backward(7), _grads_after_backward(7)
-    n_ours = grad_norm_(ours, max_norm)
+    n_ours = float(grad_norm_(ours, max_norm))
     n_ref = float(torch.nn.utils.clip_grad_norm_(ref, float("inf") if max_norm is None else max_norm))
     assert n_ours == pytest.approx(n_ref, rel=1e-6)
     for p, q in zip(ours, ref):
@@ -231,9 +231,9 @@ def test_grad_norm_equals_clip_grad_norm(max_norm):
 
 def test_grad_norm_nonfinite_and_empty():
     p = torch.nn.Parameter(torch.ones(3))
-    assert grad_norm_([p], None) == 0.0
+    assert float(grad_norm_([p], None)) == 0.0
     p.grad = torch.tensor([1.0, float("nan"), 2.0])
-    assert math.isnan(grad_norm_([p], 1.0))
+    assert math.isnan(float(grad_norm_([p], 1.0)))
 
 
 def test_grad_norm_still_logged(tmp_path):
@@ -265,6 +265,68 @@ def test_nonfinite_gradient_step_is_still_skipped(tmp_path, monkeypatch):
     msgs = [e.message for e in seen if isinstance(e, ev.Progress)]
     assert msgs[1] and "non-finite" in msgs[1]
     assert math.isfinite(res.final_loss)
+
+
+def test_fused_adamw_skips_a_step_flagged_on_the_device():
+    """What deferred reading relies on: found_inf=1 leaves weights and optimiser state as they were."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = build_optimizer(model, lr=0.1, weight_decay=0.05, betas=(0.9, 0.95))
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[model.weight].items()}
+    model(torch.randn(2, 4)).sum().backward()
+    opt.found_inf = torch.ones(())
+    opt.step()
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    for k, v in opt.state[model.weight].items():
+        assert torch.equal(v, state[k]), k
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert not torch.equal(model.weight, before[0])
+
+
+@pytest.mark.parametrize("poison_step", [None, 2])
+def test_reading_numbers_one_step_late_changes_nothing(tmp_path, monkeypatch, poison_step):
+    """The CUDA path (numbers read after the next step is queued, skips decided on the device)
+    gives the CPU path's history, skips, checkpoint and weights."""
+    real = pretrain_mod.grad_norm_
+    calls = []
+
+    def maybe_poisoned(params, max_norm):
+        calls.append(1)
+        if len(calls) % 100 == poison_step:
+            params[0].grad.fill_(float("nan"))
+        return real(params, max_norm)
+
+    monkeypatch.setattr(pretrain_mod, "grad_norm_", maybe_poisoned)
+    runs = {}
+    for deferred in (False, True):
+        calls.clear()
+        monkeypatch.setattr(pretrain_mod._Trainer, "_defer_numbers", lambda self, d=deferred: d)
+        seen: list = []
+        # 3 steps per epoch: step 5 ends the run mid-epoch, its numbers still unread
+        res = pretrain(PretrainConfig(**tiny(tmp_path / str(deferred), device="cpu", amp="off", max_steps=5,
+                                             clip_grad=0.5)), on_event=seen.append)
+        runs[deferred] = (res, [e for e in seen if isinstance(e, ev.Progress)], tmp_path / str(deferred))
+    (a, pa, da), (b, pb, db) = runs[False], runs[True]
+    assert [e.step for e in pa] == list(range(1, 6)), "every step reported, in order"
+    assert [e.step for e in pb] == list(range(1, 6))
+    for ra, rb in zip(a.history, b.history):
+        assert {k: ra[k] for k in ("step", "epoch", "skipped", "message")} == \
+            {k: rb[k] for k in ("step", "epoch", "skipped", "message")}
+        assert ra["loss"] == pytest.approx(rb["loss"], nan_ok=True) and ra["grad_norm"] == pytest.approx(
+            rb["grad_norm"], nan_ok=True)
+    assert a.skipped_steps == b.skipped_steps == (1 if poison_step else 0)
+    from mim_workbench.training.checkpoint import load_checkpoint
+
+    wa, wb = load_checkpoint(da).model_state(), load_checkpoint(db).model_state()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert [r["loss"] for r in read_metrics(da / "metrics.csv")] == pytest.approx(
+        [r["loss"] for r in read_metrics(db / "metrics.csv")], nan_ok=True)
 
 
 # ---------------------------------------------------------------------------- torch.compile (opt-in)

@@ -147,6 +147,22 @@ def model_config_for(cfg: PretrainConfig):
 
 
 # ====================================================================== the trainer
+@dataclasses.dataclass
+class _QueuedStep:
+    """An optimiser step whose work is queued; its numbers are still on the device."""
+
+    step: int
+    epoch: int
+    lr: float
+    stats: torch.Tensor          # [loss summed over processes, processes with a non-finite loss, unreadable files]
+    norm: torch.Tensor           # gradient norm (0-d)
+    bad: torch.Tensor            # the update was skipped (0-d bool), when ``skipped`` is None
+    skipped: bool | None
+    unreadable: list[str]
+    messages: list[str]
+    t0: float
+
+
 class _Trainer:
     def __init__(self, config: PretrainConfig, emit: EventHandler, control: Control, dist_ctx: DistContext) -> None:
         self.dist = dist_ctx
@@ -269,6 +285,8 @@ class _Trainer:
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.lr = float(cfg.lr)  # resolved(): given, or blr * effective batch / 256
         self.optimizer = build_optimizer(self.model, lr=self.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        # Only the fused kernels take the skip decision as a tensor (found_inf).
+        self._fused_optimizer = bool(self.optimizer.param_groups[0].get("fused"))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if resume is not None:
             state = resume.optimizer_state()
@@ -365,17 +383,37 @@ class _Trainer:
         reason = "completed"
         saved_at = -1
         stopped = False
+        self._finished_at: float | None = None
+        queued: _QueuedStep | None = None    # a step whose numbers are read after the next is queued
+
+        def flush() -> None:
+            nonlocal queued
+            if queued is not None:
+                row, queued = self._finish_step(queued), None
+                history.append(row)
+                self._report(row)
+
         while self.step < self.stop_at and not stopped:
             self.train_ds.set_epoch(self.epoch)
             batches = self._loader(self.epoch, self.position)
             while self.position < self.plan.steps_per_epoch and self.step < self.stop_at:
+                if queued is not None and not self.dist.enabled and self.control.pause_requested():
+                    flush()  # a pause is not part of the step's time (with several processes: ~1 step's worth)
                 stop_reason = self._check_stop()
                 if stop_reason:
                     reason, stopped = stop_reason, True
                     break
-                row = self._train_step(batches)
-                history.append(row)
+                step = self._train_step(batches)
+                flush()      # the previous step's numbers: this step is already queued
                 epoch_done = self.position == self.plan.steps_per_epoch
+                every = cfg.checkpoint_every
+                if self._defer_numbers() and not (
+                        epoch_done or (cfg.preview_every and self.step % cfg.preview_every == 0)
+                        or (isinstance(every, int) and self.step % every == 0)):
+                    queued = step
+                    continue
+                row = self._finish_step(step)
+                history.append(row)
                 if epoch_done and cfg.val_every and (self.epoch + 1) % cfg.val_every == 0:
                     self.last_val = self._validate()
                     row["val_loss"] = self.last_val
@@ -384,7 +422,6 @@ class _Trainer:
                     self.epoch, self.position = self.epoch + 1, 0
                 if cfg.preview_every and self.step % cfg.preview_every == 0:
                     self._preview()
-                every = cfg.checkpoint_every
                 # Small data sets have 1-step epochs: epoch checkpoints are rate-limited in time.
                 epoch_due = epoch_done and time.monotonic() - self._saved_clock >= cfg.checkpoint_interval_s
                 if epoch_done and self.dist.enabled:  # clocks differ: all processes must agree
@@ -394,6 +431,7 @@ class _Trainer:
                     saved_at = self.step
                 if epoch_done:
                     break  # next epoch: new order, new loader
+        flush()
         if not stopped and self.stop_at < self.total_steps:
             reason = "max_steps"
         # Always end on a checkpoint, unless the newest one already holds this exact state.
@@ -477,14 +515,26 @@ class _Trainer:
         return out, images
 
     # ------------------------------------------------------------------ one step
-    def _train_step(self, batches) -> dict[str, Any]:
+    def _defer_numbers(self) -> bool:
+        """Read a step's loss and gradient norm only after the next step is queued (CUDA).
+
+        Reading them is a host/device sync: right after the step it would leave the GPU
+        idle while Python queues the next one.  Read one step later, the GPU is still
+        busy with the next step.  Skipping a non-finite step then happens on the device
+        (the fused AdamW's ``found_inf``), not by a host-side decision.  On the CPU
+        everything is synchronous anyway, and fp16's GradScaler decides on the host.
+        """
+        return self.device.type == "cuda" and self.scaler is None and self._fused_optimizer
+
+    def _train_step(self, batches) -> _QueuedStep:
+        """Queue one optimiser step (forward, backward, update) without reading any number back."""
         cfg = self.cfg
         t0 = time.perf_counter()
         lr = lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                    lr=self.lr, min_lr=cfg.min_lr)
         set_lr(self.optimizer, lr)
         local = self.plan.local_slice() if self.dist.enabled else None
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         unreadable: list[str] = []
         for k in range(cfg.accum_steps):
             batch = next(batches)
@@ -498,49 +548,70 @@ class _Trainer:
                 # A non-finite loss still goes through backward (every process must take
                 # part in the gradient all-reduce); the step is dropped below.
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            loss_sum += out.loss.detach().double().cpu()
-        local_loss = float(loss_sum) / cfg.accum_steps
+            loss_sum += out.loss.detach().float()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = grad_norm_(params, cfg.clip_grad)
-        finite_loss = math.isfinite(local_loss)
-        sums = self.dist.sum_floats([local_loss if finite_loss else 0.0, 0.0 if finite_loss else 1.0,
-                                     float(len(unreadable))], self.device)
-        n_bad = sums[1]
-        if sums[2]:  # some process met an unreadable file: all learn its name (rare, so gathered only then)
-            unreadable = self._record_unreadable(unreadable)
-        loss = sums[0] / self.dist.world_size if not n_bad else float("nan")
-        message = None
-        if n_bad or not math.isfinite(grad_norm):
-            # MAE issues #65/#167: mixed precision can produce NaN/inf; skip the update, keep going.
-            self.skipped += 1
-            what = "loss" if n_bad else "gradient norm"
-            message = f"step {self.step + 1} skipped: non-finite {what}"
-            if self.scaler is not None:
+        norm = grad_norm_(params, cfg.clip_grad)
+        local_loss = loss_sum / cfg.accum_steps
+        finite = torch.isfinite(local_loss)
+        # [loss, processes with a non-finite loss, unreadable files], summed over processes
+        stats = torch.stack([torch.where(finite, local_loss, 0.0), (~finite).float(),
+                             torch.tensor(float(len(unreadable)), device=self.device)])
+        stats = self.dist.sum_tensor(stats)
+        bad = (stats[1] > 0) | ~torch.isfinite(norm)
+        skipped: bool | None = None          # None: decided on the device, read later
+        if self.scaler is not None:
+            skipped = bool(bad)
+            if skipped:
                 self.scaler.update()  # lower the loss scale for fp16 overflow
-        elif self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        elif self._fused_optimizer:
+            self.optimizer.found_inf = bad.float()   # the fused kernel leaves weights and state as they were
             self.optimizer.step()
+        else:
+            skipped = bool(bad)
+            if not skipped:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._nonfinite_run = self._nonfinite_run + 1 if message else 0
+        messages = []
         if self._region_fallbacks:
-            message = (message + "; " if message else "") + (
-                f"{self._region_fallbacks} region-guided mask(s) fell back to random (empty region)")
+            messages.append(f"{self._region_fallbacks} region-guided mask(s) fell back to random (empty region)")
             self._region_fallbacks = 0
-        if unreadable:
-            message = "; ".join(([message] if message else []) + [
-                f"skipped an unreadable image, another took its place: {u}" for u in unreadable])
         if self._compile_messages:  # compile failed during this step: said once, training went on eagerly
-            message = "; ".join(([message] if message else []) + self._compile_messages)
+            messages += self._compile_messages
             self._compile_messages.clear()
         self.step += 1
         self.position += 1
+        return _QueuedStep(step=self.step, epoch=self.epoch, lr=lr, stats=stats, norm=norm, bad=bad,
+                           skipped=skipped, unreadable=unreadable, messages=messages, t0=t0)
+
+    def _finish_step(self, q: _QueuedStep) -> dict[str, Any]:
+        """Read a queued step's numbers back (a sync) and do its bookkeeping: its metrics row."""
+        cfg = self.cfg
+        loss_total, n_bad, n_unreadable = q.stats.tolist()
+        grad_norm = float(q.norm)
+        skipped = bool(q.bad) if q.skipped is None else q.skipped
+        unreadable = self._record_unreadable(q.unreadable, q.step) if n_unreadable else []
+        loss = loss_total / self.dist.world_size if not n_bad else float("nan")
+        message = None
+        if skipped:
+            # MAE issues #65/#167: mixed precision can produce NaN/inf; skip the update, keep going.
+            self.skipped += 1
+            message = f"step {q.step} skipped: non-finite {'loss' if n_bad else 'gradient norm'}"
+        self._nonfinite_run = self._nonfinite_run + 1 if skipped else 0
+        message = "; ".join(([message] if message else []) + q.messages + [
+            f"skipped an unreadable image, another took its place: {u}" for u in unreadable]) or None
         if math.isfinite(loss):
             self.last_loss = loss
-        dt = time.perf_counter() - t0
+        # The step's time: until its numbers are back, from when it started or the previous
+        # step's numbers came back, whichever is later (with deferred reading, the interval
+        # between two steps' numbers: the throughput).
+        now = time.perf_counter()
+        dt = now - max(q.t0, self._finished_at or 0.0)
+        self._finished_at = now
         self._t_active += dt
         # Smoothed step time; the first step (allocation, warm-up) is not representative.
         if self._step_s is None or self._reseed_step_s:
@@ -550,7 +621,7 @@ class _Trainer:
             self._step_s = dt
         else:
             self._step_s = 0.8 * self._step_s + 0.2 * dt
-        return {"step": self.step, "epoch": self.epoch, "loss": loss, "val_loss": None, "lr": lr,
+        return {"step": q.step, "epoch": q.epoch, "loss": loss, "val_loss": None, "lr": q.lr,
                 "images_per_s": cfg.effective_batch / self._step_s if self._step_s > 0 else 0.0,
                 "grad_norm": grad_norm, "skipped": self.skipped, "elapsed_s": self._elapsed_before + self._t_active,
                 "message": message, "unreadable": unreadable}
@@ -559,7 +630,7 @@ class _Trainer:
         """Reader messages of files this batch had to skip that this process has not seen yet."""
         return [p for p in dict.fromkeys(batch.get("unreadable") or ()) if p and p not in self._unreadable]
 
-    def _record_unreadable(self, local: list[str]) -> list[str]:
+    def _record_unreadable(self, local: list[str], step: int) -> list[str]:
         """The step's new unreadable files of every process (all of them call this together),
         each reported once per run and listed in the run folder's ``unreadable.txt``
         (headless runs keep the record)."""
@@ -569,7 +640,7 @@ class _Trainer:
         if new and self.dist.is_main and self.run_dir is not None:
             try:
                 with open(self.run_dir / "unreadable.txt", "a", encoding="utf-8") as fh:
-                    fh.writelines(f"step {self.step + 1}: {p}\n" for p in new)
+                    fh.writelines(f"step {step}: {p}\n" for p in new)
             except OSError:
                 pass  # the event and the CLI line still say it
         return new
@@ -586,10 +657,10 @@ class _Trainer:
                            unreadable=tuple(row.get("unreadable") or ())))
         limit = self.cfg.max_nonfinite_steps
         if limit and self._nonfinite_run >= limit:
-            first = self.step - self._nonfinite_run + 1
+            first = row["step"] - self._nonfinite_run + 1
             raise TrainingError(
                 f"stopped: the loss or gradient was not finite for {self._nonfinite_run} steps in a row "
-                f"(steps {first}-{self.step}; max_nonfinite_steps={limit}). Lower the learning rate (blr), "
+                f"(steps {first}-{row['step']}; max_nonfinite_steps={limit}). Lower the learning rate (blr), "
                 f"set clip_grad, or turn mixed precision off (amp=off); the last checkpoint "
                 f"({self.last_checkpoint or 'none yet'}) holds the weights from before")
 

@@ -286,6 +286,14 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.cpu().tolist()
 
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over all processes, where it lives (no host sync with NCCL)."""
+        if not self.enabled:
+            return t
+        src = t.to(self._comm_device(t.device))
+        dist.all_reduce(src, op=dist.ReduceOp.SUM)
+        return src.to(t.device)
+
     def gather_rows(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Concatenate equally sized ``t`` of all processes along dim 0, in rank order."""
         if not self.enabled:
