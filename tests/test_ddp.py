@@ -17,21 +17,26 @@ from mim_workbench.training.config import PretrainConfig
 from mim_workbench.training.pretrain import pretrain
 
 
+def _torchrun_pretrain(settings: dict, out) -> None:
+    """``pretrain(settings)`` on 2 CPU processes (tests/_ddp_pretrain.py), writing ``out``."""
+    cfg_file = out.parent / f"{out.name}.json"
+    cfg_file.write_text(json.dumps({**settings, "out": str(out)}), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "tests" / "_ddp_pretrain.py"), str(cfg_file)],
+        capture_output=True, text=True, env=env, timeout=180, cwd=out.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_two_process_torchrun_matches_single_process(tmp_path):
     # Region-guided masking exercises the gather of the batch's regions across ranks; 3 steps
     # close epoch 0 (11 training images, batch 4): validation and the epoch checkpoint
     # decision run on both processes.
     settings = tiny(strategy="region", epochs=2, max_steps=3, threads=1, blr=1.5e-4, checkpoint_interval_s=0)
-    cfg_file = tmp_path / "ddp.json"
-    cfg_file.write_text(json.dumps({**settings, "out": str(tmp_path / "ddp")}), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests" / "_ddp_pretrain.py"), str(cfg_file)],
-        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _torchrun_pretrain(settings, tmp_path / "ddp")
     ddp_losses = json.loads((tmp_path / "ddp" / "losses.json").read_text())
 
     single = pretrain(PretrainConfig(**{**settings, "out": str(tmp_path / "one")}))
@@ -86,15 +91,7 @@ def test_unreadable_files_met_by_any_rank_are_recorded(tmp_path):
         (data / name).write_bytes(load_corpus().dicom_bytes(None))
     settings = tiny(data=str(data), masks=None, strategy="random", epochs=1, batch_size=4, threads=1,
                     val_fraction=0.0, checkpoint_interval_s=0)
-    cfg_file = tmp_path / "ddp.json"
-    cfg_file.write_text(json.dumps({**settings, "out": str(tmp_path / "ddp")}), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "tests" / "_ddp_pretrain.py"), str(cfg_file)],
-        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _torchrun_pretrain(settings, tmp_path / "ddp")
     record = (tmp_path / "ddp" / "unreadable.txt").read_text().splitlines()
     assert sorted(name for name in bad if any(name in line for line in record)) == bad, record
     assert len(record) == len(bad), "each file is recorded once"

@@ -208,22 +208,21 @@ def test_bad_inputs_notify_and_keep_ready(make_napari_viewer, qtbot, tmp_path):
 
 def test_large_image_prediction_streams_a_multiscale_heatmap(make_napari_viewer, qtbot, tmp_path, monkeypatch,
                                                              sample_root):
+    from _mim_tiny import tiny_classifier
+
     import mim_workbench_napari._multiscale as multiscale
-    from mim_workbench.training.finetune import FinetuneConfig, finetune
     from mim_workbench_napari._finetune_widget import HEATMAP_PREFIX, FinetuneWidget
 
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(multiscale, "TILED_THRESHOLD_PIXELS", 500_000)
-    result = finetune(FinetuneConfig(data=str(sample_root), out=str(tmp_path / "clf"), mode="probe", epochs=2,
-                                     img_size=(64, 64), patch_size=8, embed_dim=32, depth=1, num_heads=2,
-                                     device="cpu", threads=1))
+    checkpoint = tiny_classifier(tmp_path / "clf", sample_root)
     viewer = make_napari_viewer()
     w = FinetuneWidget(viewer)
     rng = np.random.default_rng(0)
     big = np.clip(0.4 + 0.1 * rng.standard_normal((1200, 900)), 0, 1).astype(np.float32)
     img = viewer.add_image(big, name="big", scale=(0.1, 0.1), translate=(2.0, 3.0))
     w.image.value = img
-    w.model.value = str(result.checkpoint)
+    w.model.value = checkpoint
     w.predict()
     qtbot.waitUntil(lambda: w.predict_worker is None, timeout=120_000)
     assert len(w.band_updates) >= 2 and w.band_updates[0][1] < big.shape[0], "the map filled in band by band"

@@ -99,21 +99,19 @@ def test_a_map_being_written_stops_at_its_next_band_and_goes_when_closed(monkeyp
 def test_closing_mid_prediction_cuts_the_tiled_prediction_short(make_napari_viewer, qtbot, tmp_path, monkeypatch,
                                                                 sample_root):
     import numpy as np
+    from _mim_tiny import tiny_classifier
 
     import mim_workbench_napari._multiscale as multiscale
-    from mim_workbench.training.finetune import FinetuneConfig, finetune
     from mim_workbench_napari._finetune_widget import FinetuneWidget
 
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(multiscale, "TILED_THRESHOLD_PIXELS", 500_000)
-    result = finetune(FinetuneConfig(data=str(sample_root), out=str(tmp_path / "clf"), mode="probe", epochs=1,
-                                     img_size=(64, 64), patch_size=8, embed_dim=32, depth=1, num_heads=2,
-                                     device="cpu", threads=1))
+    checkpoint = tiny_classifier(tmp_path / "clf", sample_root, epochs=1)
     viewer = make_napari_viewer()
     w = FinetuneWidget(viewer)
     big = np.full((2400, 900), 0.4, dtype=np.float32)
     w.image.value = viewer.add_image(big, name="big")
-    w.model.value = str(result.checkpoint)
+    w.model.value = checkpoint
     w.predict()
     qtbot.waitUntil(lambda: len(w.band_updates) >= 1, timeout=60_000)
     out = w.maps.shown["big"]
