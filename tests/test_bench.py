@@ -374,3 +374,22 @@ def test_options_are_not_mutated():
     opts = BenchOptions.quick()
     snapshot = copy.deepcopy(opts)
     assert BenchOptions.quick(reps=5).reps == 5 and opts == snapshot
+
+
+def test_gpu_target_script_runs_and_measures_against_the_bf16_rate():
+    """benchmarks/gpu_target.py (the issue's GPU target, judged on a GPU) works end to end on a tiny model."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_target.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    recs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["record"] for r in recs] == ["machine", "gemm", "gemm", "step"]
+    bf16 = next(r for r in recs if r["record"] == "gemm" and r["dtype"] == "bf16")
+    step = recs[-1]
+    assert step["config"]["strategy"] == "region" and step["step_s"] > 0 and step["target_met"] is None
+    assert step["efficiency"] == pytest.approx(step["useful_gflop"] / step["step_s"] / bf16["gflops"])
