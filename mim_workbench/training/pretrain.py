@@ -154,10 +154,10 @@ class _QueuedStep:
     step: int
     epoch: int
     lr: float
-    stats: torch.Tensor          # [loss summed over processes, processes with a non-finite loss, unreadable files]
-    norm: torch.Tensor           # gradient norm (0-d)
-    bad: torch.Tensor            # the update was skipped (0-d bool), when ``skipped`` is None
-    skipped: bool | None
+    # [loss summed over processes, processes with a non-finite loss, unreadable files met,
+    #  gradient norm, 1 if the update was skipped on the device]
+    numbers: torch.Tensor
+    skipped: bool | None         # decided on the host (fp16, non-fused optimiser); None: numbers[4]
     unreadable: list[str]
     messages: list[str]
     t0: float
@@ -557,7 +557,7 @@ class _Trainer:
         finite = torch.isfinite(local_loss)
         # [loss, processes with a non-finite loss, unreadable files], summed over processes
         stats = torch.stack([torch.where(finite, local_loss, 0.0), (~finite).float(),
-                             torch.tensor(float(len(unreadable)), device=self.device)])
+                             torch.full((), float(len(unreadable)), device=self.device)])  # a fill, no copy
         stats = self.dist.sum_tensor(stats)
         bad = (stats[1] > 0) | ~torch.isfinite(norm)
         skipped: bool | None = None          # None: decided on the device, read later
@@ -585,15 +585,15 @@ class _Trainer:
             self._compile_messages.clear()
         self.step += 1
         self.position += 1
-        return _QueuedStep(step=self.step, epoch=self.epoch, lr=lr, stats=stats, norm=norm, bad=bad,
-                           skipped=skipped, unreadable=unreadable, messages=messages, t0=t0)
+        numbers = torch.cat([stats, norm.reshape(1).to(stats.device, stats.dtype), bad.reshape(1).to(stats.dtype)])
+        return _QueuedStep(step=self.step, epoch=self.epoch, lr=lr, numbers=numbers, skipped=skipped,
+                           unreadable=unreadable, messages=messages, t0=t0)
 
     def _finish_step(self, q: _QueuedStep) -> dict[str, Any]:
         """Read a queued step's numbers back (a sync) and do its bookkeeping: its metrics row."""
         cfg = self.cfg
-        loss_total, n_bad, n_unreadable = q.stats.tolist()
-        grad_norm = float(q.norm)
-        skipped = bool(q.bad) if q.skipped is None else q.skipped
+        loss_total, n_bad, n_unreadable, grad_norm, bad = q.numbers.tolist()   # one read for all
+        skipped = bool(bad) if q.skipped is None else q.skipped
         unreadable = self._record_unreadable(q.unreadable, q.step) if n_unreadable else []
         loss = loss_total / self.dist.world_size if not n_bad else float("nan")
         message = None
