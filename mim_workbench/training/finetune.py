@@ -589,8 +589,9 @@ class _Finetune:
         }
         from .checkpoint import save_checkpoint
 
+        # keep=1: a resumed run's model supersedes the one its stopped session wrote.
         path = save_checkpoint(self.run_dir, max(1, best_step), model_state=self.model.state_dict(),
-                               optimizer_state=None, meta=ckpt_meta, keep=0)
+                               optimizer_state=None, meta=ckpt_meta, keep=1)
         self.checkpoint = str(path)
         self.emit(CheckpointSaved(path=str(path), step=max(1, best_step)))
         summary = {
