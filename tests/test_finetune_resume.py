@@ -16,7 +16,7 @@ from mim_workbench.training.finetune_state import STATE_FILE
 
 # Full fine-tuning: drop-path, augmentation and the lr schedule all depend on where the run is.
 FULL = dict(data=str(SAMPLE), checkpoint="scratch", mode="full", epochs=4, batch_size=2, threads=1, patience=0,
-            img_size=64, embed_dim=64, depth=2, num_heads=2, seed=3)
+            img_size=64, embed_dim=64, depth=2, num_heads=2, seed=3, checkpoint_interval_s=0)
 
 
 class _StopAt:
@@ -125,3 +125,16 @@ def test_probe_resumes_exactly_and_keeps_its_frozen_encoder_out_of_the_state(tmp
     assert model_keys and not any(k.startswith("model.encoder.") for k in model_keys)
     res = finetune(FinetuneConfig(out=str(tmp_path / "part"), resume=True, **probe))
     _assert_same_run(res, tmp_path / "part", ref, tmp_path / "whole")
+
+
+def test_state_is_written_at_the_first_epoch_end_then_at_most_every_interval(uninterrupted, tmp_path):
+    from safetensors import safe_open
+
+    ref, _ = uninterrupted
+    spe = ref.history[0]["step"]
+    finetune(FinetuneConfig(out=str(tmp_path), **{**FULL, "max_steps": 3 * spe, "checkpoint_interval_s": 3600}))
+    with safe_open(str(tmp_path / STATE_FILE), framework="pt") as fh:
+        saved = json.loads(fh.metadata()["state"])
+    assert saved["loop"]["epoch"] == 1, "epochs 2 and 3 fell within the interval"
+    res = finetune(FinetuneConfig(out=str(tmp_path), resume=True, **FULL))   # the interval may change
+    assert any("resumed at epoch 2" in n for n in res.notes)

@@ -129,6 +129,7 @@ class FinetuneConfig:
     time_budget_s: float | None = None
     num_workers: int = 0
     resume: bool = False                   # continue the stopped or crashed run in ``out`` (finetune_state)
+    checkpoint_interval_s: float = 60.0    # resume state at epoch ends no more often than this (0 = every epoch)
 
     def __post_init__(self) -> None:
         from .config import parse_img_size
@@ -180,6 +181,8 @@ class FinetuneConfig:
             bad("drop_path", "must be in [0, 1)")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             bad("time_budget_s", "must be positive seconds or unset")
+        if not (self.checkpoint_interval_s >= 0 and math.isfinite(self.checkpoint_interval_s)):
+            bad("checkpoint_interval_s", "must be seconds >= 0")
 
     def resolved(self) -> FinetuneConfig:
         d = _MODE_DEFAULTS[self.mode]
@@ -476,6 +479,7 @@ class _Finetune:
         reason = "completed"
         step_s = None
         stopped = False
+        saved_clock: float | None = None
         while st.epoch < cfg.epochs and st.step < stop_at and not stopped:
             epoch = st.epoch
             if not self.use_features:
@@ -551,8 +555,12 @@ class _Finetune:
                     else:
                         st.bad_epochs += 1
                     st.epoch = epoch + 1
-                    save_state(self.run_dir, st, config=cfg.to_dict(), train_ids=train_ids,
-                               model_state=self._snapshot(), optimizer=optimizer, scaler=scaler)
+                    # Few labels make epochs of seconds: the state (a full model, twice, and the
+                    # optimiser) is written at the first epoch end, then at most every interval.
+                    if saved_clock is None or time.monotonic() - saved_clock >= cfg.checkpoint_interval_s:
+                        save_state(self.run_dir, st, config=cfg.to_dict(), train_ids=train_ids,
+                                   model_state=self._snapshot(), optimizer=optimizer, scaler=scaler)
+                        saved_clock = time.monotonic()
             if stopped:
                 break
             st.epoch = epoch + 1

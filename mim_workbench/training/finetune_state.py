@@ -1,7 +1,8 @@
 """Where a fine-tuning run stands at an epoch boundary, so a stopped or crashed run goes on.
 
-``finetune`` writes ``OUT/resume.safetensors`` at the end of every epoch (atomically: a
-crash while writing leaves the previous one; tensors in safetensors, the rest as JSON in
+``finetune`` writes ``OUT/resume.safetensors`` at the end of the first epoch, then at
+epoch ends at most every ``checkpoint_interval_s`` (atomically: a crash while writing
+leaves the previous one; tensors in safetensors, the rest as JSON in
 its header, so nothing is unpickled) and removes it when the run has finished its
 plan (completed or stopped early by patience).  A run stopped by the user, a time
 budget or ``max_steps``, or killed, keeps it; ``FinetuneConfig(resume=True)`` (CLI:
@@ -28,7 +29,8 @@ from ..errors import CheckpointError, ConfigError
 STATE_FILE = "resume.safetensors"
 STATE_FORMAT = 1
 #: Settings a continued run may change: where and how long it runs, not what it computes.
-RUN_CONTROL = frozenset({"resume", "device", "threads", "num_workers", "max_steps", "time_budget_s"})
+RUN_CONTROL = frozenset({"resume", "device", "threads", "num_workers", "max_steps", "time_budget_s",
+                         "checkpoint_interval_s"})
 
 
 @dataclass
