@@ -42,7 +42,7 @@ closing an epoch), CheckpointSaved, Finished (reason ``completed``,
 ``early_stopped``, ``stopped``, ``time_budget`` or ``max_steps``), Failed.
 
 Until the plan is done (completed or early-stopped) the run directory also holds
-``resume.pt``, the loop's state at the last finished epoch: a stopped, limited or
+``resume.safetensors``, the loop's state at a finished epoch: a stopped, limited or
 crashed run continues from there with ``resume=True`` (:mod:`.finetune_state`).
 """
 
@@ -410,7 +410,7 @@ class _Finetune:
     def run(self) -> FinetuneResult:
         from .labels import balanced_indices, class_counts, class_weights
         from .lr_decay import param_groups_lrd, set_scaled_lr
-        from .optim import build_optimizer, lr_at
+        from .optim import build_optimizer, load_optimizer_state, lr_at
         from .sampler import StepPlan, epoch_seed
 
         cfg = self.cfg
@@ -450,7 +450,7 @@ class _Finetune:
             payload = load_state(self.run_dir, cfg.to_dict(), train_ids)
             st = restore_loop(payload)
             self.model.load_state_dict(payload["model"], strict=cfg.mode == "full")
-            optimizer.load_state_dict(payload["optimizer"])
+            load_optimizer_state(optimizer, payload["optimizer"])
             if scaler is not None and payload["scaler"] is not None:
                 scaler.load_state_dict(payload["scaler"])
             restore_rng_state(payload["rng"])
