@@ -7,8 +7,8 @@ JSON lines: the device and versions; the ``torch.mm`` rates at 8192² in bf16 an
 (TF32, as training sets it); then one record per variant (eager, and compiled with
 ``--compile``) of the production training step (``bench.make_step``: MAE with region-guided
 masking = RGMIM, ViT-B/16 at 224 px, decoder 512 x 8 x 16 heads, mask ratio 0.75,
-norm_pix_loss, bf16 autocast, fused AdamW): median seconds per step over ``--steps`` after
-warm-up, images/s, useful FLOPs (``bench.useful_flops``) and efficiency = useful FLOPs / step
+norm_pix_loss, bf16 autocast, fused AdamW): seconds per step (median of 3 blocks of ``--steps``
+steps, synchronised at block ends) after warm-up, images/s, useful FLOPs (``bench.useful_flops``) and efficiency = useful FLOPs / step
 time / bf16 GEMM rate, with ``target_met`` (>= 0.40).  ``--device cpu --quick`` runs a tiny
 model to check the script itself (tests/test_bench.py); the target is judged on a GPU only.
 """
@@ -40,17 +40,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, x: torch.Tensor, region: torch.Tensor, *, steps: int, warmup: int) -> list[float]:
-    """Seconds per step (synchronised), after ``warmup`` untimed steps (the first compiles)."""
+def time_steps(step, x: torch.Tensor, region: torch.Tensor, *, steps: int, warmup: int, blocks: int = 3) -> list[float]:
+    """Seconds per step: the mean of each of ``blocks`` runs of ``steps`` steps, synchronised only
+    at a block's ends, as training runs (a sync per step would idle the GPU while Python queues
+    the next one); after ``warmup`` untimed steps (the first compiles)."""
     for _ in range(warmup):
         step(x, region)
     _sync(x.device)
     out = []
-    for _ in range(steps):
+    for _ in range(blocks):
         t = time.perf_counter()
-        step(x, region)
+        for _ in range(steps):
+            step(x, region)
         _sync(x.device)
-        out.append(time.perf_counter() - t)
+        out.append((time.perf_counter() - t) / steps)
     return out
 
 
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({
             "record": "step", "config": config, "compile": compiled,
             "compile_active": bool(getattr(step.train_forward, "active", False)) if compiled else False,
-            "step_s": s, "step_s_q1_q3": statistics.quantiles(times, n=4)[::2] if len(times) > 1 else None,
+            "step_s": s, "block_step_s": times,
             "images_per_s": B / s, "useful_gflop": useful / 1e9, "bf16_gemm_gflops": rates["bf16"],
             "efficiency": eff, "target": TARGET, "target_met": None if args.quick else eff >= TARGET,
         }), flush=True)
