@@ -22,8 +22,6 @@ def test_commands_are_add_functions():
 
 
 def test_registers_beside_the_existing_commands():
-    import argparse
-
     from mim_workbench import cli
 
     assert all(add in cli.COMMANDS for add in FINETUNE_COMMANDS)
