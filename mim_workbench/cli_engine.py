@@ -79,7 +79,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> Runner:
     g.add_argument("--clip-grad", type=float, help="gradient-norm clipping (default off; 5 for simmim)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision: CUDA bf16/fp16 (default auto); on the CPU bf16 where it has AMX/AVX512-BF16 "
-                        "(auto = fp32 there)")
+                        "(auto = bf16 with AMX for encoders at least 192 wide, else fp32)")
     g.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training forward (the first step compiles, ~1 min on a small CPU; "
                         "falls back to eager if compiling fails)")

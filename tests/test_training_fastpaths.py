@@ -46,8 +46,27 @@ def test_cpu_bf16_is_honoured_where_supported(monkeypatch, found):
     monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: found)
     assert runtime.resolve_amp("bf16", CPU) == (torch.bfloat16, [])
     assert runtime.resolve_amp("off", CPU) == (None, [])
-    # "auto" stays fp32 on the CPU: bf16 is slower than fp32 for small models (runtime.py).
+    # "auto" stays fp32 for narrow or unknown models: bf16 is slower than fp32 there (runtime.py).
     assert runtime.resolve_amp("auto", CPU) == (None, [])
+    assert runtime.resolve_amp("auto", CPU, width=64) == (None, [])
+    # ... and wide ones go bf16 on AMX only (AVX512-BF16 alone is unmeasured)
+    dtype, notes = runtime.resolve_amp("auto", CPU, width=192)
+    if found[1] == "AMX-BF16":
+        assert dtype is torch.bfloat16 and "amp=auto: bf16" in notes[0] and "192-wide" in notes[0]
+    else:
+        assert (dtype, notes) == (None, [])
+    assert runtime.resolve_amp("off", CPU, width=768) == (None, [])
+
+
+def test_loop_picks_bf16_for_auto_by_encoder_width(tmp_path, monkeypatch):
+    """amp="auto" in the real loop: the tiny demo-sized model stays fp32, a 192-wide one goes bf16 (AMX)."""
+    monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: (True, "AMX-BF16"))
+    for width, heads, amp in ((64, 2, "off"), (192, 3, "bf16")):
+        seen: list = []
+        pretrain(PretrainConfig(**tiny(tmp_path / str(width), device="cpu", amp="auto", max_steps=1,
+                                       embed_dim=width, num_heads=heads)), on_event=seen.append)
+        started = next(e for e in seen if isinstance(e, ev.Started))
+        assert started.amp == amp, (width, started.amp)
 
 
 def test_cpu_bf16_falls_back_to_fp32_with_a_clear_note(monkeypatch):

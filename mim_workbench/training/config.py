@@ -151,7 +151,8 @@ class PretrainConfig:
     warmup_epochs: float = 1.0
     clip_grad: float | None = None         # None: 5.0 for simmim, off otherwise
     max_nonfinite_steps: int = 20          # this many non-finite steps in a row stop the run (0 = never)
-    amp: str = "auto"                      # CUDA: auto = bf16, else fp16; CPU: bf16 on AMX/AVX512-BF16, auto = fp32
+    amp: str = "auto"                      # CUDA: auto = bf16, else fp16; CPU: bf16 on AMX/AVX512-BF16, auto = bf16
+                                           # on AMX for encoders >= 192 wide, else fp32 (runtime.resolve_amp)
     compile: bool = False                  # torch.compile the training forward (first step compiles; eager on failure)
     # execution
     device: str = "auto"

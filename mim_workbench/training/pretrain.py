@@ -206,8 +206,6 @@ class _Trainer:
         self.run_dir = Path(cfg.out).expanduser()
 
         self.device = prepare_device(cfg.device, threads=cfg.threads, local_rank=self.dist.local_rank)
-        self.amp_dtype, amp_notes = resolve_amp(cfg.amp, self.device)
-        self.notes += amp_notes
         self._seed_everything(cfg.seed)
 
         self.model_cfg = model_config_for(cfg)
@@ -282,6 +280,8 @@ class _Trainer:
                 raise CheckpointError(f"{resume.path}: weights do not fit the model: {exc}") from None
         self.model = model.to(self.device)
         self.model.train()
+        self.amp_dtype, amp_notes = resolve_amp(cfg.amp, self.device, width=self.model.encoder.embed_dim)
+        self.notes += amp_notes
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.lr = float(cfg.lr)  # resolved(): given, or blr * effective batch / 256
         self.optimizer = build_optimizer(self.model, lr=self.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)

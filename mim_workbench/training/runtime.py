@@ -138,15 +138,20 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(found)
 
 
-def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, list[str]]:
+#: ``amp="auto"`` on an AMX CPU: bf16 from this encoder width up (measured faster at 192, slower at 64).
+CPU_AUTO_BF16_MIN_WIDTH = 192
+
+
+def resolve_amp(mode: str, device: torch.device, *, width: int | None = None) -> tuple[torch.dtype | None, list[str]]:
     """Autocast dtype (None = full precision) and notes for the user.
 
     CUDA: bf16 when the GPU supports it (no loss scaling, no overflow), else fp16
     with a GradScaler ("auto" and "bf16").  CPU: bf16 on request (``amp="bf16"``),
     and only where the CPU has native bf16 matmuls (:func:`cpu_bf16_support`);
-    elsewhere the request falls back to fp32 with a note; "auto" is fp32.  The
-    models then use timm's matmul attention (``models.encoder.attention_path``).
-    Apple MPS: full precision.
+    elsewhere the request falls back to fp32 with a note.  "auto" on the CPU is bf16
+    only with AMX and an encoder at least :data:`CPU_AUTO_BF16_MIN_WIDTH` wide
+    (``width``; unknown: fp32).  The models then use timm's matmul attention
+    (``models.encoder.attention_path``).  Apple MPS: full precision.
     """
     notes: list[str] = []
     if mode == "off":
@@ -161,10 +166,15 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, li
         if mode == "fp16":
             notes.append("amp=fp16 ignored on the CPU (no fast fp16 kernels); use amp=bf16 or off")
             return None, notes
-        # amp="auto" stays fp32 on the CPU: bf16 only pays off for models wide enough to
-        # keep AMX busy.  Measured on 2 AMX cores, the real loop: ViT-Tiny/16 at 224 px
-        # 1.6x faster, but the demo's 64-wide ViT 1.5x *slower* (cast overhead), and
-        # AVX512-BF16 without AMX is unmeasured (benchmarks/results/bf16-pretrain-check-*).
+        # amp="auto": bf16 only pays off for models wide enough to keep AMX busy.  Measured
+        # on 2 AMX cores, the real loop: ViT-Tiny/16 (192 wide) at 224 px 1.3-1.6x faster
+        # with the same losses to 0.1 %, but the demo's 64-wide ViT 1.5x *slower* (cast
+        # overhead); AVX512-BF16 without AMX is unmeasured, so it stays fp32
+        # (benchmarks/results/bf16-pretrain-check-*, bench-2026-11-22-session4.md).
+        if ok and what == "AMX-BF16" and width is not None and width >= CPU_AUTO_BF16_MIN_WIDTH:
+            notes.append(f"amp=auto: bf16 autocast on this CPU's AMX for a {width}-wide encoder "
+                         "(amp=off keeps fp32)")
+            return torch.bfloat16, notes
         return None, notes
     if device.type != "cuda":
         if mode in ("bf16", "fp16"):
