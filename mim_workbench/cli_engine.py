@@ -38,7 +38,10 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> Runner:
     g.add_argument("--val-fraction", type=float, help="fraction of patients held back for validation (default 0.1)")
     g.add_argument("--val-every", type=int, help="epochs between validations (default 1; 0 = never)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable augmentation")
-    g.add_argument("--cache", action="store_const", const=True, help="cache decoded, resized images on disk")
+    g.add_argument("--cache", action="store_const", const=True,
+                   help="cache decoded, resized images on disk (default: when the data fit the cache's 2 GB cap)")
+    g.add_argument("--no-cache", dest="cache", action="store_const", const=False,
+                   help="decode every image every epoch")
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
     g = p.add_argument_group("large images", "train on region-guided crops read from each image's on-disk pyramid "
                                              "instead of whole letterboxed images (mammograms, slides)")

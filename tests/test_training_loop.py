@@ -205,3 +205,35 @@ def test_epoch_checkpoints_are_rate_limited_in_time(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path / "every")] == ["ckpt-3", "ckpt-6"]
     _run(tmp_path / "limited", epochs=2, checkpoint_interval_s=3600)
     assert [p.name for p in list_checkpoints(tmp_path / "limited")] == ["ckpt-6"]   # only the final one
+
+
+def test_decoded_image_cache_is_on_when_the_data_fit_its_cap(tmp_path, monkeypatch):
+    """cache=None (the default): on for data that fit the cache, off with a note for data that would
+    only cycle through it; cache=False never writes; the CLI's --no-cache says False."""
+    from mim_workbench.cli_engine import pretrain_config_from_args
+    from mim_workbench.cli import build_parser
+    from mim_workbench.io import cache as cache_mod
+
+    def entries(root):
+        return list(root.rglob("entry.json")) if root.exists() else []
+
+    for name, cache, cap in (("auto", None, None), ("small-cap", None, 10_000), ("off", False, None)):
+        root = tmp_path / f"cache-{name}"
+        monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(root))
+        if cap is not None:
+            monkeypatch.setattr(cache_mod, "DEFAULT_MAX_BYTES", cap)
+        seen: list = []
+        pretrain(PretrainConfig(**tiny(tmp_path / name, max_steps=2, cache=cache)), on_event=seen.append)
+        notes = " ".join(next(e for e in seen if isinstance(e, ev.Started)).notes)
+        if name == "auto":
+            assert len(entries(root / "decoded")) >= 8, "every decoded sample was kept"
+            assert "cache off" not in notes
+        elif name == "small-cap":
+            assert not entries(root / "decoded") and "decoded-image cache off" in notes and "GB cap" in notes
+        else:
+            assert not entries(root / "decoded") and "cache off" not in notes
+        monkeypatch.undo()
+    parser, _ = build_parser()
+    args = parser.parse_args(["pretrain", "--data", "d", "--out", "o", "--no-cache"])
+    assert pretrain_config_from_args(args).cache is False
+    assert pretrain_config_from_args(parser.parse_args(["pretrain", "--data", "d", "--out", "o"])).cache is None

@@ -45,6 +45,15 @@ _SUFFIX = ".npyd"
 _OLD_SUFFIXES = {".zarr": "zarr.json"}
 
 
+def estimate_entry_bytes(img_size: tuple[int, int], *, channels: int, fine_scale: int | None, region: bool) -> int:
+    """About how many bytes one sample's entry takes (float32 image, uint8 region, MIRAM's fine image)."""
+    px = int(img_size[0]) * int(img_size[1])
+    n = px * 4 * channels + (px if region else 0)
+    if fine_scale:
+        n += px * fine_scale * fine_scale * 4 * channels
+    return n + 4096    # entry.json, .npy headers, the folder
+
+
 def default_cache_root() -> Path:
     """``$MIM_WORKBENCH_CACHE/decoded``, else ``~/.cache/mim-workbench/decoded``.
 
@@ -86,9 +95,9 @@ def dir_size(path: Path) -> int:
 class DecodeCache:
     """Letterboxed arrays keyed by source files + settings, LRU-capped at ``max_bytes``."""
 
-    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_root()
-        self.max_bytes = int(max_bytes)
+        self.max_bytes = int(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
         self._total: int | None = None  # lazily scanned, then tracked
 
     def __repr__(self) -> str:

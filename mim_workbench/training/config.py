@@ -113,7 +113,7 @@ class PretrainConfig:
     val_every: int = 1                     # epochs between validations (0 = never); tiny data sets have 1-step epochs
     exclude_ids: list[str] = field(default_factory=list)   # sample ids kept out of training and validation
     augment: bool = True
-    cache: bool = False
+    cache: bool | None = None              # decoded-image cache; None: on when the data fit its cap (io.cache)
     num_workers: int = 0
     # large images: region-guided crops from a pyramid level instead of whole letterboxed images
     crop_level: int | None = None          # pyramid level (0 = full resolution); None (and no crop_spacing): whole images
