@@ -200,3 +200,15 @@ def test_finetune_errors(tmp_path, pretrained):
         finetune(FinetuneConfig(data=str(SAMPLE), checkpoint=None, out=str(tmp_path / "z"), batch_size=1,
                                 **TINY_ARCH), on_event=failed.append)
     assert isinstance(failed[-1], ev.Failed)
+
+
+def test_full_finetuning_caches_decoded_images_without_changing_the_result(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
+    kw = dict(data=str(SAMPLE), checkpoint="scratch", mode="full", epochs=2, batch_size=4, threads=1, **TINY_ARCH)
+    plain = finetune(FinetuneConfig(out=str(tmp_path / "plain"), cache=False, **kw))
+    assert not (tmp_path / "cache").exists()
+    cached = finetune(FinetuneConfig(out=str(tmp_path / "cached"), **kw))        # cache=None: the data fit
+    assert len(list((tmp_path / "cache" / "decoded").rglob("entry.json"))) >= plain.n_train
+    assert [h["loss"] for h in cached.history] == [h["loss"] for h in plain.history]
+    a, b = load_checkpoint(tmp_path / "plain").model_state(), load_checkpoint(tmp_path / "cached").model_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)

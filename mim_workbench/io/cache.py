@@ -54,6 +54,23 @@ def estimate_entry_bytes(img_size: tuple[int, int], *, channels: int, fine_scale
     return n + 4096    # entry.json, .npy headers, the folder
 
 
+def cache_for(setting: bool | None, n_samples: int, img_size: tuple[int, int], *, channels: int,
+              fine_scale: int | None, region: bool) -> tuple[DecodeCache | None, str | None]:
+    """The decoded-image cache a run asked for: ``True`` on, ``False`` off, ``None`` on when its
+    ``n_samples`` fit the cap (a larger set would only cycle through it: least recently used
+    out, no hits), else off with a note for the user.  Returns (cache or None, note or None)."""
+    if setting is False:
+        return None, None
+    cache = DecodeCache()
+    if setting is None:
+        need = estimate_entry_bytes(img_size, channels=channels, fine_scale=fine_scale, region=region) * n_samples
+        if need > cache.max_bytes:
+            return None, (f"decoded-image cache off: {n_samples} images at {img_size[0]}x{img_size[1]} need about "
+                          f"{need / 2**30:.1f} GB, more than its {cache.max_bytes / 2**30:.0f} GB cap "
+                          "(cache=true uses it anyway)")
+    return cache, None
+
+
 def default_cache_root() -> Path:
     """``$MIM_WORKBENCH_CACHE/decoded``, else ``~/.cache/mim-workbench/decoded``.
 

@@ -128,6 +128,7 @@ class FinetuneConfig:
     max_steps: int | None = None
     time_budget_s: float | None = None
     num_workers: int = 0
+    cache: bool | None = None              # decoded-image cache (full mode); None: on when the data fit its cap
     resume: bool = False                   # continue the stopped or crashed run in ``out`` (finetune_state)
     checkpoint_interval_s: float = 60.0    # resume state at epoch ends no more often than this (0 = every epoch)
 
@@ -357,12 +358,22 @@ class _Finetune:
         self.model = model.to(self.device)
         self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.use_features = cfg.mode == "probe" and not cfg.augment
+        # Frozen features are computed once per image; images decoded every epoch are cached.
+        from ..io.cache import cache_for
+
+        samples = self.train_samples + self.val_samples + self.test_samples
+        self.decode_cache, note = cache_for(
+            False if self.use_features else cfg.cache, len(samples), tuple(self.model_cfg.img_size),
+            channels=3 if self.model_cfg.in_chans == 3 else 1, fine_scale=None,
+            region=any(s.mask is not None for s in samples))
+        if note:
+            self.notes.append(note)
 
     def _dataset(self, samples: list[Any], augment: bool):
         from ..io.datasets import MIMDataset
 
         return MIMDataset(samples, img_size=tuple(self.model_cfg.img_size), in_chans=self.model_cfg.in_chans,
-                          augment=augment, seed=self.cfg.seed, classes=self.classes)
+                          augment=augment, seed=self.cfg.seed, classes=self.classes, cache=self.decode_cache)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of what training changes (the frozen encoder of a probe is left out)."""

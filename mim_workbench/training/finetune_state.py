@@ -30,7 +30,7 @@ STATE_FILE = "resume.safetensors"
 STATE_FORMAT = 1
 #: Settings a continued run may change: where and how long it runs, not what it computes.
 RUN_CONTROL = frozenset({"resume", "device", "threads", "num_workers", "max_steps", "time_budget_s",
-                         "checkpoint_interval_s"})
+                         "checkpoint_interval_s", "cache"})
 
 
 @dataclass
