@@ -105,6 +105,7 @@ def test_previews_update_the_same_layers_in_place(make_napari_viewer):
 
     viewer = make_napari_viewer()
     w = PretrainWidget(viewer)
+    w.preview_interval_s = 0.0          # every preview at once (pacing: the next test)
     w.on_event(_preview(0, 0.2))
     layers = {p: viewer.layers[f"{p}: preview"] for p in ("masked", "recon", "error")}
     w.on_event(_preview(25, 0.8))
@@ -119,6 +120,30 @@ def test_previews_update_the_same_layers_in_place(make_napari_viewer):
     w.on_event(_preview(50, 0.3, size=12))  # a new shape replaces the data
     assert layers["masked"].data.shape == (12, 12)
     np.testing.assert_allclose(layers["masked"].data, 0.3)
+
+
+def test_previews_are_paced_and_the_newest_wins(make_napari_viewer, qtbot):
+    """One preview per interval at most; those in between are replaced by the newest, which is
+    shown when the interval has passed, and the run's last one is shown when it finishes."""
+    import numpy as np
+
+    from mim_workbench.training.events import Finished
+    from mim_workbench_napari._pretrain_widget import PretrainWidget
+
+    viewer = make_napari_viewer()
+    w = PretrainWidget(viewer)
+    w.preview_interval_s = 0.5
+    w.on_event(_preview(0, 0.2))                       # the first: at once
+    recon = viewer.layers["recon: preview"]
+    w.on_event(_preview(25, 0.5))
+    w.on_event(_preview(50, 0.7))
+    np.testing.assert_allclose(recon.data, 0.2)        # held back
+    qtbot.waitUntil(lambda: float(recon.data.mean()) == pytest.approx(0.7), timeout=3000)   # the newest, once
+    w.preview_interval_s = 60.0
+    w.on_event(_preview(75, 0.9))
+    np.testing.assert_allclose(recon.data, 0.7)
+    w.on_event(Finished(run_dir="r", step=80, last_checkpoint=None, reason="completed"))
+    np.testing.assert_allclose(recon.data, 0.9)        # the last picture is not lost
 
 
 def test_progress_reaches_the_dock_in_one_held_repaint(make_napari_viewer):

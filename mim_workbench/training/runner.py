@@ -40,8 +40,18 @@ def _watch_parent(parent_pid: int, events: Any, control: ProcessControl, every_s
     control.request_stop()
 
 
+#: The training child's niceness: when the viewer and training want the same core, the viewer
+#: (its event loop, and software GL's render threads) goes first.
+CHILD_NICENESS = 10
+
+
 def _child_main(task: str, config: dict[str, Any], events: Any, control: ProcessControl,
                 parent_pid: int | None = None) -> None:
+    if hasattr(os, "nice"):
+        try:
+            os.nice(CHILD_NICENESS)
+        except OSError:
+            pass   # not allowed here: train at normal priority
     if parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(parent_pid, events, control), daemon=True,
                          name="mim-workbench-parent-watch").start()

@@ -8,6 +8,7 @@ them into a progress bar, a loss curve and preview layers updated in place by na
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,15 @@ class LossPlot:
 
 
 class PretrainWidget(RunControls, Container):
+    #: Previews reach the viewer at most this often, the newest one winning: each costs the event
+    #: loop 40-55 ms of canvas redraw on software GL, and a faster run (bf16, a GPU) sends them
+    #: more often.  At 25 steps a preview, 2x faster training gave 6 previews in 30 s and 3 gaps
+    #: over 50 ms (bench_gui_latency.py, Xvfb + llvmpipe); one every 5 s keeps them apart.
+    preview_interval_s = 5.0
+    _pending_preview: Preview | None = None
+    _preview_timer = None
+    _preview_shown_at = -math.inf
+
     stop_message = "stopping: saving a checkpoint…"
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -261,13 +271,14 @@ class PretrainWidget(RunControls, Container):
             for problem in event.unreadable:
                 show_warning(f"Skipped an image that could not be read (training goes on): {problem}")
         elif isinstance(event, Preview):
-            self._show_preview(event)
+            self._preview_later(event)
         elif isinstance(event, CheckpointSaved):
             choices = [*self.checkpoints.choices, event.path]
             self.checkpoints.choices = choices
             self.checkpoints.value = event.path
         elif isinstance(event, Finished):
             self._flush_progress()
+            self._flush_preview()   # the run's last picture
             self.status.value = f"finished ({event.reason}) at step {event.step}"
             if event.last_checkpoint:
                 self.resume_from.value = event.last_checkpoint
@@ -282,6 +293,29 @@ class PretrainWidget(RunControls, Container):
         self.progress.value = min(event.step, self.progress.max)
         self.status.value = (f"step {event.step}/{event.total}  loss {event.loss:.4f}  "
                              f"{event.images_per_s:.1f} img/s  ETA {_fmt_eta(event.eta_s)}")
+
+    def _preview_later(self, event: Preview) -> None:
+        """Show ``event`` (the newest preview) now, or when ``preview_interval_s`` has passed."""
+        self._pending_preview = event
+        wait = self._preview_shown_at + self.preview_interval_s - time.monotonic()
+        if wait <= 0:
+            self._flush_preview()
+            return
+        if self._preview_timer is None:
+            from qtpy.QtCore import QTimer
+
+            self._preview_timer = QTimer()
+            self._preview_timer.setSingleShot(True)
+            self._preview_timer.timeout.connect(self._flush_preview)
+        if not self._preview_timer.isActive():
+            self._preview_timer.start(max(1, int(wait * 1000)))
+
+    def _flush_preview(self) -> None:
+        event, self._pending_preview = self._pending_preview, None
+        if event is None or self.job.closed:
+            return
+        self._preview_shown_at = time.monotonic()
+        self._show_preview(event)
 
     def _show_preview(self, event: Preview) -> None:
         layers = {"masked": event.masked, "recon": event.reconstruction, "error": event.error}
