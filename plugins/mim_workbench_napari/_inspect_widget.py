@@ -24,7 +24,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlid
 # segfaulted (Mesa/Xvfb).
 from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
 
-from ._multiscale import ScratchMaps, wants_tiled
+from ._multiscale import ScratchMaps, start_tiled_worker, wants_tiled
 from ._status import status_label
 
 TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
@@ -137,8 +137,6 @@ class InspectWidget(Container):
 
     # ------------------------------------------------------------------ tiled (large images)
     def _reconstruct_tiled(self, ckpt: str, img, strategy: str | None, ratio: float, seed: int) -> None:
-        from napari.qt.threading import create_worker
-
         from mim_workbench.inference.tiled_reconstruct import iter_reconstruct_tiled
 
         from ._multiscale import layer_pyramid
@@ -170,12 +168,9 @@ class InspectWidget(Container):
         self.progress.visible = True
         self.band_updates = []
         self.run_button.enabled = False
-        self.worker = create_worker(work, _ignore_errors=True)  # reported through errored, below
-        self.worker.yielded.connect(lambda item: self._show_band(item, img))
-        self.worker.returned.connect(lambda stats: self._show_tiled(stats, img))
-        self.worker.errored.connect(self._failed)
-        self.worker.finished.connect(self._done)
-        self.worker.start()
+        self.worker = start_tiled_worker(work, on_band=lambda item: self._show_band(item, img),
+                                         on_done=lambda stats: self._show_tiled(stats, img),
+                                         on_error=self._failed, on_finished=self._done)
 
     def _show_band(self, item, img) -> None:
         if self.maps.closed:   # a band sent just before the dock or the viewer closed: its map is gone

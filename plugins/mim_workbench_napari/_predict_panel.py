@@ -19,7 +19,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, PushBut
 # first to load timm/torchvision/triton.
 from mim_workbench.inference.predict import load_predictor
 
-from ._multiscale import ScratchMaps, layer_pyramid, wants_tiled
+from ._multiscale import ScratchMaps, layer_pyramid, start_tiled_worker, wants_tiled
 from ._status import status_label
 
 HEATMAP_PREFIX = "heatmap: "
@@ -102,8 +102,6 @@ class PredictPanel:
 
     def _predict_tiled(self, img, path: str) -> None:
         """A large image: tile by tile into zarr maps shown as a multiscale heat map that fills in."""
-        from napari.qt.threading import create_worker
-
         from mim_workbench.inference.tiled_predict import iter_predict_tiled
 
         pyr = layer_pyramid(img)
@@ -119,12 +117,10 @@ class PredictPanel:
         self.result.value = "predicting tile by tile…"
         self.predict_button.enabled = False
         self.band_updates = []
-        self.predict_worker = create_worker(work, _ignore_errors=True)  # errors reach _predict_failed
-        self.predict_worker.yielded.connect(lambda item: self._show_band(item, img))
-        self.predict_worker.returned.connect(lambda stats: self._show_tiled_prediction(stats, img))
-        self.predict_worker.errored.connect(self._predict_failed)
-        self.predict_worker.finished.connect(self._predict_done)
-        self.predict_worker.start()
+        self.predict_worker = start_tiled_worker(
+            work, on_band=lambda item: self._show_band(item, img),
+            on_done=lambda stats: self._show_tiled_prediction(stats, img),
+            on_error=self._predict_failed, on_finished=self._predict_done)
 
     def _show_band(self, item, img) -> None:
         if self.maps.closed:   # a band sent just before the dock or the viewer closed: its map is gone
