@@ -110,17 +110,14 @@ def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--time-budget", type=float, metavar="S", help="stop after S seconds of training")
     _add_arch(p.add_argument_group("scratch encoder", _ARCH_HELP))
     p.add_argument("--quiet", action="store_true")
+    # The training settings' defaults, read off the parser: --resume refuses any that were changed.
+    defaults = vars(p.parse_known_args([])[0])
+    p.set_defaults(setting_defaults={k: v for k, v in defaults.items() if k not in _RESUME_FLAGS})
     return _run_finetune
 
 
-#: finetune flags that are training settings, with their argparse defaults (not allowed with --resume).
-_SETTING_DEFAULTS: dict[str, Any] = {
-    "checkpoint": None, "data": None, "masks": None, "out": None, "mode": "probe", "fraction": 1.0,
-    "epochs": None, "batch_size": 16, "lr": None, "weight_decay": None, "layer_decay": None,
-    "label_smoothing": None, "drop_path": None, "balance": None, "patience": None, "augment": None,
-    "val_fraction": None, "test_fraction": None, "split_seed": None, "positive_class": None, "seed": 0,
-    "model": None, "img_size": None, "patch_size": None, "embed_dim": None, "depth": None, "num_heads": None,
-}
+#: finetune flags --resume accepts: where and how long the continued run goes, not what it computes.
+_RESUME_FLAGS = frozenset({"resume", "device", "threads", "max_steps", "time_budget", "quiet"})
 
 
 def _resume_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +125,7 @@ def _resume_values(args: argparse.Namespace) -> dict[str, Any]:
     from .errors import ConfigError
     from .training.finetune_state import resume_config
 
-    given = [k for k, default in _SETTING_DEFAULTS.items() if getattr(args, k, default) != default]
+    given = [k for k, default in args.setting_defaults.items() if getattr(args, k, default) != default]
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise ConfigError(f"--resume continues the run with its own settings; drop {flags} "
