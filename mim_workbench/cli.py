@@ -46,6 +46,11 @@ def _add_gui(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("paths", nargs="*", help="images to open instead of the sample")
     p.add_argument("--demo-out", default="mim-demo", help="where the headless demo writes when no display exists")
     p.add_argument("--demo-seconds", type=float, default=60.0, help="the headless demo's pretraining time budget")
+    p.add_argument("--self-check", action="store_true",
+                   help="open the window as usual, wait until docks and layers are shown, print one JSON "
+                        "line (napari, qt_api, gl_renderer, docks, layers, seconds_to_ready), close, exit 0")
+    p.add_argument("--screenshot", type=Path, help="with --self-check: save a screenshot of the whole window")
+    p.add_argument("--timeout", type=float, default=120.0, help="with --self-check: seconds to wait for the window")
     return _run_gui
 
 
@@ -54,13 +59,18 @@ def _has_display() -> bool:
 
 
 def _run_gui(args: argparse.Namespace) -> int:
-    if not _has_display():
+    if args.screenshot and not args.self_check:
+        raise MimError("--screenshot goes with --self-check")
+    if not _has_display() and not args.self_check:
         print("mim-workbench gui: no display found (DISPLAY is unset); running the headless demo instead "
               f"(pictures go to {args.demo_out}/)", file=sys.stderr)
         return _run_demo(argparse.Namespace(out=args.demo_out, seconds=args.demo_seconds, device="auto"))
-    from .gui_launch import launch
-
-    return launch(args.paths)
+    # the one place where the core hands over to the napari front end, a separate package
+    try:
+        from mim_workbench_napari import launch
+    except ImportError as exc:
+        raise MimError(f"the GUI is not installed ({exc}); pip install 'mim-workbench[gui]'") from exc
+    return launch(args.paths, self_check=args.self_check, screenshot=args.screenshot, timeout_s=args.timeout)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> Runner:

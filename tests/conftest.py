@@ -6,8 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import importlib.util
+
 import pytest
 import torch  # noqa: F401  (import order matters, see above)
+
+# The test environment has PyQt6 and PyQt5 (the self-check runs under each); qtpy alone would
+# pick PyQt5. In-process GUI tests use the default binding, PyQt6, unless QT_API says otherwise.
+if importlib.util.find_spec("PyQt6") is not None and not os.environ.get("QT_API"):
+    os.environ["QT_API"] = "pyqt6"
+os.environ.setdefault("PYTEST_QT_API", os.environ.get("QT_API", "pyqt6"))
 
 REPO = Path(__file__).resolve().parents[1]
 

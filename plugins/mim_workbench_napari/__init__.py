@@ -16,7 +16,8 @@ if "triton" not in sys.modules:
 __all__ = ["launch"]
 
 
-def launch(paths: list[str] | None = None) -> int:
+def launch(paths: list[str] | None = None, **options) -> int:
+    """Open napari with the workbench docked; see :func:`._launch.launch` for ``options``."""
     from ._launch import launch as _launch
 
-    return _launch(paths or [])
+    return _launch(paths or [], **options)

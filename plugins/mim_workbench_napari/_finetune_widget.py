@@ -24,6 +24,7 @@ from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Pro
 from ._background import BackgroundRun, RunControls
 from ._predict_panel import DENSE_PREFIX, HEATMAP_PREFIX, PredictPanel, blank
 from ._pretrain_widget import LossPlot, _fmt_eta, detected_devices
+from ._self_check import arm_from_env
 from ._status import status_label
 
 TASK_CLASSIFY = "classifier (image labels)"
@@ -53,6 +54,7 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         from mim_workbench.sample import sample_root
 
         self.viewer = napari_viewer
+        arm_from_env(napari_viewer)
         self.task = ComboBox(label="Train", choices=[TASK_CLASSIFY, TASK_DENSE], value=TASK_CLASSIFY)
         self.labels_from = ComboBox(label="Labels from", choices=[FROM_DATASET, FROM_LAYERS], value=FROM_DATASET)
         self.data = FileEdit(label="Dataset or CSV", mode="d", value=str(sample_root()))

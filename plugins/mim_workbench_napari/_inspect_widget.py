@@ -25,6 +25,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlid
 from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
 
 from ._multiscale import ScratchMaps, start_tiled_worker, wants_tiled
+from ._self_check import arm_from_env
 from ._status import status_label
 
 TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
@@ -38,6 +39,7 @@ class InspectWidget(Container):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
+        arm_from_env(napari_viewer)
         self.checkpoint = FileEdit(label="Checkpoint", mode="r", value="")
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.region = ComboBox(label="Region", choices=self._label_layers, nullable=True, value=None)

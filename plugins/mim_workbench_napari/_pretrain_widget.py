@@ -18,6 +18,7 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, Progr
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preview, Progress, Started
 
 from ._background import BackgroundRun, RunControls
+from ._self_check import arm_from_env
 from ._status import status_label
 
 import napari  # the viewer annotation must resolve: napari injects it by type
@@ -164,6 +165,7 @@ class PretrainWidget(RunControls, Container):
         from mim_workbench.sample import sample_root
 
         self.viewer = napari_viewer
+        arm_from_env(napari_viewer)
         self.data = FileEdit(label="Dataset folder", mode="d", value=str(sample_root()))
         self.out = FileEdit(label="Run folder", mode="d", value=str(Path.home() / "mim-workbench-runs" / "run"))
         self.preset = ComboBox(label="Preset", choices=PRESET_CHOICES, value="custom")

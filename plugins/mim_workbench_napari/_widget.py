@@ -19,6 +19,7 @@ from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, PushBu
 
 from mim_workbench.errors import MimError
 
+from ._self_check import arm_from_env
 from ._status import status_label
 
 import napari  # the viewer annotation must resolve: napari injects it by type
@@ -42,6 +43,7 @@ class WorkbenchWidget(Container):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
+        arm_from_env(napari_viewer)
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.region = ComboBox(label="Region", choices=self._label_layers, nullable=True)
         self.new_region = PushButton(text="New region layer")
