@@ -17,7 +17,7 @@ from typing import Any
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import ComboBox, Container, LineEdit, ProgressBar, PushButton, SpinBox
 
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Progress, Started
 
@@ -25,7 +25,7 @@ from ._background import BackgroundRun, RunControls
 from ._predict_panel import DENSE_PREFIX, HEATMAP_PREFIX, PredictPanel, blank
 from ._pretrain_widget import LossPlot, _fmt_eta, detected_devices
 from ._self_check import arm_from_env
-from ._status import status_label
+from ._status import checkpoint_phrase, path_edit, status_label
 
 TASK_CLASSIFY = "classifier (image labels)"
 TASK_DENSE = "dense map (painted strokes)"
@@ -57,17 +57,18 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         arm_from_env(napari_viewer)
         self.task = ComboBox(label="Train", choices=[TASK_CLASSIFY, TASK_DENSE], value=TASK_CLASSIFY)
         self.labels_from = ComboBox(label="Labels from", choices=[FROM_DATASET, FROM_LAYERS], value=FROM_DATASET)
-        self.data = FileEdit(label="Dataset or CSV", mode="d", value=str(sample_root()))
+        self.data = path_edit(label="Dataset or CSV", mode="d", value=str(sample_root()))
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.label_text = LineEdit(label="Its label", value="")
         self.set_label = PushButton(text="Set label of image")
         self.classes = LineEdit(label="Stroke classes", value="lesion, background")
         self.new_strokes = PushButton(text="New strokes layer")
-        self.encoder = FileEdit(label="Encoder checkpoint", mode="d", value="")
+        self.encoder = path_edit(label="Encoder checkpoint", mode="d", value="",
+                                 placeholder="a pretraining run or checkpoint folder")
         self.mode = ComboBox(label="Mode", choices=["probe", "full"], value="probe")
         self.epochs = SpinBox(label="Epochs", min=1, max=10000, value=30)
         self.steps = SpinBox(label="Dense steps", min=1, max=100000, value=300)
-        self.out = FileEdit(label="Run folder", mode="d",
+        self.out = path_edit(label="Run folder", mode="d",
                             value=str(Path.home() / "mim-workbench-runs" / "finetune"))
         self.device = ComboBox(label="Device", choices=detected_devices(), value="auto")
         self.start = PushButton(text="Start")
@@ -76,7 +77,8 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         self.pause = PushButton(text="Pause")
         self.stop = PushButton(text="Stop")
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
-        self.status = status_label("ready")
+        self.status = status_label("ready: choose where the labels come from, an encoder checkpoint "
+                                   "(Pretrain's run folder) and a run folder, then Start")
         self.extend([self.task, self.labels_from, self.data, self.image, self.label_text, self.set_label,
                      self.classes, self.new_strokes, self.encoder, self.mode, self.epochs, self.steps, self.out,
                      self.device, self.start, self.resume_run, self.pause, self.stop, self.progress, self.status])
@@ -286,7 +288,8 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
                 else "")
             if event.last_checkpoint:
                 self.model.value = event.last_checkpoint
-                show_info(f"Fine-tuning {event.reason}; model: {event.last_checkpoint}")
+                show_info(f"Fine-tuning {event.reason} at step {event.step}; "
+                          f"model {checkpoint_phrase(event.last_checkpoint)}")
         elif isinstance(event, Failed):
             self._pending_progress = None  # the failure is the news now
             self.status.value = "failed; ready"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSlider, ProgressBar, PushButton,
+from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, ProgressBar, PushButton,
                               SpinBox)
 
 # Imported here, on the main thread, not lazily in the worker: timm pulls in torchvision and
@@ -26,7 +26,7 @@ from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstru
 
 from ._multiscale import ScratchMaps, start_tiled_worker, wants_tiled
 from ._self_check import arm_from_env
-from ._status import status_label
+from ._status import path_edit, status_label
 
 TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
 
@@ -40,7 +40,8 @@ class InspectWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         arm_from_env(napari_viewer)
-        self.checkpoint = FileEdit(label="Checkpoint", mode="r", value="")
+        self.checkpoint = path_edit(label="Checkpoint", mode="r", value="",
+                                    placeholder="a pretraining checkpoint: RUN/ckpt-N/meta.json")
         self.image = ComboBox(label="Image", choices=self._image_layers)
         self.region = ComboBox(label="Region", choices=self._label_layers, nullable=True, value=None)
         self.strategy = ComboBox(label="Masking", choices=["as trained", "random", "block", "region"],
@@ -50,7 +51,8 @@ class InspectWidget(Container):
         self.run_button = PushButton(text="Reconstruct")
         self.resample = PushButton(text="Re-sample mask")
         self.side_by_side = CheckBox(text="Side by side", value=False)
-        self.metrics = status_label()
+        self.metrics = status_label("Choose a pretraining checkpoint (Pretrain fills it in when a run "
+                                    "saves one) and an image layer, then Reconstruct.")
         self.progress = ProgressBar(label="Tiles", min=0, max=100, value=0, visible=False)
         self.extend([self.checkpoint, self.image, self.region, self.strategy, self.ratio, self.seed,
                      self.run_button, self.resample, self.side_by_side, self.metrics, self.progress])

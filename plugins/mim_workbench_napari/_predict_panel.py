@@ -13,14 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSlider, PushButton
+from magicgui.widgets import ComboBox, Container, FloatSlider, PushButton
 
 # Imported on the main thread (see _inspect_widget): the worker thread must not be the
 # first to load timm/torchvision/triton.
 from mim_workbench.inference.predict import load_predictor
 
 from ._multiscale import ScratchMaps, layer_pyramid, start_tiled_worker, wants_tiled
-from ._status import status_label
+from ._status import path_edit, status_label
 
 HEATMAP_PREFIX = "heatmap: "
 DENSE_PREFIX = "dense: "
@@ -39,12 +39,14 @@ class PredictPanel:
     """
 
     def _build_predict_panel(self) -> Container:
-        self.model = FileEdit(label="Model checkpoint", mode="d", value="")
+        self.model = path_edit(label="Model checkpoint", mode="d", value="",
+                               placeholder="a fine-tuned model (filled in when fine-tuning ends)")
         self.colormap = ComboBox(label="Heat-map colours", choices=["inferno", "magma", "viridis", "turbo"],
                                  value="inferno")
         self.opacity = FloatSlider(label="Heat-map opacity", min=0.0, max=1.0, step=0.05, value=0.5)
         self.predict_button = PushButton(text="Predict on image")
-        self.result = status_label()
+        self.result = status_label("Predictions appear here: choose a fine-tuned model and an image, "
+                                   "then Predict on image.")
         self.predict_button.changed.connect(self.predict)
         self.opacity.changed.connect(self._style_heatmaps)
         self.colormap.changed.connect(self._style_heatmaps)

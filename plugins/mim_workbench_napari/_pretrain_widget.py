@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSpinBox, ProgressBar, PushButton,
+from magicgui.widgets import (ComboBox, Container, FloatSpinBox, ProgressBar, PushButton,
                               SpinBox)
 
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preview, Progress, Started
 
 from ._background import BackgroundRun, RunControls
 from ._self_check import arm_from_env
-from ._status import status_label
+from ._status import checkpoint_phrase, path_edit, status_label
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 
@@ -166,8 +166,8 @@ class PretrainWidget(RunControls, Container):
 
         self.viewer = napari_viewer
         arm_from_env(napari_viewer)
-        self.data = FileEdit(label="Dataset folder", mode="d", value=str(sample_root()))
-        self.out = FileEdit(label="Run folder", mode="d", value=str(Path.home() / "mim-workbench-runs" / "run"))
+        self.data = path_edit(label="Dataset folder", mode="d", value=str(sample_root()))
+        self.out = path_edit(label="Run folder", mode="d", value=str(Path.home() / "mim-workbench-runs" / "run"))
         self.preset = ComboBox(label="Preset", choices=PRESET_CHOICES, value="custom")
         self.method = ComboBox(label="Method", choices=["mae", "simmim", "miram"], value="mae")
         self.strategy = ComboBox(label="Masking", choices=["region", "random", "block"], value="region")
@@ -179,12 +179,14 @@ class PretrainWidget(RunControls, Container):
         self.blr = FloatSpinBox(label="Base lr", min=1e-6, max=1.0, step=1e-5, value=1.5e-4)
         devices = detected_devices()
         self.device = ComboBox(label="Device", choices=devices, value="auto")
-        self.resume_from = FileEdit(label="Resume from", mode="r", value="")
+        self.resume_from = path_edit(label="Resume from", mode="r", value="",
+                                     placeholder="empty: a new run (a stopped run fills this in)")
         self.start = PushButton(text="Start")
         self.pause = PushButton(text="Pause")
         self.stop = PushButton(text="Stop")
         self.progress = ProgressBar(label="Progress", min=0, max=1, value=0)
-        self.status = status_label(f"ready (devices: {', '.join(d for d in devices if d != 'auto')})")
+        self.status = status_label(f"ready (devices: {', '.join(d for d in devices if d != 'auto')}): choose "
+                                   "a dataset folder and a run folder (the sample X-rays are set), a preset, then Start")
         self.checkpoints = ComboBox(label="Checkpoints", choices=[])
         self.extend([self.data, self.out, self.preset, self.method, self.strategy, self.model, self.img_size, self.ratio,
                      self.epochs, self.batch, self.blr, self.device, self.resume_from, self.start, self.pause,
@@ -284,11 +286,13 @@ class PretrainWidget(RunControls, Container):
             self.status.value = f"finished ({event.reason}) at step {event.step}"
             if event.last_checkpoint:
                 self.resume_from.value = event.last_checkpoint
-                show_info(f"Pretraining {event.reason}; last checkpoint: {event.last_checkpoint}")
+                self.status.value += f"; checkpoint {event.last_checkpoint}"
+                show_info(f"Pretraining {event.reason} at step {event.step}; "
+                          f"checkpoint {checkpoint_phrase(event.last_checkpoint)}")
         elif isinstance(event, Failed):
             self._pending_progress = None  # the failure is the news now
             self.status.value = "failed; ready"
-            hint = f" Last checkpoint: {event.last_checkpoint}" if event.last_checkpoint else ""
+            hint = f" Last checkpoint: {checkpoint_phrase(event.last_checkpoint)}" if event.last_checkpoint else ""
             show_error(f"Pretraining failed: {event.message}.{hint}")
 
     def _render_progress(self, event: Progress) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from magicgui.widgets import Label
+from pathlib import Path
+
+from magicgui.widgets import FileEdit, Label
 
 
 def status_label(value: str = "") -> Label:
@@ -19,3 +21,55 @@ def status_label(value: str = "") -> Label:
     # the dock's width comes from its other widgets: a wrapped label still asks for a wide line
     label.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     return label
+
+
+def short_path(path: str | Path, max_chars: int = 48) -> str:
+    """``path`` elided in the middle to at most ``max_chars``, keeping its last parts.
+
+    For one-line messages (napari's notifications collapse to one elided line): the end of
+    a path (run folder, checkpoint) is what tells two apart.
+    """
+    text = str(path)
+    if len(text) <= max_chars:
+        return text
+    keep = max_chars - 1
+    head = keep // 3
+    return f"{text[:head]}…{text[len(text) - (keep - head):]}"
+
+
+def checkpoint_phrase(path: str | Path) -> str:
+    """``"ckpt-800 in …/runs/run"``: a checkpoint named first, then its run folder elided,
+    so that the one line a notification shows says which checkpoint it was."""
+    path = Path(path)
+    return f"{path.name} in {short_path(path.parent, 40)}"
+
+
+def path_edit(placeholder: str = "", **kwargs) -> FileEdit:
+    """A magicgui ``FileEdit`` whose path is elided in the middle while it is not being edited,
+    with the full path as its tooltip.
+
+    The visible field is superqt's eliding line edit; magicgui's own line edit stays the one
+    source of the value (hidden), so ``.value`` and ``.changed`` behave as usual.
+    ``placeholder`` is shown while the field is empty: what to put there.
+    """
+    from qtpy.QtCore import Qt
+    from superqt import QElidingLineEdit
+
+    edit = FileEdit(**kwargs)
+    inner = edit.line_edit.native
+    shown = QElidingLineEdit()
+    shown.setElideMode(Qt.TextElideMode.ElideMiddle)
+    shown.setPlaceholderText(placeholder)
+    edit.native.layout().replaceWidget(inner, shown)
+    inner.hide()
+
+    def from_value(text: str) -> None:
+        text = "" if text == "." else text  # magicgui writes an empty path as "."
+        if shown.text() != text:
+            shown.setText(text)
+        shown.setToolTip(text or placeholder)
+
+    inner.textChanged.connect(from_value)
+    shown.editingFinished.connect(lambda: inner.setText(shown.text()))
+    from_value(inner.text())
+    return edit

@@ -15,12 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import (ComboBox, Container, FileEdit, FloatSlider, PushButton, SpinBox, CheckBox)
+from magicgui.widgets import (ComboBox, Container, FloatSlider, PushButton, SpinBox, CheckBox)
 
 from mim_workbench.errors import MimError
 
 from ._self_check import arm_from_env
-from ._status import status_label
+from ._status import path_edit, status_label
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 
@@ -37,6 +37,11 @@ def _notify(message: str, error: bool = False) -> None:
     (show_error if error else show_info)(message)
 
 
+EMPTY_HINT = ("Open an image first: File > Open (DICOM, PNG, TIFF, zarr), drop files on the window, "
+              "or File > Open Sample > MIM Workbench.")
+REGION_HINT = "Next: New region layer to paint the region, or Auto-propose region, or Import mask."
+
+
 class WorkbenchWidget(Container):
     """Data & regions: pick the image, create/import/save its region mask, preview masking."""
 
@@ -49,8 +54,10 @@ class WorkbenchWidget(Container):
         self.new_region = PushButton(text="New region layer")
         self.preset = ComboBox(label="Propose", choices=["lungs", "breast", "teeth", "tissue"], value="lungs")
         self.propose = PushButton(text="Auto-propose region")
-        self.import_path = FileEdit(label="Import mask", mode="r", filter="*.png *.tif *.tiff *.npy *.dcm")
-        self.save_path = FileEdit(label="Save mask as", mode="w", filter="*.png *.tif *.tiff *.npy")
+        self.import_path = path_edit(label="Import mask", mode="r", filter="*.png *.tif *.tiff *.npy *.dcm",
+                                     placeholder="a mask file (PNG, TIFF, NumPy, DICOM SEG)")
+        self.save_path = path_edit(label="Save mask as", mode="w", filter="*.png *.tif *.tiff *.npy",
+                                   placeholder="where to save the region mask")
         self.save = PushButton(text="Save region mask")
         self.strategy = ComboBox(label="Strategy", choices=["random", "block", "region"], value="region")
         self.ratio = FloatSlider(label="Mask ratio", min=0.05, max=0.95, step=0.05, value=0.75)
@@ -93,12 +100,24 @@ class WorkbenchWidget(Container):
     def _refresh_choices(self, event=None) -> None:
         self.image.reset_choices()
         self.region.reset_choices()
+        self._hint_first_step()
         if self.region.value is None:
             img = self.image.value
             match = [l for l in self._label_layers() if img is not None and l.name == f"region: {img.name}"]
             if match:
                 self.region.value = match[0]
         self._watch_region()
+
+    def _hint_first_step(self) -> None:
+        """The empty state says what to do first; a status from an action is left alone."""
+        if self.status.value and self.status.value not in (EMPTY_HINT, REGION_HINT):
+            return
+        if not self._image_layers():
+            self.status.value = EMPTY_HINT
+        elif not self._label_layers():
+            self.status.value = REGION_HINT
+        else:
+            self.status.value = ""
 
     def _watch_region(self) -> None:
         layer = self.region.value
