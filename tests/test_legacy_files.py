@@ -1,0 +1,72 @@
+"""Run folders written by an earlier release keep working: their settings files parse, their
+checkpoints load, reconstruct, fine-tune and predict.
+
+``tests/data/legacy`` holds a tiny pretraining run (MAE, 64 px, 32-wide, 1 block, 2 steps)
+and a linear probe on it, exactly as the workbench wrote them (flat settings files, absolute
+paths of the machine that wrote them); see its README.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mim_workbench.training import PretrainConfig
+
+LEGACY = Path(__file__).parent / "data" / "legacy"
+
+
+def _copy(tmp_path: Path, name: str) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(LEGACY / name, dst)
+    return dst
+
+
+def test_legacy_pretrain_settings_file_parses_to_the_same_run():
+    values = json.loads((LEGACY / "pretrain" / "config.json").read_text())
+    cfg = PretrainConfig.from_file(LEGACY / "pretrain" / "config.json")
+    assert cfg.method == "mae" and cfg.strategy == "random" and cfg.ratio == 0.75
+    assert cfg.embed_dim == values["embed_dim"] == 32 and cfg.depth == 1 and tuple(cfg.img_size) == (64, 64)
+    assert cfg.decoder_embed_dim == 16 and cfg.batch_size == 4 and cfg.max_steps == 2
+
+
+def test_legacy_finetune_settings_file_parses():
+    from mim_workbench.training.finetune import FinetuneConfig
+
+    values = json.loads((LEGACY / "finetune" / "config.json").read_text())
+    cfg = FinetuneConfig.from_dict(values)
+    assert cfg.mode == "probe" and cfg.epochs == 1 and cfg.lr == 0.001
+
+
+def test_legacy_pretrain_checkpoint_reconstructs(tmp_path, sample_root):
+    from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
+    from mim_workbench.io import read_image
+
+    run = _copy(tmp_path, "pretrain")
+    model, _ = model_from_checkpoint(run / "ckpt-2")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    image = read_image(sample_root / "images" / "cxr0000.png")
+    result = reconstruct(run / "ckpt-2", image, seed=0)
+    assert np.isfinite(result.reconstruction).all() and result.reconstruction.shape == result.mask.shape
+
+
+def test_legacy_pretrain_checkpoint_fine_tunes_and_its_probe_predicts(tmp_path, sample_root, one_thread):
+    from mim_workbench.inference.predict import predict
+    from mim_workbench.io import read_image
+    from mim_workbench.training.finetune import FinetuneConfig, finetune
+
+    run = _copy(tmp_path, "pretrain")
+    res = finetune(FinetuneConfig(data=str(sample_root), out=str(tmp_path / "probe"), checkpoint=str(run / "ckpt-2"),
+                                  mode="probe", epochs=1, device="cpu", threads=1))
+    assert res.reason == "completed"
+    old_probe = _copy(tmp_path, "finetune")
+    image = read_image(sample_root / "images" / "cxr0058.png")
+    for ckpt in (res.checkpoint, old_probe / "ckpt-1"):
+        pred = predict(ckpt, image)
+        probs = np.asarray(pred.probs)
+        assert probs.shape == (2,) and abs(float(probs.sum()) - 1.0) < 1e-5
+    assert torch.get_num_threads() == 1
