@@ -1,7 +1,7 @@
 """Step time and page faults with and without the CPU allocator tuning (``training.allocator``).
 
 Each sample is a fresh process (the tuning is per process), alternating tuned and
-``MIM_WORKBENCH_MALLOC=default``, running ``make_step`` at the issue's reference config.
+``MIM_WORKBENCH_MALLOC=default``, running ``make_step`` at the reference config.
 
     python benchmarks/bench_allocator.py [--rounds 3] [--steps 20] [--channels 1] > results/allocator-DATE.jsonl
 """

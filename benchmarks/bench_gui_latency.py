@@ -1,4 +1,4 @@
-"""How fluid the viewer stays while pretraining runs (issue 5's event-loop benchmark).
+"""How fluid the viewer stays while pretraining runs (the event-loop latency benchmark).
 
 A 10 ms QTimer ticks in napari's Qt event loop; we record the gap between ticks, first
 with the viewer idle, then while the workbench's own Pretrain dock trains on the sample

@@ -25,7 +25,7 @@ from mim_workbench.bench import default_data_root  # noqa: E402
 from mim_workbench.training import PretrainConfig, pretrain  # noqa: E402
 
 CONFIGS = {
-    # issue 6's reference: ViT-Tiny/16 at 224 px, decoder 128 x 4 x 4, batch 16, norm_pix_loss
+    # the benchmark's reference: ViT-Tiny/16 at 224 px, decoder 128 x 4 x 4, batch 16, norm_pix_loss
     "reference": dict(img_size=(224, 224), decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4,
                       batch_size=16, norm_pix_loss=True, method="mae", strategy="random", lr=1e-3 * 16 / 256 * 4),
     # the demo's tiny model (mim-workbench demo), whose speed users see first

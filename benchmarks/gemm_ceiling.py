@@ -4,7 +4,7 @@ Records every matrix product and fused attention call of one real fp32 training 
 (``make_step`` at ``REFERENCE_CONFIG``), replays each distinct shape on its own (same
 strides, so a transposed weight stays transposed) and adds up their median times.  That
 sum is a floor for the step in fp32 on this machine: elementwise work, norms, the loss and
-AdamW come on top.  The issue's efficiency (useful FLOPs / step time / ``torch.mm`` 2048²
+AdamW come on top.  The benchmark's efficiency (useful FLOPs / step time / ``torch.mm`` 2048²
 rate) at that floor is the most any fp32 implementation of this model could reach here.
 
     python benchmarks/gemm_ceiling.py [--channels 1] [--repeats 15]

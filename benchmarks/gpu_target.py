@@ -1,4 +1,4 @@
-"""Issue 6's GPU target: ViT-B/16 RGMIM pretraining in bf16 at >= 40 % of the GPU's bf16 matrix rate.
+"""The GPU target: ViT-B/16 RGMIM pretraining in bf16 at >= 40 % of the GPU's bf16 matrix rate.
 
     python benchmarks/gpu_target.py [--channels 1] [--batch-size 128] [--compile] [--steps 30] \
         > benchmarks/results/gpu-target-$(date +%F).jsonl

@@ -1,9 +1,9 @@
-"""The real pretraining loop under its defaults, before and after they changed (fourth session).
+"""The real pretraining loop under its defaults, before and after they changed.
 
 ``pretrain`` (data loading, region masks, the loop) on the sample chest X-rays at 224 px,
 ViT-Tiny/16 MAE with region-guided masking, batch 16, alternating:
 
-* ``old``: ``cache=False, amp="off"`` (the defaults until then);
+* ``old``: ``cache=False, amp="off"`` (the earlier defaults);
 * ``cache``: the decoded-image cache on (``cache=None``: on when the data fit its cap);
 * ``new``: ``cache=None, amp="auto"`` (the defaults now; bf16 on an AMX CPU for this 192-wide encoder).
 

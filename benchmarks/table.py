@@ -60,7 +60,7 @@ def tables(records: list[dict]) -> str:
                            f"**{r['speedup']:.2f}×** | {blocks} |")
             else:
                 lo, hi = r["peer_step_s"]
-                out.append(f"| {r['in_chans']} | {ours} | {r['ours_step_s']:.3f} | {r['peer']} fp32 (issue's figure, "
+                out.append(f"| {r['in_chans']} | {ours} | {r['ours_step_s']:.3f} | {r['peer']} fp32 (quoted figure, "
                            f"not measured) | {lo:.2f}–{hi:.2f} | {r['speedup'][0]:.2f}–{r['speedup'][1]:.2f}× | |")
     mask = [r for r in records if r["record"] == "masking"]
     if mask:

@@ -1,4 +1,4 @@
-"""Benchmarks of the pretraining step, masking, data pipeline and inference (issue 6).
+"""Benchmarks of the pretraining step, masking, data pipeline and inference.
 
 Two entry points:
 
@@ -18,7 +18,7 @@ Two entry points:
   explains every field.
 
 Efficiency is ``useful FLOPs / step time / measured fp32 GEMM rate``.  Useful
-FLOPs are the issue's reference numbers at the reference configuration (46.5
+FLOPs are the reference numbers at the reference configuration (46.5
 GFLOP for 1 channel, 48.6 for 3) and :func:`useful_flops` (the same convention)
 for any other configuration (matmuls + attention, backward = 2x forward, patch
 embedding counted over all patches as the peers compute it, decoder head on masked
@@ -54,7 +54,7 @@ from .training.allocator import allocator_state
 from .training.runtime import configure_backend, prepare_device
 
 # ====================================================================== configuration
-#: The issue's reference configuration: ViT-Tiny/16 at 224 px, decoder 128 x 4 x 4 heads.
+#: The reference configuration: ViT-Tiny/16 at 224 px, decoder 128 x 4 x 4 heads.
 REFERENCE_CONFIG: dict[str, Any] = {
     "img_size": 224, "patch_size": 16, "in_chans": 1,
     "embed_dim": 192, "depth": 12, "num_heads": 3,
@@ -62,9 +62,9 @@ REFERENCE_CONFIG: dict[str, Any] = {
     "mlp_ratio": 4.0, "mask_ratio": 0.75, "batch_size": 16, "norm_pix_loss": True,
     "lr": 1.5e-4, "weight_decay": 0.05,
 }
-#: Useful work of one reference MAE step (issue 6), by input channels.
+#: Useful work of one reference MAE step, by input channels (the quoted reference figures).
 REFERENCE_USEFUL_FLOPS: dict[int, float] = {1: 46.5e9, 3: 48.6e9}
-#: Step times of the reference implementations quoted by the issue for this kind of
+#: Quoted step times of the reference implementations for this kind of
 #: machine (2 cores, fp32): not measured here, facebookresearch/mae is not installed.
 REFERENCE_PEER_STEP_S: dict[str, tuple[float, float]] = {"facebookresearch/mae": (0.30, 0.35)}
 
@@ -331,7 +331,7 @@ def make_step(config: Mapping[str, Any], *, device: str | torch.device = "cpu", 
     ellipse (:func:`default_region`).  ``fine`` is MIRAM's fine image ``[B, C, 2H, 2W]``;
     None synthesises one by upsampling ``x`` (benchmark only, see :func:`make_fine`).
 
-    Keyword options beyond the issue's config: ``device``, ``amp`` (``bf16`` autocast
+    Keyword options beyond the config keys: ``device``, ``amp`` (``bf16`` autocast
     of the forward as the training loop does on CUDA; off by default) and ``seed``.
     """
     return BenchStep(config, device=device, amp=amp, seed=seed)
@@ -491,11 +491,11 @@ def count_flops(fn: Callable[[], Any]) -> int:
 def useful_flops(config: Mapping[str, Any]) -> float:
     """Useful FLOPs of one training step: matmuls + attention, forward + backward.
 
-    The issue's convention: the patch embedding counted over all patches (as the
+    The reference convention: the patch embedding counted over all patches (as the
     reference implementations compute it), the encoder on the visible tokens plus
     the class token (MAE, MIRAM) or on every token (SimMIM), MAE's decoder on every
     position with its head on the masked tokens only; MIRAM adds its fine head on
-    the masked tokens, SimMIM its 1x1-conv head.  Reproduces the issue's 46.5 / 48.6
+    the masked tokens, SimMIM its 1x1-conv head.  Reproduces the reference 46.5 / 48.6
     GFLOP at the reference configuration to within 0.2 %.  Statistics heads and
     elementwise work are not counted.  Backward is 2x forward, except for the
     patch embedding (weight gradient only: its input is the image).
@@ -529,7 +529,7 @@ def useful_flops(config: Mapping[str, Any]) -> float:
 
 
 def reference_useful_flops(config: Mapping[str, Any]) -> tuple[float, str]:
-    """(useful FLOPs, source): the issue's constant at the reference config, else :func:`useful_flops`."""
+    """(useful FLOPs, source): the quoted constant at the reference config, else :func:`useful_flops`."""
     cfg = check_config(config)
     base = {k: cfg[k] for k in REQUIRED_KEYS if k not in ("lr", "weight_decay", "in_chans")}
     ref = {k: REFERENCE_CONFIG[k] for k in base}

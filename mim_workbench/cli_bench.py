@@ -1,4 +1,4 @@
-"""``mim-workbench bench``: the performance benchmark of issue 6, as JSON lines.
+"""``mim-workbench bench``: the performance benchmark, as JSON lines.
 
 Register with ``COMMANDS.append(_add_bench)`` (see cli.py); the runner prints one
 JSON object per line as soon as it is measured and, with ``--out FILE``, writes

@@ -121,7 +121,7 @@ _RESUME_FLAGS = frozenset({"resume", "device", "threads", "max_steps", "time_bud
 
 
 def _resume_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings of the run in ``--resume RUN_DIR`` plus this session's run-control flags."""
+    """The settings of the run in ``--resume RUN_DIR`` plus the run-control flags given with it."""
     from .errors import ConfigError
     from .training.finetune_state import resume_config
 

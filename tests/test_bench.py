@@ -1,4 +1,4 @@
-"""Benchmark harness (issue 6): make_step for every method x strategy x channels, FLOP
+"""Benchmark harness: make_step for every method x strategy x channels, FLOP
 counting, useful-FLOP convention, the lightly peer, and the structure of the bench
 records.  Tests check behaviour and structure, never speed."""
 
@@ -220,7 +220,7 @@ def test_step_flops_close_to_the_useful_count():
         assert 0.85 < flops / useful < 1.15, (method, flops, useful)
 
 
-def test_useful_flops_reproduce_the_issue_reference():
+def test_useful_flops_reproduce_the_reference_figures():
     for chans, ref in bench.REFERENCE_USEFUL_FLOPS.items():
         cfg = {**REFERENCE_CONFIG, "in_chans": chans}
         assert abs(useful_flops(cfg) / ref - 1) < 0.002
@@ -282,7 +282,7 @@ def _check_records(records: list[dict], *, methods, strategies, channels, peer: 
         assert all(r["speedup"] > 0 and r["measured"] for r in measured)
     if not (peer and "mae" in methods):
         assert not lightly
-    # the issue's quoted facebookresearch/mae times only apply at the reference configuration
+    # the quoted facebookresearch/mae times only apply at the reference configuration
     assert not any(r["peer"] == "facebookresearch/mae" for r in compare)
     masking = [r for r in records if r["record"] == "masking"]
     assert {r["strategy"] for r in masking} == set(strategies)
@@ -377,7 +377,7 @@ def test_options_are_not_mutated():
 
 
 def test_gpu_target_script_runs_and_measures_against_the_bf16_rate():
-    """benchmarks/gpu_target.py (the issue's GPU target, judged on a GPU) works end to end on a tiny model."""
+    """benchmarks/gpu_target.py (the GPU target, judged on a GPU) works end to end on a tiny model."""
     import json
     import subprocess
     import sys

@@ -66,7 +66,7 @@ def test_run_stopped_by_max_steps_resumes_to_the_uninterrupted_result(uninterrup
     assert any("resumed at epoch 3" in n for n in res.notes)
     _assert_same_run(res, tmp_path, ref, ref_out)
     assert [p.name for p in tmp_path.glob("ckpt-*")] == [f"ckpt-{res.history[res.best_epoch]['step']}"], \
-        "the stopped session's model is superseded"
+        "the stopped run's model is superseded"
 
 
 def test_run_stopped_mid_epoch_redoes_that_epoch_from_its_start(uninterrupted, tmp_path):

@@ -2,7 +2,7 @@
 half of CPU training on the 9 others of ``sample_data/``, masked pixels are reconstructed
 with at most 0.8x the error of filling them with the mean of the visible pixels.
 
-Set-up (chosen by measurement, see the report of issue 3): a 64 px SimMIM on a 16x16
+Set-up (chosen by measurement): a 64 px SimMIM on a 16x16
 grid of 4 px patches with random masking at 0.75.  A 16x16 grid matters: on an 8x8 grid
 even filling each masked patch with the mean of its visible neighbours only reaches
 ~0.83x the baseline on these images, while on 16x16 that local fill reaches ~0.5x, so
@@ -42,7 +42,7 @@ def test_masked_mse_beats_visible_mean_fill_on_held_back_xrays(tmp_path, monkeyp
         max_steps=STEPS, threads=1, preview_every=0, checkpoint_every=100_000, cache=True, seed=SEED,
     )
     # A fixed number of steps (not a time budget) keeps the result the same on a busy machine;
-    # about 35 s on 2 idle cores, within the issue's 2-minute allowance on a slower one.
+    # about 35 s on 2 idle cores, within a 2-minute allowance on a slower one.
     result = pretrain(cfg)
     assert result.step == STEPS
 

@@ -6,7 +6,7 @@ masked positions' outputs are used, so the last block computes keys and values
 for every token but queries, attention rows, projection and MLP for the masked
 rows only (:func:`block_at_rows`), and the final norm and the prediction heads run
 on M tokens instead of L.  The result is MAE's, to rounding (tests/test_models.py).
-At the issue's reference config this leaves out 2 % of the step's FLOPs.
+At the benchmark's reference config this leaves out 2 % of the step's FLOPs.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ glibc serves allocations above its mmap threshold (128 KiB at first, raised
 dynamically up to 32 MiB) with fresh ``mmap`` pages and returns freed heap tops
 above its trim threshold to the kernel.  A CPU training step allocates and frees
 the same few-MiB activations and gradients every step, so each step page-faults
-them in again.  Measured on 2 cores, ViT-Tiny MAE fp32 at the issue's reference
+them in again.  Measured on 2 cores, ViT-Tiny MAE fp32 at the benchmark's reference
 config, one fresh process per sample: untuned 6 000-26 000 minor faults and up to
 44 ms of kernel time per step (it depends on the address-space layout), step
 0.265-0.291 s; tuned (mmap threshold at its ceiling, 1 GiB trim threshold) about 120

@@ -608,7 +608,7 @@ class _Finetune:
         }
         from .checkpoint import save_checkpoint
 
-        # keep=1: a resumed run's model supersedes the one its stopped session wrote.
+        # keep=1: a resumed run's model supersedes the one written before it was stopped.
         path = save_checkpoint(self.run_dir, max(1, best_step), model_state=self.model.state_dict(),
                                optimizer_state=None, meta=ckpt_meta, keep=1)
         self.checkpoint = str(path)

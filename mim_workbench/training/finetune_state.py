@@ -132,7 +132,7 @@ def restore_loop(payload: dict[str, Any]) -> LoopState:
 def resume_config(run_dir: str | Path, *, device: str | None = None, threads: int | None = None,
                   max_steps: int | None = None, time_budget_s: float | None = None) -> dict[str, Any]:
     """The settings to continue the run in ``run_dir``: its own ``config.json`` with
-    ``resume=True`` and this session's run control (the earlier session's step and time
+    ``resume=True`` and the run control given now (the stopped run's step and time
     limits ended it, so they are not carried over; device and threads are kept unless given)."""
     cfg_file = Path(run_dir) / "config.json"
     try:

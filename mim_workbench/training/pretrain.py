@@ -604,7 +604,7 @@ class _Trainer:
         loss = loss_total / self.dist.world_size if not n_bad else float("nan")
         message = None
         if skipped:
-            # MAE issues #65/#167: mixed precision can produce NaN/inf; skip the update, keep going.
+            # facebookresearch/mae#65, #167: mixed precision can produce NaN/inf; skip the update, keep going.
             self.skipped += 1
             message = f"step {q.step} skipped: non-finite {'loss' if n_bad else 'gradient norm'}"
         self._nonfinite_run = self._nonfinite_run + 1 if skipped else 0

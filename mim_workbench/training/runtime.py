@@ -170,7 +170,7 @@ def resolve_amp(mode: str, device: torch.device, *, width: int | None = None) ->
         # on 2 AMX cores, the real loop: ViT-Tiny/16 (192 wide) at 224 px 1.3-1.6x faster
         # with the same losses to 0.1 %, but the demo's 64-wide ViT 1.5x *slower* (cast
         # overhead); AVX512-BF16 without AMX is unmeasured, so it stays fp32
-        # (benchmarks/results/bf16-pretrain-check-*, bench-2026-11-22-session4.md).
+        # (benchmarks/results/bf16-pretrain-check-*, bench-2026-11-22-amx-bf16.md).
         if ok and what == "AMX-BF16" and width is not None and width >= CPU_AUTO_BF16_MIN_WIDTH:
             notes.append(f"amp=auto: bf16 autocast on this CPU's AMX for a {width}-wide encoder "
                          "(amp=off keeps fp32)")
