@@ -78,15 +78,15 @@ def test_closing_the_viewer_stops_training_and_keeps_a_checkpoint(make_napari_vi
 
 
 def test_loss_curve_is_thinned_to_the_plot_width():
-    from mim_workbench_napari._pretrain_widget import _decimate
+    from mim_workbench_napari._training_widgets import decimate
 
     xs = list(range(10_000))
     ys = [1.0 / (1 + x) for x in xs]
-    tx, ty = _decimate(xs, ys, 300)
+    tx, ty = decimate(xs, ys, 300)
     assert len(tx) == len(ty) == 300
     assert tx[0] < 20 and tx[-1] > 9_970 and all(a < b for a, b in zip(tx, tx[1:]))
     assert abs(sum(ty) / 300 - sum(ys) / len(ys)) < 1e-3  # bins of equal size keep the mean
-    assert _decimate(xs[:50], ys[:50], 300) == (xs[:50], ys[:50])
+    assert decimate(xs[:50], ys[:50], 300) == (xs[:50], ys[:50])
 
 
 def _preview(step: int, value: float, size: int = 8):

@@ -23,9 +23,9 @@ from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Pro
 
 from ._background import BackgroundRun, RunControls
 from ._predict_panel import DENSE_PREFIX, HEATMAP_PREFIX, PredictPanel, blank
-from ._pretrain_widget import LossPlot, _fmt_eta, detected_devices
 from ._self_check import arm_from_env
 from ._status import checkpoint_phrase, path_edit, status_label
+from ._training_widgets import LossPlot, detected_devices, fmt_eta
 
 TASK_CLASSIFY = "classifier (image labels)"
 TASK_DENSE = "dense map (painted strokes)"
@@ -297,4 +297,4 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
 
     def _render_progress(self, event: Progress) -> None:
         self.progress.value = min(event.step, self.progress.max)
-        self.status.value = f"step {event.step}/{event.total}  loss {event.loss:.4f}  ETA {_fmt_eta(event.eta_s)}"
+        self.status.value = f"step {event.step}/{event.total}  loss {event.loss:.4f}  ETA {fmt_eta(event.eta_s)}"

@@ -26,7 +26,7 @@ from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstru
 
 from ._multiscale import ScratchMaps, start_tiled_worker, wants_tiled
 from ._self_check import arm_from_env
-from ._status import path_edit, status_label
+from ._status import job_handlers, path_edit, status_label
 
 TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
 
@@ -56,6 +56,8 @@ class InspectWidget(Container):
         self.progress = ProgressBar(label="Tiles", min=0, max=100, value=0, visible=False)
         self.extend([self.checkpoint, self.image, self.region, self.strategy, self.ratio, self.seed,
                      self.run_button, self.resample, self.side_by_side, self.metrics, self.progress])
+        self._failed, self._done = job_handlers(self, label=self.metrics, button=self.run_button,
+                                                worker_attr="worker", action="Reconstruction")
         self.run_button.changed.connect(self.reconstruct)
         self.resample.changed.connect(self._resample)
         self.side_by_side.changed.connect(self._toggle_grid)
@@ -223,16 +225,6 @@ class InspectWidget(Container):
                                   f"ratio {m.get('ratio', 0):.2f}, {m.get('strategy', '')}")
         else:
             self.metrics.value = f"tiled, level {level}: {stats.get('tiles', 0)} tiles, no masked pixel"
-
-    def _failed(self, exc: Exception) -> None:
-        from napari.utils.notifications import show_error
-
-        self.metrics.value = "failed"
-        show_error(f"Reconstruction failed: {exc}")
-
-    def _done(self) -> None:
-        self.run_button.enabled = True
-        self.worker = None
 
     def _show(self, result, img) -> None:
         self.last_result = result

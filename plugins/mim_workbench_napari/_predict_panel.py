@@ -20,7 +20,7 @@ from magicgui.widgets import ComboBox, Container, FloatSlider, PushButton
 from mim_workbench.inference.predict import load_predictor
 
 from ._multiscale import ScratchMaps, layer_pyramid, start_tiled_worker, wants_tiled
-from ._status import path_edit, status_label
+from ._status import job_handlers, path_edit, status_label
 
 HEATMAP_PREFIX = "heatmap: "
 DENSE_PREFIX = "dense: "
@@ -47,6 +47,8 @@ class PredictPanel:
         self.predict_button = PushButton(text="Predict on image")
         self.result = status_label("Predictions appear here: choose a fine-tuned model and an image, "
                                    "then Predict on image.")
+        self._predict_failed, self._predict_done = job_handlers(
+            self, label=self.result, button=self.predict_button, worker_attr="predict_worker", action="Prediction")
         self.predict_button.changed.connect(self.predict)
         self.opacity.changed.connect(self._style_heatmaps)
         self.colormap.changed.connect(self._style_heatmaps)
@@ -175,16 +177,6 @@ class PredictPanel:
             shares = ", ".join(f"{c} {f:.1%}" for c, f in record.get("label_fraction", {}).items())
             self.result.value = (f"{img.name}: {shares}; heat map: p({record['classes'][0]}), "
                                  f"{stats.get('tiles', 0)} tiles")
-
-    def _predict_failed(self, exc: Exception) -> None:
-        from napari.utils.notifications import show_error
-
-        self.result.value = "prediction failed"
-        show_error(f"Prediction failed: {exc}")
-
-    def _predict_done(self) -> None:
-        self.predict_button.enabled = True
-        self.predict_worker = None
 
     def _put_layer(self, kind: str, name: str, data: np.ndarray, img, **kwargs: Any):
         if name in self.viewer.layers:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from magicgui.widgets import FileEdit, Label
 
@@ -73,3 +75,25 @@ def path_edit(placeholder: str = "", **kwargs) -> FileEdit:
     shown.editingFinished.connect(lambda: inner.setText(shown.text()))
     from_value(inner.text())
     return edit
+
+
+def job_handlers(owner: Any, *, label: Label, button: Any, worker_attr: str,
+                 action: str) -> tuple[Callable[[Exception], None], Callable[[], None]]:
+    """``(failed, finished)`` handlers of a dock's background job (a napari thread worker).
+
+    ``failed(exc)``: the dock's ``label`` says "<action> failed" and a notification says why;
+    ``finished()``: ``button`` is enabled again and ``owner.<worker_attr>`` cleared, after
+    success and failure alike.
+    """
+
+    def failed(exc: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        label.value = f"{action.lower()} failed"
+        show_error(f"{action} failed: {exc}")
+
+    def finished() -> None:
+        button.enabled = True
+        setattr(owner, worker_attr, None)
+
+    return failed, finished
