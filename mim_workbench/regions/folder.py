@@ -1,0 +1,212 @@
+"""Region masks for a whole folder: propose, flag the implausible ones, show them on a sheet.
+
+    for record in propose_folder("xrays/", "xrays_masks/", preset="lungs"):
+        print(record)   # {"image", "mask", "area_fraction", "flag"} or {"image", "error"}
+
+Masks are written as ``OUT/<stem>.png`` (0/255), the names the dataset readers pair with
+their images, so ``--masks OUT`` then just works. ``OUT/regions.json`` records the settings:
+a folder written with other settings is refused unless ``overwrite``, and masks already
+written with the same settings are kept, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mim_workbench import __version__
+from mim_workbench.errors import ConfigError, MimError
+from mim_workbench.io.datasets import discover, file_stem
+from mim_workbench.io.mask_writer import save_mask
+from mim_workbench.io.masks import read_mask
+from mim_workbench.io.readers import read_image
+from mim_workbench.regions import PRESETS, propose_region
+from mim_workbench.regions.morphology import label
+
+MANIFEST = "regions.json"
+
+#: plausible share of the image a preset's region covers (min, max); outside it is flagged
+AREA_RANGE: dict[str, tuple[float, float]] = {
+    "lungs": (0.08, 0.65), "breast": (0.05, 0.95), "teeth": (0.02, 0.60), "tissue": (0.01, 0.98),
+}
+#: a component smaller than this share of the region does not count as a part of it
+MIN_PART = 0.05
+
+
+@dataclass(frozen=True)
+class FolderProgress:
+    """Where a folder run is: ``done`` of ``total`` images, seconds left (None at first)."""
+
+    done: int
+    total: int
+    eta_s: float | None
+    image: str
+
+
+def quality_flag(mask: np.ndarray, preset: str) -> str | None:
+    """Why ``mask`` looks implausible for ``preset`` ("empty", "too small", "too large",
+    "fragmented", "one lung missing"), or None when it looks like a region of its kind."""
+    area = float(np.count_nonzero(mask)) / max(1, mask.size)
+    if area == 0.0:
+        return "empty"
+    low, high = AREA_RANGE.get(preset, (0.0, 1.0))
+    if area < low:
+        return "too small"
+    if area > high:
+        return "too large"
+    parts = _part_sizes(mask)
+    if preset == "lungs":
+        if len(parts) < 2 or not _both_sides(mask):
+            return "one lung missing"
+        if len(parts) > 3:
+            return "fragmented"
+    elif len(parts) > 4:
+        return "fragmented"
+    return None
+
+
+def _part_sizes(mask: np.ndarray) -> list[int]:
+    labels, n = label(mask > 0)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    total = max(1, int(sizes.sum()))
+    return [int(s) for s in sizes if s >= MIN_PART * total]
+
+
+def _both_sides(mask: np.ndarray) -> bool:
+    """Region on both halves of the image, each with a sizeable share (two lungs)."""
+    cols = np.count_nonzero(mask, axis=0).astype(float)
+    half = cols.size // 2
+    left, right = cols[:half].sum(), cols[half:].sum()
+    return min(left, right) >= 0.2 * max(1.0, left + right)
+
+
+def settings_record(preset: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What ``regions.json`` holds: the proposal settings that decide the masks."""
+    return {"source": "preset", "preset": preset, "options": dict(sorted(options.items())),
+            "mim_workbench": __version__}
+
+
+def _claim_folder(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            before = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise MimError(f"{manifest}: unreadable ({exc}); pass --overwrite to start the folder again") from None
+        same = {k: before.get(k) for k in ("source", "preset", "options")} == \
+               {k: settings[k] for k in ("source", "preset", "options")}
+        if not same and not overwrite:
+            raise MimError(f"{out}: masks written with other settings ({before.get('preset')} "
+                           f"{before.get('options')}); pass --overwrite to replace them, or choose another folder")
+        if not same:
+            for old in out.glob("*.png"):
+                old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _one(image_path: Path, mask_path: Path, preset: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Propose (or reuse) one image's mask and describe it."""
+    if mask_path.is_file():
+        mask = read_mask(mask_path)
+        reused = True
+    else:
+        mask = propose_region(read_image(image_path).data, preset, **options)
+        save_mask(mask_path, mask)
+        reused = False
+    return {"image": str(image_path), "mask": str(mask_path),
+            "area_fraction": round(float(np.count_nonzero(mask)) / max(1, mask.size), 4),
+            "flag": quality_flag(mask, preset), "reused": reused}
+
+
+def propose_folder(data: str | Path, out: str | Path, *, preset: str = "lungs",
+                   options: dict[str, Any] | None = None, overwrite: bool = False,
+                   on_progress: Callable[[FolderProgress], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Propose a ``preset`` region for every image ``data`` holds (any folder layout the
+    dataset readers accept) into ``out``; yield one record per image, in order.
+
+    A record is ``{"image", "mask", "area_fraction", "flag", "reused"}`` or, for an image that
+    cannot be read, ``{"image", "error"}`` (the image is skipped, the run goes on). Raises
+    :class:`ConfigError` for an unknown preset and :class:`MimError` for a folder written with
+    other settings (unless ``overwrite``) or two images with the same name.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
+    options = dict(options or {})
+    out = Path(out)
+    samples = discover(data).samples
+    _check_unique_stems([s.image for s in samples])
+    _claim_folder(out, settings_record(preset, options), overwrite)
+    started, proposed = time.monotonic(), 0
+    for i, sample in enumerate(samples):
+        try:
+            record = _one(sample.image, out / f"{file_stem(sample.image)}.png", preset, options)
+        except MimError as exc:
+            record = {"image": str(sample.image), "error": str(exc)}
+        proposed += not record.get("reused", True)
+        if on_progress is not None:
+            rate = (time.monotonic() - started) / proposed if proposed else None
+            eta = rate * (len(samples) - i - 1) if rate is not None else None
+            on_progress(FolderProgress(i + 1, len(samples), eta, str(sample.image)))
+        yield record
+
+
+def _check_unique_stems(images: Sequence[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for p in images:
+        stem = file_stem(p)
+        if stem in seen:
+            raise MimError(f"{p} and {seen[stem]} have the same name '{stem}': their masks would collide")
+        seen[stem] = p
+
+
+def contact_sheet(records: Sequence[dict[str, Any]], path: str | Path, *, thumb: int = 160,
+                  columns: int = 8) -> Path:
+    """A PNG of thumbnails with mask outlines, flagged ones first (red outline and caption).
+
+    For a visual check of a folder run; unreadable images are left out.
+    """
+    from PIL import Image, ImageDraw
+
+    rows = sorted((r for r in records if "mask" in r), key=lambda r: (r.get("flag") is None, r["image"]))
+    n_rows = max(1, -(-len(rows) // columns))
+    sheet = Image.new("RGB", (columns * thumb, n_rows * (thumb + 14)), (20, 20, 24))
+    draw = ImageDraw.Draw(sheet)
+    for k, rec in enumerate(rows):
+        x, y = (k % columns) * thumb, (k // columns) * (thumb + 14)
+        sheet.paste(_thumbnail(rec, thumb), (x, y))
+        caption = f"{Path(rec['image']).name[:18]}" + (f" {rec['flag']}" if rec.get("flag") else "")
+        draw.text((x + 2, y + thumb), caption, fill=(255, 90, 90) if rec.get("flag") else (200, 200, 200))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def _thumbnail(record: dict[str, Any], size: int) -> Any:
+    """The image in grey with its mask's outline (green, red when flagged), ``size`` square.
+
+    The outline is drawn at thumbnail scale: one drawn at full size would fade away when the
+    picture is shrunk.
+    """
+    from PIL import Image
+    from scipy import ndimage
+
+    image = np.asarray(read_image(record["image"]).data, dtype=np.float32)
+    mask = read_mask(record["mask"], shape=image.shape[:2]) > 0
+    scale = size / max(image.shape[:2])
+    hw = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    grey = Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).resize(hw, Image.BILINEAR)
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(hw, Image.NEAREST)) > 0
+    edge = small & ~ndimage.binary_erosion(small, iterations=1)
+    rgb = np.repeat(np.asarray(grey)[..., None], 3, axis=2)
+    rgb[edge] = (255, 60, 60) if record.get("flag") else (60, 230, 90)
+    tile = Image.new("RGB", (size, size), (20, 20, 24))
+    tile.paste(Image.fromarray(rgb), ((size - hw[0]) // 2, (size - hw[1]) // 2))
+    return tile
