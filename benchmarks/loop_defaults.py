@@ -37,7 +37,7 @@ def main() -> None:
     from mim_workbench.sample import sample_root
     from mim_workbench.training import events as ev
     from mim_workbench.training.config import PretrainConfig
-    from mim_workbench.training.pretrain import pretrain
+    from mim_workbench.training.pretrain_loop import pretrain
 
     root = sample_root()
     try:

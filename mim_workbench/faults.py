@@ -6,7 +6,7 @@ what a power cut or the OOM killer does.  Unset (always, outside tests) a point
 costs one dictionary lookup; the writers call it a handful of times per
 checkpoint, next to fsyncs that take milliseconds.
 
-Points (see :func:`mim_workbench.training.checkpoint.save_checkpoint` and
+Points (see :func:`mim_workbench.models.checkpoint.save_checkpoint` and
 :func:`mim_workbench.io.mask_writer.save_mask`):
 
 ``ckpt-after-model``, ``ckpt-after-optim``, ``ckpt-after-meta``

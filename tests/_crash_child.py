@@ -20,7 +20,7 @@ def pretrain_until_killed(config: dict[str, Any], fault: str | None, progress: A
 
     from mim_workbench.training import events as ev
     from mim_workbench.training.config import PretrainConfig
-    from mim_workbench.training.pretrain import pretrain
+    from mim_workbench.training.pretrain_loop import pretrain
 
     if fault:
         os.environ["MIM_FAULT_INJECT"] = fault
@@ -40,7 +40,7 @@ def autosave_forever(cache_dir: str, key: str, shape: tuple[int, int], fault: st
     """Autosave masks whose every pixel is the version number 1, 2, 3, ... until killed."""
     import numpy as np
 
-    from mim_workbench.io.autosave import autosave_mask
+    from mim_workbench_napari._autosave import autosave_mask
 
     os.environ["MIM_WORKBENCH_CACHE"] = cache_dir
     if fault:

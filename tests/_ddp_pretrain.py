@@ -15,7 +15,7 @@ import sys
 import torch  # noqa: F401  (imported before anything else, as in the test suite)
 
 from mim_workbench.training.config import PretrainConfig
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.training.pretrain_loop import pretrain
 
 
 def main(argv: list[str]) -> int:

@@ -118,7 +118,7 @@ def test_datasets_and_labels(bad_dir, case):
 
 
 def test_region_strategy_refuses_masks_that_match_no_image(bad_dir, tmp_path):
-    from mim_workbench.training.pretrain import pretrain
+    from mim_workbench.training.pretrain_loop import pretrain
 
     cfg = PretrainConfig(**tiny(tmp_path / "run", data=str(bad_dir / "ds_mask_no_overlap"), masks=None,
                                 strategy="region"))
@@ -130,7 +130,7 @@ def test_pretrain_on_a_folder_with_broken_files(bad_dir, tmp_path):
     """Files whose header already fails are skipped with a note; when the only image fails
     once its pixels are decoded, the run stops with an error naming it."""
     from mim_workbench.training import events as ev
-    from mim_workbench.training.pretrain import pretrain
+    from mim_workbench.training.pretrain_loop import pretrain
 
     data = tmp_path / "data"
     data.mkdir()
@@ -158,7 +158,7 @@ def test_pretraining_goes_on_past_a_file_that_fails_to_decode(bad_dir, tmp_path)
     """A header that promises pixels it lacks passes the dataset scan; training swaps in the
     next readable image (batches keep their size), says which file, once, and keeps a record."""
     from mim_workbench.training import events as ev
-    from mim_workbench.training.pretrain import pretrain
+    from mim_workbench.training.pretrain_loop import pretrain
 
     data = tmp_path / "data"
     data.mkdir()

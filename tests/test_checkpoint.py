@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mim_workbench.errors import CheckpointError
-from mim_workbench.training import checkpoint as ck
+from mim_workbench.models import checkpoint as ck
 
 
 def _model_and_optim(steps: int = 2):

@@ -11,7 +11,8 @@ from _mim_tiny import SAMPLE_IMAGES, SAMPLE_MASKS, tiny_cli_flags
 from PIL import Image
 
 from mim_workbench.cli import main
-from mim_workbench.cli_engine import _StopOnSignal, pretrain_config_from_args
+from mim_workbench.cli.control import StopOnSignal
+from mim_workbench.cli.pretrain import pretrain_config_from_args
 from mim_workbench.training import events as ev
 from mim_workbench.training.progress import ProgressPrinter
 
@@ -137,7 +138,7 @@ def test_progress_printer_redraws_one_line_on_a_tty():
 
 
 def test_first_ctrl_c_requests_a_stop_second_interrupts():
-    ctl = _StopOnSignal()
+    ctl = StopOnSignal()
     assert not ctl.stop_requested()
     ctl._handle(2, None)
     assert ctl.stop_requested()

@@ -1,4 +1,4 @@
-"""CLI: finetune, predict, evaluate, dense-train, dense-predict (through cli_finetune's commands)."""
+"""CLI: finetune, predict, evaluate, dense-train, dense-predict (through cli.finetune's commands)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from _mim_tiny import SAMPLE, SAMPLE_IMAGES, SAMPLE_MASKS
 
 from mim_workbench.cli import main
-from mim_workbench.cli_finetune import FINETUNE_COMMANDS
+from mim_workbench.cli.finetune import COMMANDS as FINETUNE_COMMANDS
 
 ARCH = ["--img-size", "64", "--embed-dim", "64", "--depth", "2", "--num-heads", "2"]
 

@@ -26,9 +26,9 @@ import torch
 from _crash_child import autosave_forever, pretrain_until_killed
 from _mim_tiny import tiny, tiny_cli_flags
 
-from mim_workbench.training import checkpoint as ck
+from mim_workbench.models import checkpoint as ck
 from mim_workbench.training.config import PretrainConfig
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.training.pretrain_loop import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 6
@@ -46,7 +46,7 @@ CKPT_POINTS = {
 def ctx():
     # One interpreter imports torch once; each child is a fork of it (~0.1 s, not ~4 s).
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "_crash_child", "mim_workbench.training.pretrain"])
+    context.set_forkserver_preload(["torch", "_crash_child", "mim_workbench.training.pretrain_loop"])
     return context
 
 
@@ -133,7 +133,7 @@ def test_sigkill_of_the_cli_pretrain_command(reference, tmp_path):
 
 
 def test_autosaved_mask_survives_a_killed_viewer(ctx, tmp_path):
-    from mim_workbench.io import autosave
+    from mim_workbench_napari import _autosave as autosave
 
     shape = (48, 40)
     kills = 0

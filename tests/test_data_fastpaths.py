@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mim_workbench.io.augment import crop_resize, jitter, sample_params
+from mim_workbench.training.augment import crop_resize, jitter, sample_params
 
 
 def _warp_reference(canvas: np.ndarray, content_shape: tuple[int, int], p, *, order: int) -> np.ndarray:
@@ -51,7 +51,7 @@ def test_crop_resize_matches_skimage_warp(shape, content):
 
 
 def test_crop_resize_identity_box_is_identity():
-    from mim_workbench.io.augment import AugmentParams
+    from mim_workbench.training.augment import AugmentParams
 
     rng = np.random.default_rng(2)
     image = rng.random((32, 40), dtype=np.float32)

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from _mim_tiny import REPO, tiny
 
-from mim_workbench.training.checkpoint import load_checkpoint
+from mim_workbench.models.checkpoint import load_checkpoint
 from mim_workbench.training.config import PretrainConfig
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.training.pretrain_loop import pretrain
 
 
 def _torchrun_pretrain(settings: dict, out) -> None:

@@ -22,7 +22,8 @@ from mim_workbench.errors import CheckpointError, ConfigError
 from mim_workbench.models import ModelConfig
 from mim_workbench.models.dense_head import upsample_window
 from mim_workbench.training import events as ev
-from mim_workbench.training.dense import DenseConfig, DenseHead, predict_dense, read_strokes, train_dense
+from mim_workbench.models.dense import DenseConfig, DenseHead
+from mim_workbench.training.dense import predict_dense, read_strokes, train_dense
 from mim_workbench.training.evaluate import pixel_auc
 from mim_workbench.training.strokes import simulate_strokes, stroke_summary
 

@@ -15,13 +15,13 @@ from mim_workbench.models import ModelConfig, build_model, export_encoder
 from mim_workbench.models.classifier import Classifier
 from mim_workbench.models.encoder import create_encoder
 from mim_workbench.training import events as ev
-from mim_workbench.training.checkpoint import load_checkpoint
+from mim_workbench.models.checkpoint import load_checkpoint
 from mim_workbench.training.config import PretrainConfig
 from mim_workbench.training.finetune import FeatureCache, FinetuneConfig, finetune
 from mim_workbench.training.labels import balanced_indices, class_weights, label_subset
 from mim_workbench.training.lr_decay import layer_id, param_groups_lrd
 from mim_workbench.training.metrics_cls import classification_metrics
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.training.pretrain_loop import pretrain
 
 TINY_ARCH = {"img_size": 64, "embed_dim": 64, "depth": 2, "num_heads": 2}
 

@@ -10,7 +10,7 @@ from _mim_tiny import SAMPLE
 
 from mim_workbench.cli import main
 from mim_workbench.errors import CheckpointError, ConfigError
-from mim_workbench.training.checkpoint import load_checkpoint
+from mim_workbench.models.checkpoint import load_checkpoint
 from mim_workbench.training.finetune import FinetuneConfig, finetune
 from mim_workbench.training.finetune_state import STATE_FILE
 

@@ -22,10 +22,10 @@ from _mim_tiny import TINY_MODEL, tiny, tiny_cli_flags
 from mim_workbench.cli import main
 from mim_workbench.errors import CheckpointError, MimError
 from mim_workbench.models import ModelConfig, build_model, load_encoder_weights
-from mim_workbench.training import checkpoint as ck
+from mim_workbench.models import checkpoint as ck
 from mim_workbench.training.config import PretrainConfig
 from mim_workbench.training.encoder_source import load_encoder
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.training.pretrain_loop import pretrain
 
 SUFFIXES = (".pth", ".pt", ".ckpt")
 

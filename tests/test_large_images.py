@@ -292,7 +292,8 @@ def test_tiled_prediction_maps_classifier_and_dense_head_cli(mammo, cache_env, t
     from mim_workbench.io.pyramid import open_pyramid
     from mim_workbench.models import ModelConfig
     from mim_workbench.regions.large import propose_region_large
-    from mim_workbench.training.dense import DenseHead, train_dense
+    from mim_workbench.models.dense import DenseHead
+    from mim_workbench.training.dense import train_dense
     from mim_workbench.training.finetune import FinetuneConfig, finetune
     from mim_workbench.training.strokes import simulate_strokes
 
@@ -369,7 +370,7 @@ def test_pretrain_cli_crop_flags(large_dir, mammo, cache_env, tmp_path, capsys):
     from _mim_tiny import tiny_cli_flags
 
     from mim_workbench.cli import build_parser, main
-    from mim_workbench.cli_engine import pretrain_config_from_args
+    from mim_workbench.cli.pretrain import pretrain_config_from_args
 
     parser, _ = build_parser()
     cfg = pretrain_config_from_args(parser.parse_args(

@@ -36,7 +36,7 @@ def tiny_checkpoint(tmp_path_factory):
     from _mim_tiny import tiny
 
     from mim_workbench.training.config import PretrainConfig
-    from mim_workbench.training.pretrain import pretrain
+    from mim_workbench.training.pretrain_loop import pretrain
 
     out = tmp_path_factory.mktemp("run")
     return pretrain(PretrainConfig(**tiny(out, max_steps=2))).last_checkpoint

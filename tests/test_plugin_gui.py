@@ -81,7 +81,7 @@ def test_workbench_docks_with_sample_and_previews_masking(make_napari_viewer, tm
 
 
 def test_painted_region_is_autosaved_and_restored(make_napari_viewer, qtbot, tmp_path, monkeypatch):
-    from mim_workbench.io.autosave import autosave_path
+    from mim_workbench_napari._autosave import autosave_path
     from mim_workbench_napari._widget import WorkbenchWidget
 
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path))

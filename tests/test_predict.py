@@ -15,7 +15,8 @@ from mim_workbench.errors import CheckpointError, ConfigError
 from mim_workbench.inference.predict import Predictor, load_predictor, predict, predict_folder, predict_one
 from mim_workbench.io import letterbox, read_image
 from mim_workbench.models import ModelConfig
-from mim_workbench.training.dense import DensePrediction, train_dense
+from mim_workbench.models.dense import DensePrediction
+from mim_workbench.training.dense import train_dense
 from mim_workbench.training.finetune import FinetuneConfig, finetune
 from mim_workbench.training.strokes import simulate_strokes
 
@@ -89,7 +90,7 @@ def test_predict_dense_checkpoint_and_wrong_kind(tmp_path):
     from _mim_tiny import tiny
 
     from mim_workbench.training.config import PretrainConfig
-    from mim_workbench.training.pretrain import pretrain
+    from mim_workbench.training.pretrain_loop import pretrain
 
     pre = pretrain(PretrainConfig(**tiny(tmp_path / "pre", max_steps=1, threads=1)))
     with pytest.raises(CheckpointError, match="pretrain"):

@@ -62,7 +62,7 @@ def test_pretrain_dock_preset_fills_fields_and_config(make_napari_viewer, tmp_pa
 
 
 def test_closing_the_viewer_stops_training_and_keeps_a_checkpoint(make_napari_viewer, qtbot, tmp_path, sample_root):
-    from mim_workbench.training.checkpoint import list_checkpoints
+    from mim_workbench.models.checkpoint import list_checkpoints
     from mim_workbench_napari._pretrain_widget import PretrainWidget
 
     viewer = make_napari_viewer()

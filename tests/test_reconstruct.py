@@ -12,7 +12,7 @@ from _mim_tiny import SAMPLE_IMAGES, SAMPLE_MASKS
 from mim_workbench.errors import ConfigError
 from mim_workbench.inference.reconstruct import masked_metrics, psnr, reconstruct
 from mim_workbench.models import ModelConfig, build_model
-from mim_workbench.training.checkpoint import save_checkpoint
+from mim_workbench.models.checkpoint import save_checkpoint
 
 IMAGE = SAMPLE_IMAGES / "cxr0058.png"
 MASK = SAMPLE_MASKS / "cxr0058.png"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from _mim_tiny import tiny
-from mim_workbench.training.checkpoint import list_checkpoints
+from mim_workbench.models.checkpoint import list_checkpoints
 from mim_workbench.training.runner import TrainingProcess
 
 REPO = Path(__file__).resolve().parents[1]

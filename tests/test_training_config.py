@@ -8,7 +8,7 @@ import pytest
 
 from mim_workbench.errors import ConfigError
 from mim_workbench.training.config import PRESETS, PretrainConfig, parse_img_size, read_config_file
-from mim_workbench.training.pretrain import merge_resume_config
+from mim_workbench.training.pretrain_loop import merge_resume_config
 
 
 def test_defaults_are_cpu_sized_and_resolve_per_method():

@@ -26,10 +26,10 @@ from mim_workbench.training import runtime
 from mim_workbench.training.config import PretrainConfig
 from mim_workbench.training.metrics import read_metrics
 from mim_workbench.training.optim import build_optimizer, grad_norm_, load_optimizer_state
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.training.pretrain_loop import pretrain
 
-# the module (``training.pretrain`` the attribute is the function)
-pretrain_mod = importlib.import_module("mim_workbench.training.pretrain")
+# the loop's module, for patching its internals
+pretrain_mod = importlib.import_module("mim_workbench.training.pretrain_loop")
 
 TINY = {**REFERENCE_CONFIG, "img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3,
         "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "batch_size": 4}
@@ -207,7 +207,7 @@ def test_load_optimizer_state_keeps_fused_and_matches_foreach():
 def test_resumed_run_uses_the_fused_kernel(tmp_path, monkeypatch):
     first = pretrain(PretrainConfig(**tiny(tmp_path / "run", device="cpu", amp="off", max_steps=2)))
     assert first.step == 2
-    from mim_workbench.training import checkpoint as ckpt_mod
+    from mim_workbench.models import checkpoint as ckpt_mod
 
     real = ckpt_mod.Checkpoint.optimizer_state
 
@@ -339,7 +339,7 @@ def test_reading_numbers_one_step_late_changes_nothing(tmp_path, monkeypatch, po
         assert ra["loss"] == pytest.approx(rb["loss"], nan_ok=True) and ra["grad_norm"] == pytest.approx(
             rb["grad_norm"], nan_ok=True)
     assert a.skipped_steps == b.skipped_steps == (1 if poison_step else 0)
-    from mim_workbench.training.checkpoint import load_checkpoint
+    from mim_workbench.models.checkpoint import load_checkpoint
 
     wa, wb = load_checkpoint(da).model_state(), load_checkpoint(db).model_state()
     for k in wa:
@@ -370,12 +370,12 @@ def test_compile_flag_plumbing(tmp_path):
 def test_cli_compile_flag():
     import argparse
 
-    from mim_workbench.cli_engine import pretrain_config_from_args
+    from mim_workbench.cli.pretrain import pretrain_config_from_args
 
     sub = argparse.ArgumentParser().add_subparsers(dest="command")
-    from mim_workbench import cli_engine
+    from mim_workbench.cli import pretrain as cli_pretrain
 
-    adders = [getattr(cli_engine, n) for n in dir(cli_engine) if n.startswith("_add_pretrain")]
+    adders = [getattr(cli_pretrain, n) for n in dir(cli_pretrain) if n.startswith("_add_pretrain")]
     assert adders, "pretrain sub-command"
     adders[0](sub)
     parser = sub.choices["pretrain"]

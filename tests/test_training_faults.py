@@ -16,10 +16,10 @@ import torch
 from _mim_tiny import tiny
 
 from mim_workbench.errors import CheckpointError, CheckpointWriteError, ConfigError, TrainingError
-from mim_workbench.training import checkpoint as ck
+from mim_workbench.models import checkpoint as ck
 from mim_workbench.training import events as ev
 from mim_workbench.training.config import PretrainConfig
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.training.pretrain_loop import pretrain
 
 
 def _nan_after(monkeypatch, first_bad_call: int) -> None:

@@ -13,11 +13,11 @@ from _mim_tiny import tiny
 
 from mim_workbench.errors import ConfigError, MimError
 from mim_workbench.training import events as ev
-from mim_workbench.training.checkpoint import list_checkpoints, load_checkpoint
+from mim_workbench.models.checkpoint import list_checkpoints, load_checkpoint
 from mim_workbench.training.config import PretrainConfig
 from mim_workbench.training.control import NullControl, ProcessControl
 from mim_workbench.training.metrics import read_metrics
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.training.pretrain_loop import pretrain
 
 
 def _run(out, control=None, **overrides):
@@ -210,7 +210,7 @@ def test_epoch_checkpoints_are_rate_limited_in_time(tmp_path):
 def test_decoded_image_cache_is_on_when_the_data_fit_its_cap(tmp_path, monkeypatch):
     """cache=None (the default): on for data that fit the cache, off with a note for data that would
     only cycle through it; cache=False never writes; the CLI's --no-cache says False."""
-    from mim_workbench.cli_engine import pretrain_config_from_args
+    from mim_workbench.cli.pretrain import pretrain_config_from_args
     from mim_workbench.cli import build_parser
     from mim_workbench.io import cache as cache_mod
 

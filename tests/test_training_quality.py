@@ -23,7 +23,7 @@ from mim_workbench.cli import main
 from mim_workbench.inference.reconstruct import reconstruct
 from mim_workbench.io.datasets import discover, patient_split
 from mim_workbench.training.config import PretrainConfig
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.training.pretrain_loop import pretrain
 
 SEED = 0
 VAL = 0.25

@@ -12,8 +12,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mim_workbench.models import ModelConfig
 from mim_workbench.training.config import PretrainConfig
-from mim_workbench.training.dense import DenseConfig, train_dense
-from mim_workbench.training.pretrain import pretrain
+from mim_workbench.models.dense import DenseConfig
+from mim_workbench.training.dense import train_dense
+from mim_workbench.training.pretrain_loop import pretrain
 from mim_workbench.training.strokes import simulate_strokes
 
 BUDGET_MIN = float(sys.argv[1]) if len(sys.argv) > 1 else 8.0

@@ -121,7 +121,7 @@ class Predictor:
         from ..models import ModelConfig
         from ..models.classifier import Classifier
         from ..models.encoder import create_encoder
-        from ..training.checkpoint import Checkpoint, load_checkpoint
+        from ..models.checkpoint import Checkpoint, load_checkpoint
         from ..training.finetune import FINETUNE_KIND
 
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
@@ -171,9 +171,9 @@ class Predictor:
 
 def load_predictor(checkpoint: Any, *, device: str | torch.device = "cpu") -> Any:
     """A callable ``image -> prediction`` for a finetune (:class:`Predictor`) or dense checkpoint
-    (:class:`~mim_workbench.training.dense.DenseHead`, whose ``predict`` is also its call)."""
-    from ..training.checkpoint import Checkpoint, load_checkpoint
-    from ..training.dense import DENSE_KIND, DenseHead
+    (:class:`~mim_workbench.models.dense.DenseHead`, whose ``predict`` is also its call)."""
+    from ..models.checkpoint import Checkpoint, load_checkpoint
+    from ..models.dense import DENSE_KIND, DenseHead
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if ckpt.kind == DENSE_KIND:

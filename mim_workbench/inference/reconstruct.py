@@ -18,12 +18,23 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, ReaderError
+
+if TYPE_CHECKING:
+    from ..io.letterbox import Letterbox
+    from ..io.meta import LoadedImage
+    from ..models import MIMModel, Rendered
+    from ..models.checkpoint import Checkpoint
+
+#: A checkpoint: its directory, a file inside it, a run directory, or a loaded ``Checkpoint``.
+CheckpointLike = Union[str, Path, "Checkpoint"]
+#: An image: a path, a ``LoadedImage``, or an array (H, W) / (H, W, C) in [0, 1] (integers are scaled).
+ImageLike = Union[str, Path, "LoadedImage", np.ndarray]
 
 _DEFAULT_STRATEGY = {"mae": "random", "simmim": "block", "miram": "random"}
 _DEFAULT_RATIO = {"mae": 0.75, "simmim": 0.6, "miram": 0.75}
@@ -40,7 +51,7 @@ class ReconstructionResult:
     error: np.ndarray               # squared error on masked content pixels, 0 elsewhere
     mask: np.ndarray                # bool, True on masked pixels
     content: np.ndarray             # bool, True inside the letterboxed content (not padding)
-    letterbox: Any                  # io.Letterbox: canvas -> source mapping
+    letterbox: Letterbox            # canvas -> source mapping
     metrics: dict[str, Any] = field(default_factory=dict)
     fine_reconstruction: np.ndarray | None = None   # MIRAM's 2x head, [2H, 2W]
 
@@ -76,10 +87,15 @@ class ReconstructionResult:
 
 
 # ====================================================================== loading
-def model_from_checkpoint(checkpoint: Any, device: str | torch.device = "cpu"):
-    """(model in eval mode, Checkpoint) from anything ``load_checkpoint`` accepts."""
+def model_from_checkpoint(checkpoint: CheckpointLike,
+                          device: str | torch.device = "cpu") -> tuple[MIMModel, Checkpoint]:
+    """(model in eval mode on ``device``, Checkpoint) from anything ``load_checkpoint`` accepts.
+
+    Raises :class:`~mim_workbench.errors.CheckpointError` when the checkpoint stores no
+    model configuration or its weights do not fit it.
+    """
     from ..models import ModelConfig, build_model
-    from ..training.checkpoint import Checkpoint, load_checkpoint
+    from ..models.checkpoint import Checkpoint, load_checkpoint
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if ckpt.is_legacy or not ckpt.model_config:
@@ -96,7 +112,7 @@ def model_from_checkpoint(checkpoint: Any, device: str | torch.device = "cpu"):
     return model.to(torch.device(device)).eval(), ckpt
 
 
-def _as_unit_array(image: Any) -> np.ndarray:
+def _as_unit_array(image: ImageLike) -> np.ndarray:
     """Path / LoadedImage / array -> float32 numpy (H, W) or (H, W, C) in [0, 1]."""
     from ..io import read_image
 
@@ -135,13 +151,51 @@ def _channels(arr: np.ndarray, in_chans: int) -> np.ndarray:
     return np.repeat(arr.mean(axis=-1)[None], in_chans, axis=0)
 
 
+# ====================================================================== mask settings
+def load_model(checkpoint_or_model: CheckpointLike | MIMModel,
+               device: str | torch.device = "cpu") -> tuple[MIMModel, dict[str, Any]]:
+    """(model, its training settings): a model as given (settings ``{}``), else built from a checkpoint.
+
+    A checkpoint's model comes back in eval mode on ``device``; raises
+    :class:`~mim_workbench.errors.CheckpointError` when it cannot be rebuilt.
+    """
+    from ..models import MIMModel
+
+    if isinstance(checkpoint_or_model, MIMModel):
+        return checkpoint_or_model, {}
+    model, ckpt = model_from_checkpoint(checkpoint_or_model, device)
+    return model, dict(ckpt.config or {})
+
+
+def mask_settings(method: str, train_cfg: dict[str, Any], strategy: str | None,
+                  ratio: float | None) -> tuple[str, float]:
+    """(strategy, ratio): those given, else the training's, else ``method``'s defaults.
+
+    Raises :class:`~mim_workbench.errors.ConfigError` unless ``0 < ratio < 1``.
+    """
+    strategy = strategy or train_cfg.get("strategy") or _DEFAULT_STRATEGY[method]
+    ratio = float(ratio if ratio is not None else (train_cfg.get("ratio") or _DEFAULT_RATIO[method]))
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"ratio={ratio!r}: must be a fraction strictly between 0 and 1")
+    return strategy, ratio
+
+
+def mask_options(train_cfg: dict[str, Any], strategy: str) -> dict[str, Any]:
+    """The training's mask options that ``strategy`` takes (the others would be rejected)."""
+    opts = dict(train_cfg.get("mask_options") or {})
+    opts = {k: v for k, v in opts.items() if strategy == "region" or k not in ("min_overlap", "ratio_of")}
+    if strategy != "block":
+        opts.pop("mask_patch_size", None)
+    return opts
+
+
 # ====================================================================== main entry
 @torch.no_grad()
 def reconstruct(
-    checkpoint_or_model: Any,
-    image: Any,
+    checkpoint_or_model: CheckpointLike | MIMModel,
+    image: ImageLike,
     *,
-    region_mask: Any = None,
+    region_mask: str | Path | np.ndarray | None = None,
     strategy: str | None = None,
     ratio: float | None = None,
     seed: int = 0,
@@ -154,36 +208,46 @@ def reconstruct(
             or a loaded ``Checkpoint``) or a ``MIMModel``.
         image: path, ``LoadedImage`` or array in [0, 1] (integer arrays are scaled).
         region_mask: organ mask (path or array of the image's shape) for the
-            ``region`` strategy.
+            ``region`` strategy; without one that strategy falls back to random
+            masking, with a note in ``metrics["notes"]``.
         strategy, ratio: default to the checkpoint's training settings.
         seed: seeds the mask, so a result is reproducible.
+    Returns:
+        pictures ``[H, W]`` at the model's training size and the metrics.
+    Raises:
+        ConfigError: a ratio outside (0, 1), an image that is not 2-D / 3-D or not finite,
+            or an array smaller than one patch; ReaderError: an unreadable or too small file.
     """
-    from ..io import letterbox
-    from ..models import MIMModel
+    model, train_cfg = load_model(checkpoint_or_model, device)
+    strategy, ratio = mask_settings(model.cfg.method, train_cfg, strategy, ratio)
+    src = _source(image, model.patch_size)
+    dev = next(model.parameters()).device
+    x, fine, content, lb = _model_inputs(src, model, dev)
+    mask, strategy, notes = _draw_mask(model, train_cfg, strategy, ratio, region_mask, src.shape[:2], seed)
+    r = _forward(model, x, mask, fine)
+    result = _result(x, r, content, lb)
+    result.metrics.update({"ratio": ratio, "strategy": strategy, "seed": int(seed),
+                           "masked_fraction": float(mask.float().mean()), "notes": notes})
+    return result
 
-    ckpt = None
-    if isinstance(checkpoint_or_model, MIMModel):
-        model = checkpoint_or_model
-        was_training = model.training
-        dev = next(model.parameters()).device
-    else:
-        model, ckpt = model_from_checkpoint(checkpoint_or_model, device)
-        was_training, dev = False, torch.device(device)
-    train_cfg = ckpt.config if ckpt is not None else {}
-    method = model.cfg.method
-    notes: list[str] = []
-    strategy = strategy or train_cfg.get("strategy") or _DEFAULT_STRATEGY[method]
-    ratio = float(ratio if ratio is not None else (train_cfg.get("ratio") or _DEFAULT_RATIO[method]))
-    if not 0.0 < ratio < 1.0:
-        raise ConfigError(f"ratio={ratio!r}: must be a fraction strictly between 0 and 1")
 
+def _source(image: ImageLike, patch_size: int) -> np.ndarray:
+    """The image as a unit array, refused when smaller than one patch."""
     src = _as_unit_array(image)
-    if min(src.shape[:2]) < model.patch_size:
+    if min(src.shape[:2]) < patch_size:
         # Upscaling a few pixels to the model size would only invent the picture it then scores.
-        what = f"image is {src.shape[0]} x {src.shape[1]} px, smaller than one {model.patch_size} px patch; nothing to mask"
+        what = f"image is {src.shape[0]} x {src.shape[1]} px, smaller than one {patch_size} px patch; nothing to mask"
         if isinstance(image, (str, Path)):
             raise ReaderError(image, what)
         raise ConfigError(what)
+    return src
+
+
+def _model_inputs(src: np.ndarray, model: MIMModel,
+                  dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray, Letterbox]:
+    """(image ``[1, C, H, W]``, MIRAM's fine image or None, content mask ``[H, W]``, letterbox)."""
+    from ..io import letterbox
+
     H, W = model.cfg.img_size
     canvas, lb = letterbox(src, (H, W), order=1)
     content = np.zeros((H, W), dtype=bool)
@@ -191,49 +255,60 @@ def reconstruct(
     content[r0:r0 + ch, c0:c0 + cw] = True
     x = torch.from_numpy(_channels(canvas, model.in_chans)).float()[None].to(dev)     # [1, C, H, W]
     fine = None
-    if method == "miram":
+    if model.cfg.method == "miram":
         s = int(model.cfg.miram_scale)
         fine_canvas, _ = letterbox(src, (s * H, s * W), order=1)
         fine = torch.from_numpy(_channels(fine_canvas, model.in_chans)).float()[None].to(dev)
+    return x, fine, content, lb
 
+
+def _draw_mask(model: MIMModel, train_cfg: dict[str, Any], strategy: str, ratio: float,
+               region_mask: str | Path | np.ndarray | None, source_shape: tuple[int, int],
+               seed: int) -> tuple[torch.Tensor, str, list[str]]:
+    """(mask ``[1, L]``, the strategy used, notes): seeded by ``seed`` alone."""
+    notes: list[str] = []
     region = None
     if region_mask is not None:
-        region = torch.from_numpy(_region_canvas(region_mask, src.shape[:2], (H, W)).astype(np.float32))[None]
+        canvas = _region_canvas(region_mask, source_shape, tuple(model.cfg.img_size))
+        region = torch.from_numpy(canvas.astype(np.float32))[None]
     if strategy == "region" and region is None:
         notes.append("strategy region needs a region mask; none given, masked at random instead")
         strategy = "random"
-    opts = dict(train_cfg.get("mask_options") or {})
-    opts = {k: v for k, v in opts.items() if strategy == "region" or k not in ("min_overlap", "ratio_of")}
-    if strategy != "block":
-        opts.pop("mask_patch_size", None)
     gen = torch.Generator().manual_seed(int(seed))
-    mask = model.make_mask(strategy, 1, ratio, region=region, generator=gen, **opts)
+    mask = model.make_mask(strategy, 1, ratio, region=region, generator=gen, **mask_options(train_cfg, strategy))
+    return mask, strategy, notes
 
+
+def _forward(model: MIMModel, x: torch.Tensor, mask: torch.Tensor, fine: torch.Tensor | None) -> Rendered:
+    """The model's pictures of ``x`` under ``mask``, in eval mode (its mode restored after)."""
+    was_training = model.training
     model.eval()
     try:
-        out = model(x, mask, fine=fine)
-        r = model.render(out, x)
+        return model.render(model(x, mask, fine=fine), x)
     finally:
         model.train(was_training)
 
-    def grey(t: torch.Tensor) -> np.ndarray:
-        return t[0].float().mean(dim=0).cpu().numpy().astype(np.float32)
 
-    img = grey(x)
-    recon = grey(r.reconstruction)
-    rpv = grey(r.recon_plus_visible)
+def _grey(t: torch.Tensor) -> np.ndarray:
+    """The first picture of ``t [B, C, H, W]`` averaged over channels, float32 ``[H, W]``."""
+    return t[0].float().mean(dim=0).cpu().numpy().astype(np.float32)
+
+
+def _result(x: torch.Tensor, r: Rendered, content: np.ndarray, lb: Letterbox) -> ReconstructionResult:
+    """2-D pictures, the error map and the masked-pixel metrics of one rendered image."""
+    img = _grey(x)
+    rpv = _grey(r.recon_plus_visible)
     pix_mask = r.mask[0, 0].cpu().numpy() > 0.5
     metrics = masked_metrics(x[0].cpu().numpy(), r.recon_plus_visible[0].float().cpu().numpy(), pix_mask, content)
     error = np.where(pix_mask & content, (rpv - img) ** 2, 0.0).astype(np.float32)
-    metrics.update({"ratio": ratio, "strategy": strategy, "seed": int(seed),
-                    "masked_fraction": float(mask.float().mean()), "notes": notes})
-    fine_rec = grey(r.fine_reconstruction) if getattr(r, "fine_reconstruction", None) is not None else None
-    return ReconstructionResult(image=img, masked=grey(r.masked), reconstruction=recon, recon_plus_visible=rpv,
-                                error=error, mask=pix_mask, content=content, letterbox=lb, metrics=metrics,
-                                fine_reconstruction=fine_rec)
+    fine_rec = _grey(r.fine_reconstruction) if getattr(r, "fine_reconstruction", None) is not None else None
+    return ReconstructionResult(image=img, masked=_grey(r.masked), reconstruction=_grey(r.reconstruction),
+                                recon_plus_visible=rpv, error=error, mask=pix_mask, content=content,
+                                letterbox=lb, metrics=metrics, fine_reconstruction=fine_rec)
 
 
-def _region_canvas(region_mask: Any, source_shape: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+def _region_canvas(region_mask: str | Path | np.ndarray, source_shape: tuple[int, int],
+                   size: tuple[int, int]) -> np.ndarray:
     """Region mask (path or array) -> {0, 1} at the letterboxed size, like the image."""
     from ..io import letterbox, read_mask
 
@@ -275,6 +350,7 @@ def masked_metrics(truth: np.ndarray, pred: np.ndarray, masked: np.ndarray, cont
 
 
 def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of a mean squared error on [0, 1] data (inf for 0)."""
     return math.inf if mse <= 0 else 10.0 * math.log10(1.0 / mse)
 
 

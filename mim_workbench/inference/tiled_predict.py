@@ -14,8 +14,8 @@ one band of tiles, whatever the image size.
   ``map`` is, per tile at ``level``, the head applied to every patch token for that
   class (``patch_logits``, see :mod:`.predict`) -- the predicted class, or ``cls``.
 * **dense head**: one map per class (its probability), from
-  :meth:`~mim_workbench.training.dense.DenseHead.prepare` /
-  :meth:`~mim_workbench.training.dense.DenseHead.working_probs` on each tile, with
+  :meth:`~mim_workbench.models.dense.DenseHead.prepare` /
+  :meth:`~mim_workbench.models.dense.DenseHead.working_probs` on each tile, with
   the image channels z-scored by the *whole* image's statistics (from a low level),
   so tiles agree with each other.  Blended probabilities still sum to 1 per pixel.
 """
@@ -26,14 +26,21 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .tiling import Band, TiledOutput, band_rows, create_output, run_tiled, tiles_to_tensor
+from .reconstruct import CheckpointLike
+from .tiling import (Band, TiledOutput, TileFn, band_rows, create_output, drain, open_level, stream_level,
+                     tiles_to_tensor)
+
+if TYPE_CHECKING:
+    from ..io.pyramid import Pyramid
+    from ..models.dense import DenseHead
+    from .predict import Predictor
 
 #: Longest side of the level the classifier's whole-image probabilities (and dense norms) come from.
 GLOBAL_MAX_SIDE = 1024
@@ -43,6 +50,8 @@ DENSE_TILE_FACTOR = 4
 
 @dataclass
 class TiledPrediction:
+    """What :func:`predict_tiled` wrote (``output``, one map per name in ``maps``) and a summary of it."""
+
     output: TiledOutput
     level: int
     tiles: int
@@ -52,8 +61,21 @@ class TiledPrediction:
     record: dict[str, Any] = field(default_factory=dict)   # JSON-able summary (probs, label, map class, ...)
 
 
-def _predictor(checkpoint_or_predictor: Any, device: str | torch.device) -> Any:
-    from ..training.dense import DenseHead
+@dataclass
+class _MapPlan:
+    """What one run writes and how: map names, the tile size, the tile function and the net it runs."""
+
+    names: list[str]
+    maps: dict[str, str]                         # name -> what the map holds
+    tile: tuple[int, int]
+    fn: TileFn
+    net: torch.nn.Module
+    record: dict[str, Any]                       # what the plan adds to the run's record
+
+
+def _predictor(checkpoint_or_predictor: CheckpointLike | Predictor | DenseHead,
+               device: str | torch.device) -> Predictor | DenseHead:
+    from ..models.dense import DenseHead
     from .predict import Predictor, _DenseCallable, load_predictor
 
     p = checkpoint_or_predictor
@@ -71,10 +93,74 @@ def _safe(name: str) -> str:
     return safe(name)
 
 
+def _dense_plan(head: DenseHead, low: np.ndarray, shape: tuple[int, int], tile: int | None) -> _MapPlan:
+    """One probability map per class, tiles z-scored by the whole image's statistics (from ``low``)."""
+    from ..io.letterbox import resize_to
+
+    th, tw = head.img_size
+    side = tile or int(round(DENSE_TILE_FACTOR * max(th, tw) / max(head.config.scale, 1e-6)))
+    if head.config.mode == "letterbox":
+        side = tile or max(th, tw)  # a letterboxed tile of the encoder's size is the tile itself
+    grey = low if low.ndim == 2 else low[..., :3].mean(axis=-1)
+    norm = (float(grey.mean()), float(grey.std()))
+    classes = list(head.classes)
+    names = [_safe(c) for c in classes]
+    if len(set(names)) != len(names):
+        names = [f"{k + 1}_{n}" for k, n in enumerate(names)]
+    maps = {n: f"probability of {c}" for n, c in zip(names, classes)}
+    H, W = shape
+    tile_hw = (int(side), int(side)) if side else (th, tw)
+    tile_hw = (min(tile_hw[0], max(H, th)), min(tile_hw[1], max(W, tw)))  # no bigger than the image needs
+
+    def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], None]:
+        outs = np.empty((len(classes), len(tiles)) + tiles.shape[1:3], np.float32)
+        for b, t in enumerate(tiles):
+            probs = head.working_probs(head.prepare(t, norm=norm)).numpy()    # [K, h', w'] working pixels
+            if probs.shape[1:] != t.shape[:2]:
+                probs = np.stack([resize_to(p, t.shape[:2], order=1) for p in probs])
+            outs[:, b] = probs
+        return {n: outs[j] for j, n in enumerate(names)}, None
+
+    return _MapPlan(names, maps, tile_hw, fn, head.net, {"norm": list(norm), "maps": maps})
+
+
+def _classifier_plan(pred: Predictor, low: np.ndarray, cls: str | None, tile: int | None) -> _MapPlan:
+    """One map of ``cls``'s patch logits (default: the class predicted for the whole image ``low``)."""
+    classes = list(pred.classes)
+    th, tw = (int(v) for v in pred.model_config.img_size)
+    if cls is not None and cls not in classes:
+        raise ConfigError(f"class {cls!r}: the classifier knows {', '.join(classes)}")
+    whole = pred(low, map="patch_logits")         # the image as the classifier was trained to see it
+    k = classes.index(cls) if cls is not None else whole.index
+    maps = {"map": f"patch logit of {classes[k]}"}
+    in_chans, dev = int(pred.model_config.in_chans), pred.device
+
+    def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], None]:
+        x = tiles_to_tensor(tiles, in_chans, dev)
+        grid = pred.model.patch_logits(x)[:, k:k + 1].float()                 # [B, 1, gh, gw]
+        up = F.interpolate(grid, size=tiles.shape[1:3], mode="bilinear", align_corners=False)
+        return {"map": up[:, 0].cpu().numpy()}, None
+
+    record = {"label": whole.label, "probs": {c: float(p) for c, p in zip(classes, whole.probs)},
+              "map_kind": "patch_logits", "map_class": classes[k], "maps": maps}
+    return _MapPlan(["map"], maps, (int(tile), int(tile)) if tile else (th, tw), fn, pred.model, record)
+
+
+def _map_summary(output: TiledOutput, plan: _MapPlan, classes: list[str], dense: bool) -> dict[str, Any]:
+    """From the coarsest level: each class's winning share and mean probability (dense), or the map's range."""
+    if dense:
+        coarse = np.stack([np.asarray(output.levels(n)[-1][...]) for n in plan.names])
+        win = coarse.argmax(axis=0)
+        return {"label_fraction": {c: float((win == j).mean()) for j, c in enumerate(classes)},
+                "mean_prob": {c: float(coarse[j].mean()) for j, c in enumerate(classes)}}
+    coarse = np.asarray(output.levels("map")[-1][...])
+    return {"map_range": [float(coarse.min()), float(coarse.max())]}
+
+
 @torch.no_grad()
 def iter_predict_tiled(
-    checkpoint_or_predictor: Any,
-    image: Any,
+    checkpoint_or_predictor: CheckpointLike | Predictor | DenseHead,
+    image: str | os.PathLike | Pyramid,
     *,
     out: str | os.PathLike,
     level: int = 0,
@@ -91,107 +177,40 @@ def iter_predict_tiled(
     class whose map a classifier writes (default: the predicted one).  ``tile``:
     tile side in pixels of ``level`` (default: the encoder's input size for a
     classifier, ``DENSE_TILE_FACTOR`` encoder tiles for a dense head).  ``stats``
-    receives ``output`` before the first band, the rest when the run ends.
+    receives ``output`` before the first band, the rest when the run ends.  Raises
+    ConfigError for a level the pyramid lacks or a class the classifier does not know.
     """
-    from ..io.pyramid import Pyramid, open_pyramid
-    from ..training.dense import DenseHead
+    from ..models.dense import DenseHead
 
     pred = _predictor(checkpoint_or_predictor, device)
     dense = isinstance(pred, DenseHead)
-    model_cfg = pred.model_config
-    in_chans = int(model_cfg.in_chans)
-    pyr = image if isinstance(image, Pyramid) else open_pyramid(image, keep_color=in_chans == 3)
-    if not 0 <= level < len(pyr.levels):
-        raise ConfigError(f"level={level}: the pyramid has levels 0..{len(pyr.levels) - 1}")
+    pyr = open_level(image, level, keep_color=int(pred.model_config.in_chans) == 3)
     H, W = pyr.level_shape(level)
     low = pyr.read_level(pyr.level_for_max_side(GLOBAL_MAX_SIDE))
     classes = list(pred.classes)
     record: dict[str, Any] = {"kind": "dense" if dense else "classifier", "classes": classes, "level": level,
                               "overlap": overlap}
-    if dense:
-        th, tw = pred.img_size
-        side = tile or int(round(DENSE_TILE_FACTOR * max(th, tw) / max(pred.config.scale, 1e-6)))
-        if pred.config.mode == "letterbox":
-            side = tile or max(th, tw)  # a letterboxed tile of the encoder's size is the tile itself
-        grey = low if low.ndim == 2 else low[..., :3].mean(axis=-1)
-        norm = (float(grey.mean()), float(grey.std()))
-        names = [_safe(c) for c in classes]
-        if len(set(names)) != len(names):
-            names = [f"{k + 1}_{n}" for k, n in enumerate(names)]
-        maps = {n: f"probability of {c}" for n, c in zip(names, classes)}
-        record.update(norm=list(norm), maps=maps)
-    else:
-        th, tw = (int(v) for v in model_cfg.img_size)
-        side = tile
-        if cls is not None and cls not in classes:
-            raise ConfigError(f"class {cls!r}: the classifier knows {', '.join(classes)}")
-        whole = pred(low, map="patch_logits")         # the image as the classifier was trained to see it
-        k = classes.index(cls) if cls is not None else whole.index
-        names = ["map"]
-        maps = {"map": f"patch logit of {classes[k]}"}
-        record.update(label=whole.label, probs={c: float(p) for c, p in zip(classes, whole.probs)},
-                      map_kind="patch_logits", map_class=classes[k], maps=maps)
-    tile_hw = (int(side), int(side)) if side else (th, tw)
-    if dense:
-        tile_hw = (min(tile_hw[0], max(H, th)), min(tile_hw[1], max(W, tw)))  # no bigger than the image needs
-    output = create_output(out, names, (H, W), scale=pyr.scale(level), attrs={
-        "source": pyr.meta.source, "level": level, "overlap": overlap, "tile": list(tile_hw), **record},
-        chunk_rows=band_rows(tile_hw[0], overlap))
+    plan = _dense_plan(pred, low, (H, W), tile) if dense else _classifier_plan(pred, low, cls, tile)
+    record.update(plan.record)
+    output = create_output(out, plan.names, (H, W), scale=pyr.scale(level), attrs={
+        "source": pyr.meta.source, "level": level, "overlap": overlap, "tile": list(plan.tile), **record},
+        chunk_rows=band_rows(plan.tile[0], overlap))
     if stats is not None:  # before the first band: a GUI opens the maps while they are being written
         stats["output"] = output
-    counted = {"tiles": 0}
-
-    if dense:
-        from ..io.letterbox import resize_to
-
-        def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], None]:
-            outs = np.empty((len(classes), len(tiles)) + tiles.shape[1:3], np.float32)
-            for b, t in enumerate(tiles):
-                probs = pred.working_probs(pred.prepare(t, norm=norm)).numpy()    # [K, h', w'] working pixels
-                if probs.shape[1:] != t.shape[:2]:
-                    probs = np.stack([resize_to(p, t.shape[:2], order=1) for p in probs])
-                outs[:, b] = probs
-            counted["tiles"] += len(tiles)
-            return {n: outs[j] for j, n in enumerate(names)}, None
-    else:
-        dev = pred.device
-
-        def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], None]:
-            x = tiles_to_tensor(tiles, in_chans, dev)
-            grid = pred.model.patch_logits(x)[:, k:k + 1].float()                 # [B, 1, gh, gw]
-            up = F.interpolate(grid, size=tiles.shape[1:3], mode="bilinear", align_corners=False)
-            counted["tiles"] += len(tiles)
-            return {"map": up[:, 0].cpu().numpy()}, None
-
-    net = pred.net if dense else pred.model
-    was = net.training
-    net.eval()
-    try:
-        yield from run_tiled(lambda r0, r1: pyr.read(level, (r0, r1), (0, W)), (H, W), tile_hw, fn, output,
-                             overlap=overlap, batch_size=batch_size)
-    finally:
-        net.train(was)
-    if dense:  # share of the image each class wins and its mean probability, from the coarsest level
-        coarse = np.stack([np.asarray(output.levels(n)[-1][...]) for n in names])
-        win = coarse.argmax(axis=0)
-        record.update(label_fraction={c: float((win == j).mean()) for j, c in enumerate(classes)},
-                      mean_prob={c: float(coarse[j].mean()) for j, c in enumerate(classes)})
-    else:
-        coarse = np.asarray(output.levels("map")[-1][...])
-        record.update(map_range=[float(coarse.min()), float(coarse.max())])
-    record.update(tiles=counted["tiles"], shape=[H, W], scale=list(output.scale), output=str(output.path))
+    tiles = yield from stream_level(pyr, level, plan.tile, plan.fn, output, net=plan.net, overlap=overlap,
+                                    batch_size=batch_size)
+    record.update(_map_summary(output, plan, classes, dense))
+    record.update(tiles=tiles, shape=[H, W], scale=list(output.scale), output=str(output.path))
     if stats is not None:
-        stats.update(level=level, tiles=counted["tiles"], kind=record["kind"], classes=classes, maps=maps,
-                     record=record)
+        stats.update(level=level, tiles=tiles, kind=record["kind"], classes=classes, maps=plan.maps, record=record)
 
 
-def predict_tiled(checkpoint_or_predictor: Any, image: Any, *, out: str | os.PathLike,
-                  on_band: Callable[[Band], None] | None = None, **options: Any) -> TiledPrediction:
-    """Run :func:`iter_predict_tiled` to the end; ``on_band`` sees every finished band."""
+def predict_tiled(checkpoint_or_predictor: CheckpointLike | Predictor | DenseHead, image: str | os.PathLike | Pyramid,
+                  *, out: str | os.PathLike, on_band: Callable[[Band], None] | None = None,
+                  **options: Any) -> TiledPrediction:
+    """Run :func:`iter_predict_tiled` (``options`` are its keywords) to the end; ``on_band`` sees every band."""
     stats: dict[str, Any] = {}
-    for band in iter_predict_tiled(checkpoint_or_predictor, image, out=out, stats=stats, **options):
-        if on_band is not None:
-            on_band(band)
+    drain(iter_predict_tiled(checkpoint_or_predictor, image, out=out, stats=stats, **options), on_band)
     return TiledPrediction(output=stats["output"], level=stats["level"], tiles=stats["tiles"], kind=stats["kind"],
                            classes=stats["classes"], maps=stats["maps"], record=stats["record"])
 

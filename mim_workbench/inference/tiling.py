@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mim_workbench.io.pyramid import create_levels, level_shapes, mean2x2, ngff_multiscales
+from mim_workbench.errors import ConfigError
+from mim_workbench.io.pyramid import Pyramid, open_pyramid
+from mim_workbench.io.pyramid_build import create_levels, level_shapes, mean2x2, ngff_multiscales
 
 #: Smallest blending weight at a tile's edge: pixels at the image border, covered by one tile edge only, stay defined.
 EDGE_WEIGHT = 1e-2
@@ -169,60 +172,128 @@ def run_tiled(read_rows: Callable[[int, int], np.ndarray], shape: tuple[int, int
     below the image), ``[r1 - r0, W]`` or ``[r1 - r0, W, C]``.  ``fn(tiles [B, h,
     w(, C)], origins)`` returns ``({name: values [B, h, w]}, weight factor [B, h, w]
     or None)`` -- one factor shared by every output of ``out``.  Yields a :class:`Band` per finished tile row.
+    Raises ``ValueError`` unless ``0 <= overlap < 1``.
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap={overlap!r}: must be in [0, 1)")
     H, W = shape
     th, tw = tile
-    sh, sw = band_rows(th, overlap), band_rows(tw, overlap)
-    rows, cols = tile_starts(H, th, sh), tile_starts(W, tw, sw)
+    rows, cols = tile_starts(H, th, band_rows(th, overlap)), tile_starts(W, tw, band_rows(tw, overlap))
     total = len(rows) * len(cols)
-    window = blend_window(th, tw)
     _fixed_mmap_threshold()
-    levels = {name: out.levels(name, mode="r+") for name in out.names}
-    carry: dict[str, list[np.ndarray | None]] = {n: [None] * len(levels[n]) for n in out.names}
-    # Fixed buffers for one band (a tile row plus the rows still open from the previous
-    # one), reused in place: reallocating them per band fragments the heap and RSS creeps.
-    cap = min(H, th + sh)
-    num = {n: np.zeros((cap, W), np.float32) for n in out.names}
-    den = np.zeros((cap, W), np.float32)                  # one weight for every output
-    base = 0                                              # image row of the buffers' first row
+    band = _BandBuffer(out, shape, tile, band_rows(th, overlap))
     done = 0
     for j, r0 in enumerate(rows):
         strip = read_rows(r0, r0 + th)
-        hh = min(th, H - r0)
-        o = r0 - base
         for b0 in range(0, len(cols), batch_size):
             cs = cols[b0:b0 + batch_size]
-            tiles = np.stack([_cut(strip, c, tw) for c in cs])
-            values, factor = fn(tiles, [(r0, c) for c in cs])
-            for k, c in enumerate(cs):
-                ww = min(tw, W - c)
-                wt = window[:hh, :ww] * (factor[k, :hh, :ww] if factor is not None else 1.0)
-                den[o:o + hh, c:c + ww] += wt
-                for n in out.names:
-                    num[n][o:o + hh, c:c + ww] += wt * values[n][k, :hh, :ww]
+            values, factor = fn(np.stack([_cut(strip, c, tw) for c in cs]), [(r0, c) for c in cs])
+            band.add(r0, cs, values, factor)
             done += len(cs)
         final_to = rows[j + 1] if j + 1 < len(rows) else H
-        if final_to > base:
-            k = final_to - base
-            d = den[:k]
-            for n in out.names:
-                v = num[n][:k]
-                np.divide(v, d, out=v, where=d > 0)  # in place; where no weight fell, the sum is 0 already
-                levels[n][0][base:final_to, :] = v
-                _write_coarser(levels[n], carry[n], v, base, at_end=final_to >= H)
-                _shift_up(num[n], k)
-            _shift_up(den, k)
-            del d, v
-            _release_freed_memory()
-            yield Band(row0=base, row1=final_to, tiles_done=done, tiles_total=total)
-            base = final_to
+        if final_to > band.base:
+            row0 = band.flush(final_to)
+            yield Band(row0=row0, row1=final_to, tiles_done=done, tiles_total=total)
+    _mark_complete(out)
+
+
+class _BandBuffer:
+    """Weighted sums of the open rows of every output, flushed to zarr as rows become final.
+
+    Fixed buffers for one band (a tile row plus the rows still open from the previous
+    one), reused in place: reallocating them per band fragments the heap and RSS creeps.
+    """
+
+    def __init__(self, out: TiledOutput, shape: tuple[int, int], tile: tuple[int, int], stride: int) -> None:
+        H, W = shape
+        self.names, self.shape, self.tile = list(out.names), shape, tile
+        self.window = blend_window(*tile)
+        self.levels = {name: out.levels(name, mode="r+") for name in self.names}
+        self.carry: dict[str, list[np.ndarray | None]] = {n: [None] * len(self.levels[n]) for n in self.names}
+        cap = min(H, tile[0] + stride)
+        self.num = {n: np.zeros((cap, W), np.float32) for n in self.names}
+        self.den = np.zeros((cap, W), np.float32)          # one weight for every output
+        self.base = 0                                      # image row of the buffers' first row
+
+    def add(self, r0: int, cols: list[int], values: dict[str, np.ndarray], factor: np.ndarray | None) -> None:
+        """Blend the tiles at ``(r0, c) for c in cols`` (their values and weight factors) into the band."""
+        (H, W), (th, tw) = self.shape, self.tile
+        hh = min(th, H - r0)
+        o = r0 - self.base
+        for k, c in enumerate(cols):
+            ww = min(tw, W - c)
+            wt = self.window[:hh, :ww] * (factor[k, :hh, :ww] if factor is not None else 1.0)
+            self.den[o:o + hh, c:c + ww] += wt
+            for n in self.names:
+                self.num[n][o:o + hh, c:c + ww] += wt * values[n][k, :hh, :ww]
+
+    def flush(self, final_to: int) -> int:
+        """Write the rows ``[base, final_to)`` (final now) to every level; returns the old ``base``."""
+        row0, k = self.base, final_to - self.base
+        d = self.den[:k]
+        for n in self.names:
+            v = self.num[n][:k]
+            np.divide(v, d, out=v, where=d > 0)  # in place; where no weight fell, the sum is 0 already
+            self.levels[n][0][row0:final_to, :] = v
+            _write_coarser(self.levels[n], self.carry[n], v, row0, at_end=final_to >= self.shape[0])
+            _shift_up(self.num[n], k)
+        _shift_up(self.den, k)
+        del d
+        _release_freed_memory()
+        self.base = final_to
+        return row0
+
+
+def _mark_complete(out: TiledOutput) -> None:
+    """Flag every map of ``out`` as written to the end (a reader can tell a finished run from a broken one)."""
     import zarr
 
     for n in out.names:
         g = zarr.open_group(str(out.path / n), mode="r+")
         g.attrs["mim_workbench"] = {**dict(g.attrs["mim_workbench"]), "complete": True}
+
+
+def open_level(image: str | os.PathLike | Pyramid, level: int, *, keep_color: bool) -> Pyramid:
+    """``image`` (a path, opened as a pyramid, or a :class:`Pyramid`) after checking it has ``level``.
+
+    Raises :class:`~mim_workbench.errors.ConfigError` when ``level`` is not one of its levels.
+    """
+    pyr = image if isinstance(image, Pyramid) else open_pyramid(image, keep_color=keep_color)
+    if not 0 <= level < len(pyr.levels):
+        raise ConfigError(f"level={level}: the pyramid has levels 0..{len(pyr.levels) - 1}")
+    return pyr
+
+
+def stream_level(pyr: Pyramid, level: int, tile: tuple[int, int], fn: TileFn, out: TiledOutput, *,
+                 net: Any, overlap: float, batch_size: int) -> Generator[Band, None, int]:
+    """:func:`run_tiled` over the whole of ``pyr``'s ``level`` with the torch module ``net`` in eval mode.
+
+    Yields each finished :class:`Band`; returns (as the generator's value) the number of
+    tiles ``fn`` saw.  ``net``'s training mode is restored however the run ends.
+    """
+    H, W = pyr.level_shape(level)
+    tiles = 0
+
+    def counted(batch: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        nonlocal tiles
+        tiles += len(batch)
+        return fn(batch, origins)
+
+    was_training = net.training
+    net.eval()
+    try:
+        yield from run_tiled(lambda r0, r1: pyr.read(level, (r0, r1), (0, W)), (H, W), tile, counted, out,
+                             overlap=overlap, batch_size=batch_size)
+    finally:
+        net.train(was_training)
+    return tiles
+
+
+def drain(bands: Iterable[Band], on_band: Callable[[Band], None] | None) -> None:
+    """Run a band generator to its end, showing ``on_band`` (when given) every band."""
+    for band in bands:
+        if on_band is not None:
+            on_band(band)
 
 
 def _shift_up(buf: np.ndarray, k: int) -> None:
@@ -244,7 +315,7 @@ def _write_coarser(levels: list[Any], carry: list[np.ndarray | None], rows: np.n
                    at_end: bool) -> None:
     """Level-0 rows ``[row0, row0 + len(rows))`` are final: write the coarser levels' rows they complete.
 
-    Computed from ``rows`` in memory (2x2 means, as :func:`~mim_workbench.io.pyramid.downsample_into`
+    Computed from ``rows`` in memory (2x2 means, as :func:`~mim_workbench.io.pyramid_build.downsample_into`
     on disk would).  ``carry[k]`` holds an unpaired last row of level ``k`` until the
     next band brings its partner; ``at_end``: these rows reach the bottom of the image
     (an odd last row is then averaged with itself, as the pyramid builder does).

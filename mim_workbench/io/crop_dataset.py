@@ -32,9 +32,9 @@ import torch
 from torch.utils.data import Dataset
 
 from mim_workbench.errors import ConfigError
-from mim_workbench.io.datasets import Sample
 from mim_workbench.io.level_masks import mask_window
 from mim_workbench.io.pyramid import Pyramid, open_pyramid
+from mim_workbench.io.samples import Sample
 
 #: Longest side of the mask kept for choosing crops (finer detail is not needed there).
 CHOICE_MAX_SIDE = 1024

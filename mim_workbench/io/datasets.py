@@ -46,6 +46,7 @@ import numpy as np
 from mim_workbench.errors import ConfigError, DatasetError, ReaderError
 from mim_workbench.io.formats import IMAGE_EXTENSIONS, sniff
 from mim_workbench.io.readers import list_image_files
+from mim_workbench.io.samples import Sample
 
 MANIFEST_SUFFIXES = (".csv", ".tsv")
 _MASK_DIR = re.compile(r"^masks?($|[_\-. ].*)|.*[_\-]masks?$", re.IGNORECASE)
@@ -54,17 +55,6 @@ _MIAS_ID = re.compile(r"^mdb(\d{3})$")
 
 _ID_COLUMNS = ("id", "image", "filename", "file", "path")
 _PATIENT_COLUMNS = ("patient", "patientid")
-
-
-@dataclass
-class Sample:
-    """One training example: an image, its optional region mask, label and patient."""
-
-    id: str
-    image: Path
-    mask: Path | None = None
-    label: str | None = None
-    patient: str | None = None
 
 
 @dataclass

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from mim_workbench.io.arrays import DASK_CHUNK, image_from_array, shape_str
 from mim_workbench.io.meta import ImageMeta, LoadedImage
 from mim_workbench.io.normalize import percentile_window, window_to_unit
 from mim_workbench.io.raster import one_line
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -257,21 +260,18 @@ def _voi_plan(ds: Any, rescaled: np.ndarray, notes: list[str]) -> tuple[Any, tup
     return percentile, ((lo + hi) / 2.0, hi - lo), "percentile"
 
 
-def read_dicom_image(path: str | Path, *, keep_color: bool = False, ds: Any = None, notes: list[str] | None = None) -> LoadedImage:
-    """Read one DICOM image as float32 [0, 1] (see module docstring for the pipeline)."""
-    from pydicom.pixels import apply_modality_lut
+def read_dicom_image(path: str | Path, *, keep_color: bool = False, ds: Dataset | None = None,
+                     notes: list[str] | None = None) -> LoadedImage:
+    """Read one DICOM image as float32 [0, 1] (see module docstring for the pipeline).
 
+    ``ds``: its header and pixels when already loaded.  ``notes`` start the image's notes.
+    Returns a 2-D grey image (or ``[H, W, 3]`` colour when ``keep_color``), as a lazy dask
+    array when large.  Raises :class:`ReaderError` naming ``path`` for a segmentation, a
+    file without pixels, a multi-frame image, or pixels or a rescale that cannot be used.
+    """
     notes = list(notes or [])
     ds = ds if ds is not None else load(path)
-    if is_segmentation(ds):
-        raise ReaderError(path, "is a DICOM segmentation (SEG), not an image; open it as a mask")
-    require_pixels(ds, path)
-    frames = n_frames(ds)
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        shape = (frames, rows, cols) + ((spp,) if spp > 1 else ())
-        raise ReaderError(path, f"multi-frame DICOM of shape {shape_str(shape)}; expected one 2-D image")
+    spp = _single_frame_samples(ds, path)
     modality = str(ds.get("Modality", "")) or None
     photometric = str(ds.get("PhotometricInterpretation", "")) or None
     spacing, spacing_notes = spacing_of(ds)
@@ -283,23 +283,10 @@ def read_dicom_image(path: str | Path, *, keep_color: bool = False, ds: Any = No
         # pydicom converts YBR to RGB; treat like any colour raster.
         return image_from_array(raw, str(path), keep_color=keep_color, notes=notes,
                                 photometric=photometric, spacing=spacing, modality=modality)
-    try:
-        rescaled = apply_modality_lut(raw, ds)
-    except Exception as exc:
-        raise ReaderError(path, f"invalid modality LUT / rescale ({one_line(exc)})") from None
-    rescaled = np.asarray(rescaled)
-    if rescaled.dtype.kind == "f" and not np.isfinite(rescaled).all():
-        raise ReaderError(path, "rescaled pixels contain NaN/Inf")
+    rescaled = _rescaled(raw, ds, path)
     original_range = (float(rescaled.min()), float(rescaled.max()))
     to_unit, window, source = _voi_plan(ds, rescaled, notes)
-    invert = photometric == "MONOCHROME1"
-    if invert:
-        notes.append("MONOCHROME1 inverted so that bright means dense")
-    elif str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
-        # For MONOCHROME1 the standard requires INVERSE: it describes the same
-        # inversion, so it must not be applied twice.
-        invert = True
-        notes.append("Presentation LUT Shape INVERSE applied")
+    invert = _inverted(ds, photometric, notes)
 
     def pipeline(block: np.ndarray) -> np.ndarray:
         out = to_unit(block)
@@ -319,6 +306,47 @@ def read_dicom_image(path: str | Path, *, keep_color: bool = False, ds: Any = No
         window_source=source, color=False, notes=notes,
     )
     return LoadedImage(data=data, meta=meta, lazy=lazy)
+
+
+def _single_frame_samples(ds: Dataset, path: str | Path) -> int:
+    """Samples per pixel of a single-frame image; raises ReaderError for anything else."""
+    if is_segmentation(ds):
+        raise ReaderError(path, "is a DICOM segmentation (SEG), not an image; open it as a mask")
+    require_pixels(ds, path)
+    frames = n_frames(ds)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        shape = (frames, rows, cols) + ((spp,) if spp > 1 else ())
+        raise ReaderError(path, f"multi-frame DICOM of shape {shape_str(shape)}; expected one 2-D image")
+    return spp
+
+
+def _rescaled(raw: np.ndarray, ds: Dataset, path: str | Path) -> np.ndarray:
+    """Stored values through the modality LUT / rescale; raises ReaderError when unusable or not finite."""
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        rescaled = apply_modality_lut(raw, ds)
+    except Exception as exc:
+        raise ReaderError(path, f"invalid modality LUT / rescale ({one_line(exc)})") from None
+    rescaled = np.asarray(rescaled)
+    if rescaled.dtype.kind == "f" and not np.isfinite(rescaled).all():
+        raise ReaderError(path, "rescaled pixels contain NaN/Inf")
+    return rescaled
+
+
+def _inverted(ds: Dataset, photometric: str | None, notes: list[str]) -> bool:
+    """Whether grey values must be inverted so that bright means dense (a note says why)."""
+    if photometric == "MONOCHROME1":
+        notes.append("MONOCHROME1 inverted so that bright means dense")
+        return True
+    if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
+        # For MONOCHROME1 the standard requires INVERSE: it describes the same
+        # inversion, so it must not be applied twice.
+        notes.append("Presentation LUT Shape INVERSE applied")
+        return True
+    return False
 
 
 def _frame_positions(ds: Any) -> list[tuple[float, ...]]:

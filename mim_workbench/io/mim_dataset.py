@@ -35,12 +35,12 @@ import torch
 from torch.utils.data import Dataset
 
 from mim_workbench.errors import ConfigError, ReaderError
-from mim_workbench.io.augment import crop_resize, jitter, sample_params
+from mim_workbench.training.augment import crop_resize, jitter, sample_params
 from mim_workbench.io.cache import DecodeCache
-from mim_workbench.io.datasets import Sample
 from mim_workbench.io.letterbox import letterbox, place, resize_to
 from mim_workbench.io.masks import check_aspect, read_mask
 from mim_workbench.io.readers import read_image
+from mim_workbench.io.samples import Sample
 
 #: Reader settings that change decoded pixels; part of the cache key.
 READER_SETTINGS_VERSION = 1

@@ -1,4 +1,4 @@
-"""Large images as chunked multiscale pyramids on disk (zarr), built by streaming.
+"""Large images as chunked multiscale pyramids on disk (zarr): the type, and opening one.
 
     pyr = open_pyramid("mammo.dcm")          # builds once, then served from the cache
     pyr.levels[0].shape, pyr.scale(2)        # full resolution; mm per pixel of level 2
@@ -13,38 +13,19 @@ Two ways a :class:`Pyramid` comes about:
 * **Used in place** -- a pyramidal TIFF's own levels (tifffile ``series.levels``
   through its zarr store) or an OME-Zarr ``multiscales`` group of 8-bit arrays.
   Nothing is copied; the file stays the single source of truth.
-* **Built** -- anything else (DICOM, flat TIFF, zarr, npy, PNG) is read through
-  :func:`mim_workbench.io.read_image` (lazy dask above 32 MP, so a big TIFF is
-  read tile by tile), quantised block by block to ``uint16`` (``uint8`` when the
-  source is 8-bit: lossless there) into a zarr group, and every coarser level is
-  the 2x2 mean of the previous one, computed chunk by chunk from disk.  Peak
-  memory is one block, never the image.  The group carries OME-NGFF 0.4
-  ``multiscales`` metadata (so other tools open it) and our :class:`ImageMeta`.
+* **Built** -- anything else, once, by :mod:`mim_workbench.io.pyramid_build` into the
+  disk cache of :mod:`mim_workbench.io.pyramid_cache`, where later opens find it.
 
-Stored values map to [0, 1] as ``(v - lo) / (hi - lo)`` with ``window = (lo, hi)``
-(``(0, 65535)`` / ``(0, 255)`` for built pyramids); the windowing of the reader
-(DICOM VOI, percentile, ...) is applied once while building.
+Stored values map to [0, 1] as ``(v - lo) / (hi - lo)`` with ``window = (lo, hi)``.
 
-Cache: ``<cache base>/pyramids/<key[:2]>/<key>.zarr`` (base: ``MIM_WORKBENCH_CACHE``,
-else ``~/.cache/mim-workbench``).  The key is a sha256 over the source's resolved
-path, size and ``mtime_ns`` and the build settings (plus :data:`PYRAMID_FORMAT` and
-the package version): an edited source or another setting misses, so a stale
-pyramid is never served.  Entries are written to a temporary name and renamed.
-
-The cache has a soft cap (:data:`DEFAULT_PYRAMID_CACHE_BYTES`, or
-``MIM_WORKBENCH_PYRAMID_CACHE_GB``): after each build the least recently opened
-entries go until the total fits, but never one opened within :data:`KEEP_RECENT_S`
-(a viewer or a training run may be reading it), so the cap can be exceeded for a day.
-Every open stamps the entry's ``zarr.json`` (kernel atime is unreliable).
+The names of the builder and the cache (``mean2x2``, ``prune_pyramid_cache``, ...)
+are importable from here too, where callers have always found them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,20 +34,40 @@ import numpy as np
 
 from mim_workbench.errors import ReaderError
 from mim_workbench.io.meta import ImageMeta
+from mim_workbench.io.pyramid_build import (
+    BUILD_BLOCK,
+    DEFAULT_CHUNK,
+    DEFAULT_MIN_SIDE,
+    PYRAMID_FORMAT,
+    build_pyramid,
+    create_levels,
+    downsample_into,
+    level_shapes,
+    mean2x2,
+    ngff_multiscales,
+)
+from mim_workbench.io.pyramid_cache import (
+    DEFAULT_PYRAMID_CACHE_BYTES,
+    KEEP_RECENT_S,
+    cache_entry,
+    prune_pyramid_cache,
+    pyramid_cache_cap,
+    pyramid_cache_entries,
+    pyramid_cache_root,
+    pyramid_key,
+    stamp,
+)
 
-#: Bump when the built pyramid changes for identical inputs and settings.
-PYRAMID_FORMAT = 1
+__all__ = [
+    "BUILD_BLOCK", "DEFAULT_CHUNK", "DEFAULT_MIN_SIDE", "DEFAULT_PYRAMID_CACHE_BYTES", "KEEP_RECENT_S",
+    "PYRAMID_FORMAT", "PYRAMID_THRESHOLD_PIXELS", "Pyramid", "build_pyramid", "create_levels", "downsample_into",
+    "level_shapes", "mean2x2", "ngff_multiscales", "open_pyramid", "prune_pyramid_cache", "pyramid_cache_cap",
+    "pyramid_cache_entries", "pyramid_cache_root", "pyramid_from_arrays", "pyramid_key", "pyramid_levels_bytes",
+    "wants_pyramid",
+]
+
 #: Inputs with more pixels than this open as pyramids in the napari reader.
 PYRAMID_THRESHOLD_PIXELS: int = 8_000_000
-DEFAULT_CHUNK = 512
-#: Coarsest level: the longest side stops shrinking at or below this.
-DEFAULT_MIN_SIDE = 256
-#: Soft cap of the pyramid cache (``MIM_WORKBENCH_PYRAMID_CACHE_GB`` overrides).
-DEFAULT_PYRAMID_CACHE_BYTES = 20 * 1024**3
-#: Entries opened this recently are never evicted.
-KEEP_RECENT_S = 24 * 3600.0
-#: Rows/cols per block while building (a multiple of the chunk): bounds memory.
-BUILD_BLOCK = 2048
 
 
 # ====================================================================== the pyramid
@@ -188,20 +189,6 @@ def pyramid_from_arrays(levels: Any, *, scale: tuple[float, float] | None = None
 
 
 # ====================================================================== opening
-def pyramid_cache_root() -> Path:
-    """``$MIM_WORKBENCH_CACHE/pyramids``, else ``~/.cache/mim-workbench/pyramids``."""
-    env = os.environ.get("MIM_WORKBENCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
-    return base / "pyramids"
-
-
-def pyramid_key(path: str | os.PathLike, settings: dict[str, Any]) -> str:
-    """sha256 over the source identity (path, size, mtime_ns) and the build settings."""
-    from mim_workbench.io.cache import DecodeCache
-
-    return DecodeCache.key([path], {"pyramid_format": PYRAMID_FORMAT, **settings})
-
-
 def open_pyramid(path: str | os.PathLike, *, keep_color: bool = True, chunk: int = DEFAULT_CHUNK,
                  min_side: int = DEFAULT_MIN_SIDE, cache_root: str | os.PathLike | None = None,
                  use_source_levels: bool = True) -> Pyramid:
@@ -228,75 +215,17 @@ def open_pyramid(path: str | os.PathLike, *, keep_color: bool = True, chunk: int
                 return found
     settings = {"keep_color": bool(keep_color), "chunk": int(chunk), "min_side": int(min_side)}
     root = Path(cache_root) if cache_root is not None else pyramid_cache_root()
-    key = pyramid_key(p, settings)
-    entry = root / key[:2] / f"{key}.zarr"
+    entry = cache_entry(p, settings, root)
     if not (entry / "zarr.json").is_file() or (pyr := _open_built(entry)) is None:
         guarded(p, lambda: build_pyramid(p, entry, keep_color=keep_color, chunk=chunk, min_side=min_side))
         pyr = _open_built(entry)
         if pyr is None:
             raise ReaderError(p, f"pyramid written to {entry} cannot be read back")
-        _stamp(entry)
+        stamp(entry)
         prune_pyramid_cache(root)
     else:
-        _stamp(entry)
+        stamp(entry)
     return pyr
-
-
-def _stamp(entry: Path) -> None:
-    try:
-        os.utime(entry / "zarr.json")
-    except OSError:
-        pass
-
-
-def pyramid_cache_cap() -> int:
-    """The cache's soft cap in bytes: ``MIM_WORKBENCH_PYRAMID_CACHE_GB`` or the default."""
-    env = os.environ.get("MIM_WORKBENCH_PYRAMID_CACHE_GB")
-    if env:
-        try:
-            return int(float(env) * 1024**3)
-        except ValueError:
-            pass
-    return DEFAULT_PYRAMID_CACHE_BYTES
-
-
-def pyramid_cache_entries(root: str | os.PathLike | None = None) -> list[tuple[float, int, Path]]:
-    """(last opened, bytes, folder) of every built pyramid in the cache."""
-    from mim_workbench.io.cache import dir_size
-
-    base = Path(root) if root is not None else pyramid_cache_root()
-    out = []
-    for entry in base.glob("*/*.zarr"):
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue
-        try:
-            used = os.stat(entry / "zarr.json").st_mtime
-        except OSError:
-            used = 0.0
-        out.append((used, dir_size(entry), entry))
-    return out
-
-
-def prune_pyramid_cache(root: str | os.PathLike | None = None, max_bytes: int | None = None,
-                        now: float | None = None) -> list[Path]:
-    """Remove the least recently opened pyramids until the cache fits ``max_bytes``, sparing
-    those opened within :data:`KEEP_RECENT_S`; returns what was removed."""
-    import time
-
-    cap = pyramid_cache_cap() if max_bytes is None else int(max_bytes)
-    now = time.time() if now is None else now
-    entries = sorted(pyramid_cache_entries(root), key=lambda e: (e[0], e[2].name))
-    total = sum(size for _, size, _ in entries)
-    removed = []
-    for used, size, entry in entries:
-        if total <= cap:
-            break
-        if now - used < KEEP_RECENT_S:
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        total -= size
-        removed.append(entry)
-    return removed
 
 
 def _open_built(entry: Path) -> Pyramid | None:
@@ -402,136 +331,6 @@ def _ome_zarr_in_place(p: Path, keep_color: bool) -> Pyramid | None:
                      window=(127.5, 255.0), window_source="dtype_range", color=False,
                      notes=[f"OME-Zarr: its {len(levels)} levels used in place"])
     return Pyramid(levels=levels, meta=meta, window=(0.0, 255.0), store=p, built=False, notes=list(meta.notes))
-
-
-# ====================================================================== building
-def level_shapes(shape: tuple[int, int], min_side: int) -> list[tuple[int, int]]:
-    """(H, W) of every level: halved (rounding up) until the longest side is <= ``min_side``."""
-    out = [(int(shape[0]), int(shape[1]))]
-    while max(out[-1]) > min_side and min(out[-1]) > 1:
-        h, w = out[-1]
-        out.append(((h + 1) // 2, (w + 1) // 2))
-    return out
-
-
-def mean2x2(block: np.ndarray) -> np.ndarray:
-    """2x2 mean (float32); an odd last row/column is repeated so edges keep their value."""
-    b = np.asarray(block, dtype=np.float32)
-    h, w = b.shape[:2]
-    if h % 2 or w % 2:
-        pad = [(0, h % 2), (0, w % 2)] + [(0, 0)] * (b.ndim - 2)
-        b = np.pad(b, pad, mode="edge")
-    h2, w2 = b.shape[0] // 2, b.shape[1] // 2
-    return b.reshape(h2, 2, w2, 2, *b.shape[2:]).mean(axis=(1, 3))
-
-
-def _quantise(unit: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    top = float(np.iinfo(dtype).max)
-    return (np.clip(np.nan_to_num(unit), 0.0, 1.0) * top + 0.5).astype(dtype)
-
-
-def _blocks(shape: tuple[int, int], step: int):
-    for r in range(0, shape[0], step):
-        for c in range(0, shape[1], step):
-            yield r, min(r + step, shape[0]), c, min(c + step, shape[1])
-
-
-def downsample_into(src: Any, dst: Any, *, block: int = BUILD_BLOCK, rows: tuple[int, int] | None = None) -> None:
-    """Write ``dst`` (about half of ``src``) as 2x2 means of ``src``, block by block.
-
-    ``rows`` restricts the update to destination rows ``[r0, r1)`` (used when a
-    tiled output grows band by band).  Integer outputs are rounded.
-    """
-    H, W = dst.shape[:2]
-    r_lo, r_hi = rows if rows is not None else (0, H)
-    r_lo, r_hi = max(0, r_lo), min(H, r_hi)
-    kind = np.dtype(dst.dtype).kind
-    for r0 in range(r_lo, r_hi, block):
-        r1 = min(r0 + block, r_hi)
-        for c0 in range(0, W, block):
-            c1 = min(c0 + block, W)
-            s = np.asarray(src[2 * r0:min(2 * r1, src.shape[0]), 2 * c0:min(2 * c1, src.shape[1])])
-            m = mean2x2(s)[: r1 - r0, : c1 - c0]
-            dst[r0:r1, c0:c1] = np.rint(m).astype(dst.dtype) if kind in "ui" else m.astype(dst.dtype)
-
-
-def ngff_multiscales(shapes: list[tuple[int, int]], spacing: tuple[float, float] | None,
-                     *, color: bool = False, name: str = "image") -> list[dict[str, Any]]:
-    """OME-NGFF 0.4 ``multiscales`` metadata for (y, x[, c]) levels."""
-    base = spacing or (1.0, 1.0)
-    unit = "millimeter" if spacing else None
-    axes = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-    if unit:
-        for a in axes:
-            a["unit"] = unit
-    if color:
-        axes.append({"name": "c", "type": "channel"})
-    datasets = []
-    for k, (h, w) in enumerate(shapes):
-        s = [base[0] * shapes[0][0] / h, base[1] * shapes[0][1] / w] + ([1.0] if color else [])
-        datasets.append({"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": s}]})
-    return [{"version": "0.4", "name": name, "axes": axes, "datasets": datasets}]
-
-
-def create_levels(group: Any, shapes: list[tuple[int, int]], dtype: Any, *, channels: int | None = None,
-                  chunk: int = DEFAULT_CHUNK, fill_value: Any = 0) -> list[Any]:
-    """Empty zarr arrays ``"0"``, ``"1"``, ... of the given level shapes."""
-    out = []
-    for k, (h, w) in enumerate(shapes):
-        shp = (h, w) + ((channels,) if channels else ())
-        chunks = (min(chunk, h), min(chunk, w)) + ((channels,) if channels else ())
-        out.append(group.create_array(str(k), shape=shp, dtype=dtype, chunks=chunks, fill_value=fill_value))
-    return out
-
-
-def build_pyramid(path: str | os.PathLike, dest: str | os.PathLike, *, keep_color: bool = True,
-                  chunk: int = DEFAULT_CHUNK, min_side: int = DEFAULT_MIN_SIDE) -> Path:
-    """Build the pyramid of ``path`` into the zarr group ``dest`` (atomically); returns ``dest``.
-
-    Level 0 is read through :func:`~mim_workbench.io.read_image` block by block
-    (lazily for large inputs) and quantised; coarser levels are 2x2 means.
-    """
-    import zarr
-
-    from mim_workbench.io.readers import read_image
-
-    loaded = read_image(path, keep_color=keep_color)
-    data, meta = loaded.data, loaded.meta
-    shape = tuple(int(s) for s in data.shape[:2])
-    color = data.ndim == 3
-    dtype = np.dtype(np.uint8) if meta.original_dtype in ("uint8", "int8", "bool") else np.dtype(np.uint16)
-    top = float(np.iinfo(dtype).max)
-    shapes = level_shapes(shape, min_side)
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".tmp-{uuid.uuid4().hex}.zarr"
-    try:
-        group = zarr.open_group(str(tmp), mode="w")
-        levels = create_levels(group, shapes, dtype, channels=data.shape[2] if color else None, chunk=chunk)
-        step = max(chunk, (BUILD_BLOCK // chunk) * chunk)
-        for r0, r1, c0, c1 in _blocks(shape, step):
-            block = data[r0:r1, c0:c1]
-            block = block.compute() if hasattr(block, "compute") else block
-            levels[0][r0:r1, c0:c1] = _quantise(np.asarray(block), dtype)
-        for k in range(1, len(levels)):
-            downsample_into(levels[k - 1], levels[k])
-        meta_d = meta.to_dict()
-        meta_d["notes"] = list(meta_d.get("notes", [])) + [f"pyramid of {len(levels)} levels ({dtype.name})"]
-        group.attrs["multiscales"] = ngff_multiscales(shapes, meta.spacing, color=color, name=Path(path).name)
-        group.attrs["mim_workbench"] = json.loads(json.dumps({
-            "n_levels": len(levels), "window": [0.0, top], "meta": meta_d, "source": str(Path(path).resolve()),
-            "format": PYRAMID_FORMAT, "notes": meta_d["notes"],
-        }))
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # built concurrently by someone else: theirs is as good
-            if not (dest / "zarr.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
 
 
 # ====================================================================== deciding

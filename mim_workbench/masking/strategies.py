@@ -203,9 +203,28 @@ def region_mask(
     A sample with an empty region is masked at random (its ranking is pure noise)
     and one :class:`RegionFallbackWarning` per call says how many samples that was;
     with ``ratio_of="valid"`` such samples count as all-valid for the budget.
+
+    Returns a bool ``[B, gh*gw]`` mask (True = masked).  Raises ConfigError without a
+    ``region`` of shape ``[B, gh, gw]`` (or ``[B, gh*gw]``), or for a ``min_overlap``
+    outside [0, 1] or another ``ratio_of``.
     """
     _check_opts("region", opts, ())
     gh, gw, L = _check_common(batch_size, grid, ratio)
+    min_overlap = _check_region(region, (batch_size, gh, gw), min_overlap, ratio_of)
+    dev = _out_device(device, region)
+    cov = region.reshape(batch_size, L).to(dev)                               # [B, L]
+    valid = cov >= min_overlap if min_overlap > 0 else cov > 0                # [B, L]
+    empty = _warn_empty_regions(valid)                                        # [B]
+    m = _region_budget(valid, empty, ratio, ratio_of)
+    noise = _uniform((batch_size, L), generator, dev)                        # [B, L]
+    score = noise + (~valid).to(noise.dtype)                                  # valid in [0,1), invalid in [1,2)
+    return _smallest_k(score, m)
+
+
+def _check_region(region: torch.Tensor | None, shape: tuple[int, int, int], min_overlap: Any,
+                  ratio_of: str) -> float:
+    """``min_overlap`` as a float, after checking the region options; raises ConfigError."""
+    batch_size, gh, gw = shape
     if region is None:
         raise ConfigError(
             "region masking needs region coverage [B, gh, gw] "
@@ -219,33 +238,36 @@ def region_mask(
         raise ConfigError(f"min_overlap must be a number in [0, 1], got {min_overlap!r}") from None
     if not 0.0 <= min_overlap <= 1.0:
         raise ConfigError(f"min_overlap must be in [0, 1], got {min_overlap!r}")
-    if tuple(region.shape) not in ((batch_size, gh, gw), (batch_size, L)):
+    if tuple(region.shape) not in ((batch_size, gh, gw), (batch_size, gh * gw)):
         raise ConfigError(
             f"region coverage must have shape [{batch_size}, {gh}, {gw}], got {tuple(region.shape)}"
         )
-    dev = _out_device(device, region)
-    cov = region.reshape(batch_size, L).to(dev)                               # [B, L]
-    valid = cov >= min_overlap if min_overlap > 0 else cov > 0                # [B, L]
-    n_valid = valid.sum(dim=1)                                                # [B]
-    empty = n_valid == 0                                                      # [B]
+    return min_overlap
+
+
+def _warn_empty_regions(valid: torch.Tensor) -> torch.Tensor:
+    """``[B]`` True for samples without a valid patch; one warning names how many there were."""
+    empty = valid.sum(dim=1) == 0                                             # [B]
     n_empty = int(empty.sum())
     if n_empty:
         warnings.warn(
-            f"region-guided masking: {n_empty} of {batch_size} sample(s) have an empty region "
+            f"region-guided masking: {n_empty} of {valid.shape[0]} sample(s) have an empty region "
             "and were masked at random",
             RegionFallbackWarning,
-            stacklevel=3,
+            stacklevel=4,  # past this helper, region_mask and make_mask: the line that asked for the mask
         )
+    return empty
+
+
+def _region_budget(valid: torch.Tensor, empty: torch.Tensor, ratio: float, ratio_of: str) -> int:
+    """Patches to mask in every sample (see :func:`region_mask`)."""
+    L = valid.shape[1]
     if ratio_of == "total":
-        m = _count(ratio, L)
-    else:
-        n_eff = torch.where(empty, torch.full_like(n_valid, L), n_valid)     # [B]
-        m = _count(ratio, int(n_eff.min()))
-        if ratio > 0:
-            m = max(m, 1)
-    noise = _uniform((batch_size, L), generator, dev)                        # [B, L]
-    score = noise + (~valid).to(noise.dtype)                                  # valid in [0,1), invalid in [1,2)
-    return _smallest_k(score, m)
+        return _count(ratio, L)
+    n_valid = valid.sum(dim=1)                                                # [B]
+    n_eff = torch.where(empty, torch.full_like(n_valid, L), n_valid)          # [B]
+    m = _count(ratio, int(n_eff.min()))
+    return max(m, 1) if ratio > 0 else m
 
 
 # --------------------------------------------------------------------- registry

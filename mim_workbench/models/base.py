@@ -1,8 +1,10 @@
-"""What every MIM model shares: the output record, input checks, mask helpers."""
+"""What every MIM model shares: the base class, the masked-patch objective, input checks, mask helpers.
+
+:class:`MIMOutput` (defined in :mod:`.output`) is offered here too, where the models use it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,29 +16,9 @@ from ..errors import ConfigError
 from ..masking import MaskIndices, make_mask, mask_to_indices, patch_coverage
 from .config import ModelConfig
 from .encoder import grid_of, patch_size_of
+from .output import MIMOutput
 from .patches import PatchStats, normalise_patches
 from .render import Rendered, render
-
-
-@dataclass
-class MIMOutput:
-    """Result of one forward pass: the loss, and what rendering/the GUI needs.
-
-    ``pred`` is in *target space*: normalised patches when ``normalized`` is True
-    (``norm_pix_loss``), pixels otherwise.  Patches are flattened in (C, p, p) order.
-    """
-
-    loss: torch.Tensor                      # 0-d, requires grad in training
-    losses: dict[str, torch.Tensor]         # detached 0-d components ("pixel", "stats", "fine", ...)
-    mask: torch.Tensor                      # [B, L] bool, True = masked
-    ids_masked: torch.Tensor                # [B, M] patch ids of the rows of pred
-    pred: torch.Tensor                      # [B, M, C*p*p]
-    pred_stats: torch.Tensor | None = None  # [B, M, 2C]: predicted mean | log-std per channel
-    normalized: bool = False                # pred is per-patch normalised
-    full_pred: torch.Tensor | None = None   # [B, L, C*p*p] pixels, for models that predict every patch
-    fine_pred: torch.Tensor | None = None   # [B, M, C*(s*p)^2] (MIRAM), target space
-    fine_stats: torch.Tensor | None = None  # [B, M, 2C] (MIRAM with norm_pix_loss)
-    fine: torch.Tensor | None = field(default=None, repr=False)  # the fine image given to forward
 
 
 def masked_regression(

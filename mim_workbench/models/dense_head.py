@@ -4,7 +4,7 @@ Inputs, for a window of a (working-resolution) image:
 
 * ``grid``: encoder patch features ``[B, D, gh, gw]`` (one vector per p x p patch);
 * ``image``: image channels ``[B, C, h, w]`` at pixel resolution (the image and
-  smoothed copies of it, see :func:`mim_workbench.training.dense.image_channels`).
+  smoothed copies of it, see :func:`mim_workbench.models.dense.image_channels`).
 
 Two stages:
 

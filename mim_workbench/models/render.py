@@ -21,15 +21,23 @@ Values are not clipped to [0, 1], so metrics see what the model really predicts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from .config import ModelConfig
+from .output import MIMOutput
 from .patches import denormalise_patches, gather_patches, patchify, unpatchify
 
-if TYPE_CHECKING:
-    from .base import MIMModel, MIMOutput
+
+class PatchGrid(Protocol):
+    """What rendering needs of a model (every :class:`~.base.MIMModel` has it)."""
+
+    patch_size: int            # p, pixels
+    in_chans: int              # C
+    grid: tuple[int, int]      # (gh, gw) patches
+    cfg: ModelConfig           # ``miram_scale`` for the fine picture
 
 
 @dataclass
@@ -65,8 +73,12 @@ def _upsample_patches(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def render(model: MIMModel, out: MIMOutput, images: torch.Tensor, *, fill: float = 0.5) -> Rendered:
-    """Pictures for ``out`` (from ``model(images, mask)``); see the module docstring."""
+def render(model: PatchGrid, out: MIMOutput, images: torch.Tensor, *, fill: float = 0.5) -> Rendered:
+    """Pictures for ``out`` (from ``model(images, mask)``, ``images [B, C, H, W]``); see the module docstring.
+
+    Returns detached float32 tensors on ``images``' device.  Raises ``ValueError`` when
+    ``out`` holds normalised predictions without predicted statistics.
+    """
     p, C, grid = model.patch_size, model.in_chans, model.grid
     B = images.shape[0]
     images = images.detach().float()

@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import ConfigError, check_known_keys
 from .schema import check_field_types
@@ -80,6 +80,11 @@ RUN_CONTROL_FIELDS = frozenset({
     "preview_every", "checkpoint_every", "keep_checkpoints", "cache", "data", "masks", "val_every",
     "checkpoint_interval_s", "max_nonfinite_steps", "compile",
 })
+
+
+def _bad(cfg: Any, name: str, why: str) -> NoReturn:
+    """Raise ConfigError quoting ``cfg``'s value of ``name`` and why it is unusable."""
+    raise ConfigError(f"{name}={getattr(cfg, name)!r}: {why}")
 
 
 def require_data_and_out(cfg: Any) -> None:
@@ -180,66 +185,79 @@ class PretrainConfig:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Raise ConfigError naming the first unusable value."""
-        def bad(name: str, why: str) -> None:
-            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
-
+        """Raise ConfigError naming the first unusable value (checked in field-group order)."""
         check_field_types(self)  # wrong types first: the range checks below assume numbers
+        self._check_method_and_device()
+        self._check_counts()
+        self._check_numbers()
+        self._check_data_options()
+
+    def _check_method_and_device(self) -> None:
+        """Method, masking strategy and ratio, validation share, mixed precision and device."""
         if self.method not in METHODS:
-            bad("method", f"choose one of {', '.join(METHODS)}")
+            _bad(self, "method", f"choose one of {', '.join(METHODS)}")
         if self.strategy is not None and self.strategy not in STRATEGY_NAMES:
-            bad("strategy", f"choose one of {', '.join(STRATEGY_NAMES)}")
+            _bad(self, "strategy", f"choose one of {', '.join(STRATEGY_NAMES)}")
         if self.ratio is not None and not (0.0 < self.ratio < 1.0):
-            bad("ratio", "must be a fraction strictly between 0 and 1")
+            _bad(self, "ratio", "must be a fraction strictly between 0 and 1")
         if not (0.0 <= self.val_fraction < 1.0):
-            bad("val_fraction", "must be a fraction in [0, 1)")
+            _bad(self, "val_fraction", "must be a fraction in [0, 1)")
         if self.amp not in AMP_MODES:
-            bad("amp", f"choose one of {', '.join(AMP_MODES)}")
+            _bad(self, "amp", f"choose one of {', '.join(AMP_MODES)}")
         if self.device not in DEVICES and not str(self.device).startswith(("cuda:", "mps:")):
-            bad("device", f"choose one of {', '.join(DEVICES)} (or cuda:N)")
+            _bad(self, "device", f"choose one of {', '.join(DEVICES)} (or cuda:N)")
+
+    def _check_counts(self) -> None:
+        """Integer settings: sizes, step counts and intervals."""
         for name in ("epochs", "batch_size", "accum_steps", "in_chans"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(name, "must be a positive integer")
+                _bad(self, name, "must be a positive integer")
         for name in ("threads", "max_steps", "embed_dim", "depth", "num_heads", "patch_size"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                bad(name, "must be a positive integer or unset")
+                _bad(self, name, "must be a positive integer or unset")
         for name in ("num_workers", "preview_every", "keep_checkpoints", "val_every", "max_nonfinite_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                bad(name, "must be an integer >= 0")
+                _bad(self, name, "must be an integer >= 0")
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every > 0) and self.checkpoint_every != "epoch":
-            bad("checkpoint_every", 'must be a positive number of steps or "epoch"')
+            _bad(self, "checkpoint_every", 'must be a positive number of steps or "epoch"')
+
+    def _check_numbers(self) -> None:
+        """Learning rates, regularisation, clipping, time budget and betas."""
         for name in ("blr", "weight_decay", "min_lr", "warmup_epochs", "checkpoint_interval_s"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                bad(name, "must be a finite number >= 0")
+                _bad(self, name, "must be a finite number >= 0")
         if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
-            bad("lr", "must be a positive number or unset")
+            _bad(self, "lr", "must be a positive number or unset")
         if self.clip_grad is not None and (not math.isfinite(self.clip_grad) or self.clip_grad <= 0):
-            bad("clip_grad", "must be a positive number or unset")
+            _bad(self, "clip_grad", "must be a positive number or unset")
         if self.time_budget_s is not None and not (self.time_budget_s > 0):
-            bad("time_budget_s", "must be positive seconds or unset")
+            _bad(self, "time_budget_s", "must be positive seconds or unset")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            bad("betas", "must be two numbers in [0, 1)")
+            _bad(self, "betas", "must be two numbers in [0, 1)")
+
+    def _check_data_options(self) -> None:
+        """Excluded ids, option mappings, whole-slide crop settings and the preset."""
         if not isinstance(self.exclude_ids, (list, tuple)) or not all(isinstance(i, str) for i in self.exclude_ids):
-            bad("exclude_ids", "must be a list of sample ids")
+            _bad(self, "exclude_ids", "must be a list of sample ids")
         self.exclude_ids = list(self.exclude_ids)
         if not isinstance(self.mask_options, dict):
-            bad("mask_options", "must be a mapping")
+            _bad(self, "mask_options", "must be a mapping")
         if not isinstance(self.model_options, dict):
-            bad("model_options", "must be a mapping")
+            _bad(self, "model_options", "must be a mapping")
         if self.crop_level is not None and self.crop_level < 0:
-            bad("crop_level", "must be a pyramid level >= 0 or unset")
+            _bad(self, "crop_level", "must be a pyramid level >= 0 or unset")
         if self.crop_spacing is not None and not (math.isfinite(self.crop_spacing) and self.crop_spacing > 0):
-            bad("crop_spacing", "must be a positive pixel size in mm or unset")
+            _bad(self, "crop_spacing", "must be a positive pixel size in mm or unset")
         if self.crops_per_image < 1:
-            bad("crops_per_image", "must be a positive integer")
+            _bad(self, "crops_per_image", "must be a positive integer")
         if not 0.0 <= self.crop_region_fraction <= 1.0:
-            bad("crop_region_fraction", "must be a fraction in [0, 1]")
+            _bad(self, "crop_region_fraction", "must be a fraction in [0, 1]")
         if self.preset is not None and self.preset not in PRESETS:
-            bad("preset", f"choose one of {', '.join(PRESETS)}")
+            _bad(self, "preset", f"choose one of {', '.join(PRESETS)}")
 
     # ------------------------------------------------------------------ derived values
     def resolved(self) -> PretrainConfig:

@@ -97,7 +97,7 @@ def load_encoder(source: str | Path | None, *, model_config: ModelConfig | dict[
         notes += report.adapted
         return LoadedEncoder(enc, cfg, kind, str(path), notes=notes)
 
-    from .checkpoint import MODEL_FILE, load_checkpoint
+    from ..models.checkpoint import MODEL_FILE, load_checkpoint
 
     ckpt = load_checkpoint(path)
     if ckpt.is_legacy:

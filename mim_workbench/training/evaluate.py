@@ -121,16 +121,49 @@ class EvaluationResult:
     notes: list[str]
 
 
+@dataclass
+class _Setup:
+    """What every stage of an evaluation shares: the output folder, the held-out test images,
+    the variants that can run on these data and the fine-tuning settings common to all runs."""
+
+    out: Path
+    test_ids: list[str]
+    variants: list[str]
+    arch: dict[str, Any]
+    ft_common: dict[str, Any]
+    notes: list[str]
+
+
 def evaluate(config: EvaluateConfig, *, log: Callable[[str], None] | None = None,
              control: Control | None = None) -> EvaluationResult:
-    """Run the evaluation (see the module docstring); ``log`` receives one line per stage."""
-    from ..io.datasets import discover, patient_split
-    from .config import PretrainConfig
-    from .finetune import FeatureCache, FinetuneConfig, finetune
+    """Run the evaluation (see the module docstring); ``log`` receives one line per stage.
 
+    Raises ConfigError when data or out is missing, ``out`` already holds an evaluation, or
+    ``control`` asks to stop; errors of the runs themselves propagate.
+    """
     say = log or (lambda _m: None)
     control = control or NullControl()
-    cfg = config
+    t_start = time.perf_counter()
+    setup = _prepare(config)
+    encoders, pre_info, epochs = _pretrain_variants(config, setup, say, control)
+    rows = _downstream_runs(config, setup, encoders, say, control)
+    setup.notes += _run_notes(rows)
+    table = aggregate(rows)
+    files = _write_outputs(config, setup, rows, table, epochs)
+    summary = {"config": config.to_dict(), "pretraining": pre_info, "variants": setup.variants,
+               "notes": setup.notes, "test_ids": setup.test_ids,
+               "machine": {"platform": platform.platform(), "processor": platform.processor()},
+               "wall_s": time.perf_counter() - t_start, "table": table}
+    from ..inference.reconstruct import json_safe
+
+    Path(files["summary"]).write_text(json.dumps(json_safe(summary), indent=2) + "\n", encoding="utf-8")
+    return EvaluationResult(out=str(setup.out), rows=rows, table=table, files=files, notes=setup.notes)
+
+
+def _prepare(cfg: EvaluateConfig) -> _Setup:
+    """Check and create ``out``, split the patients once and drop variants the data cannot serve."""
+    from ..io.datasets import discover, patient_split
+
     if not cfg.data or not cfg.out:
         raise ConfigError("evaluate needs data (--data PATH) and an output folder (--out DIR)")
     out = Path(cfg.out).expanduser()
@@ -138,8 +171,6 @@ def evaluate(config: EvaluateConfig, *, log: Callable[[str], None] | None = None
         raise ConfigError(f"out={str(out)!r} already holds an evaluation; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    t_start = time.perf_counter()
-
     index = discover(cfg.data, masks=cfg.masks)
     labelled = [s for s in index.samples if s.label is not None]
     splits = patient_split(labelled, val=cfg.val_fraction, test=cfg.test_fraction, seed=cfg.split_seed)
@@ -153,33 +184,41 @@ def evaluate(config: EvaluateConfig, *, log: Callable[[str], None] | None = None
     ft_common = {"data": cfg.data, "masks": cfg.masks, "mode": cfg.mode, "val_fraction": cfg.val_fraction,
                  "test_fraction": cfg.test_fraction, "split_seed": cfg.split_seed, "device": cfg.device,
                  "threads": cfg.threads, **cfg.finetune}
+    return _Setup(out=out, test_ids=test_ids, variants=variants, arch=arch, ft_common=ft_common, notes=notes)
 
-    # ------------------------------------------------------------------ pretraining
+
+def _pretrain_variants(cfg: EvaluateConfig, setup: _Setup, say: Callable[[str], None],
+                       control: Control) -> tuple[dict[str, str | None], dict[str, Any], int | None]:
+    """The encoder checkpoint of every variant (None: scratch), what pretraining did, and the
+    calibrated number of pretraining epochs (None when nothing was pretrained here)."""
+    from .config import PretrainConfig
+
     encoders: dict[str, str | None] = {}
     pre_info: dict[str, Any] = {}
     for v, path in cfg.checkpoints.items():
-        if v in variants:
+        if v in setup.variants:
             encoders[v] = str(path)
             pre_info[v] = {"checkpoint": str(path), "given": True}
             say(f"evaluate: {v}: using the given checkpoint {path} (not pretrained here)")
-    pretrained = [v for v in variants if VARIANTS[v] is not None and v not in encoders]
+    pretrained = [v for v in setup.variants if VARIANTS[v] is not None and v not in encoders]
     epochs = None
     if pretrained:
         base = {"data": cfg.data, "masks": cfg.masks, "val_fraction": 0.0, "val_every": 0, "preview_every": 0,
                 "keep_checkpoints": 1, "seed": cfg.pretrain_seed, "device": cfg.device, "threads": cfg.threads,
-                "exclude_ids": test_ids, **cfg.pretrain}
+                "exclude_ids": setup.test_ids, **cfg.pretrain}
         budget_s = cfg.budget_minutes * 60.0
-        epochs, cal = _calibrate(PretrainConfig, base, VARIANTS[pretrained[0]] or {}, out / ".calibration", budget_s)
+        epochs, cal = _calibrate(PretrainConfig, base, VARIANTS[pretrained[0]] or {}, setup.out / ".calibration",
+                                 budget_s)
         pre_info["calibration"] = cal
         say(f"evaluate: pretraining budget {cfg.budget_minutes:g} min per variant -> {epochs} epoch(s) "
             f"(step {cal['step_s']:.3f} s, {cal['steps_per_epoch']} steps/epoch)")
         for v in pretrained:
             if control.stop_requested():
                 raise ConfigError("evaluation stopped")
-            from .pretrain import pretrain
+            from .pretrain_loop import pretrain
 
             pc = PretrainConfig.from_dict({**base, **(VARIANTS[v] or {}), "epochs": epochs,
-                                           "time_budget_s": budget_s, "out": str(out / f"pretrain-{v}")})
+                                           "time_budget_s": budget_s, "out": str(setup.out / f"pretrain-{v}")})
             t0 = time.perf_counter()
             res = pretrain(pc, control=control)
             encoders[v] = res.last_checkpoint
@@ -187,22 +226,28 @@ def evaluate(config: EvaluateConfig, *, log: Callable[[str], None] | None = None
                            "final_loss": res.final_loss, "wall_s": time.perf_counter() - t0,
                            "train_s": res.history[-1]["elapsed_s"] if res.history else 0.0}
             say(f"evaluate: pretrained {v}: {res.step} steps ({res.reason}), loss {res.final_loss}")
-    if "scratch" in variants:
+    if "scratch" in setup.variants:
         encoders["scratch"] = None
+    return encoders, pre_info, epochs
 
-    # ------------------------------------------------------------------ downstream runs
+
+def _downstream_runs(cfg: EvaluateConfig, setup: _Setup, encoders: dict[str, str | None],
+                     say: Callable[[str], None], control: Control) -> list[dict[str, Any]]:
+    """Fine-tune every (variant, fraction, seed); one result row each, in that order."""
+    from .finetune import FeatureCache, FinetuneConfig, finetune
+
     rows: list[dict[str, Any]] = []
-    for v in variants:
+    for v in setup.variants:
         cache = FeatureCache()
         for frac in cfg.fractions:
             for seed in range(cfg.seeds):
                 if control.stop_requested():
                     raise ConfigError("evaluation stopped")
-                run_dir = out / "runs" / v / f"f{frac:g}-s{seed}"
-                values = {**ft_common, "checkpoint": encoders[v], "fraction": frac, "seed": seed,
+                run_dir = setup.out / "runs" / v / f"f{frac:g}-s{seed}"
+                values = {**setup.ft_common, "checkpoint": encoders[v], "fraction": frac, "seed": seed,
                           "out": str(run_dir)}
                 if v == "scratch":  # the same architecture as the pretrained variants
-                    values.update(arch)
+                    values.update(setup.arch)
                 t0 = time.perf_counter()
                 res = finetune(FinetuneConfig.from_dict(values), control=control, feature_cache=cache)
                 m = res.metrics
@@ -214,36 +259,39 @@ def evaluate(config: EvaluateConfig, *, log: Callable[[str], None] | None = None
                 rows.append(row)
                 say(f"evaluate: {v} fraction {frac:g} seed {seed}: acc {_fmt(row['accuracy'])} "
                     f"auc {_fmt(row['auc'])} ap {_fmt(row['ap'])} ({res.n_train} labels)")
+    return rows
+
+
+def _run_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The runs' notes, each once, with how many runs gave it."""
     seen: dict[str, int] = {}
     for r in rows:
         for n in filter(None, r["notes"].split("; ")):
             seen[n] = seen.get(n, 0) + 1
-    notes += [f"{n} ({k} of {len(rows)} runs)" for n, k in seen.items()]
+    return [f"{n} ({k} of {len(rows)} runs)" for n, k in seen.items()]
 
-    # ------------------------------------------------------------------ outputs
-    table = aggregate(rows)
+
+def _write_outputs(cfg: EvaluateConfig, setup: _Setup, rows: list[dict[str, Any]], table: list[dict[str, Any]],
+                   epochs: int | None) -> dict[str, str]:
+    """Write results.csv, table.csv, table.md and plot.png; returns every output's path by name
+    (``summary`` included, written by the caller; ``plot`` left out without matplotlib)."""
+    out = setup.out
     files = {"results": str(out / "results.csv"), "table_csv": str(out / "table.csv"),
              "table_md": str(out / "table.md"), "plot": str(out / "plot.png"), "summary": str(out / "summary.json")}
     _write_csv(Path(files["results"]), rows)
     _write_csv(Path(files["table_csv"]), table)
     header = (f"Mode: {cfg.mode}; pretraining budget {cfg.budget_minutes:g} min per variant"
               + (f" ({epochs} epochs)" if epochs else "") + f"; {cfg.seeds} seed(s); test split: "
-              f"{len(test_ids)} images ({cfg.test_fraction:g} of the patients, split seed {cfg.split_seed}); "
+              f"{len(setup.test_ids)} images ({cfg.test_fraction:g} of the patients, split seed {cfg.split_seed}); "
               f"data: {cfg.data}")
-    Path(files["table_md"]).write_text(markdown_table(table, cfg.fractions, variants, header=header, notes=notes),
-                                       encoding="utf-8")
+    Path(files["table_md"]).write_text(markdown_table(table, cfg.fractions, setup.variants, header=header,
+                                                      notes=setup.notes), encoding="utf-8")
     try:
         plot_table(table, Path(files["plot"]), title=f"{Path(str(cfg.data)).name}: {cfg.mode}")
     except ImportError:
-        notes.append("plot.png not written: matplotlib is not installed")
+        setup.notes.append("plot.png not written: matplotlib is not installed")
         files.pop("plot")
-    summary = {"config": cfg.to_dict(), "pretraining": pre_info, "variants": variants, "notes": notes,
-               "test_ids": test_ids, "machine": {"platform": platform.platform(), "processor": platform.processor()},
-               "wall_s": time.perf_counter() - t_start, "table": table}
-    from ..inference.reconstruct import json_safe
-
-    Path(files["summary"]).write_text(json.dumps(json_safe(summary), indent=2) + "\n", encoding="utf-8")
-    return EvaluationResult(out=str(out), rows=rows, table=table, files=files, notes=notes)
+    return files
 
 
 def _calibrate(config_cls: Any, base: dict[str, Any], variant: dict[str, Any], where: Path,
@@ -251,7 +299,7 @@ def _calibrate(config_cls: Any, base: dict[str, Any], variant: dict[str, Any], w
     """Epochs that fit ``budget_s`` of training, from a 3-step run's step time."""
     import shutil
 
-    from .pretrain import pretrain
+    from .pretrain_loop import pretrain
 
     shutil.rmtree(where, ignore_errors=True)
     pc = config_cls.from_dict({**base, **variant, "epochs": 1000, "max_steps": 3, "out": str(where)})

@@ -68,7 +68,7 @@ from ..errors import ConfigError, MimError, check_known_keys
 from ..inference.reconstruct import json_safe
 from .control import Control, NullControl
 from .events import CheckpointSaved, EventHandler, Failed, Finished, Progress, Started, null_handler
-from .checkpoint import restore_rng_state
+from ..models.checkpoint import restore_rng_state
 from .finetune_state import LoopState, load_state, remove_state, restore_loop, save_state
 
 FINETUNE_KIND = "finetune"
@@ -291,7 +291,7 @@ class _Finetune:
         self.checkpoint: str | None = None
         self.notes: list[str] = []
         self.run_dir = Path(cfg.out).expanduser()
-        from .checkpoint import list_checkpoints
+        from ..models.checkpoint import list_checkpoints
 
         if list_checkpoints(self.run_dir) and not cfg.resume:
             raise ConfigError(f"out={str(self.run_dir)!r} already holds a run (checkpoints found); "
@@ -419,22 +419,31 @@ class _Finetune:
 
     # ------------------------------------------------------------------ run
     def run(self) -> FinetuneResult:
-        from .labels import balanced_indices, class_counts, class_weights
-        from .lr_decay import param_groups_lrd, set_scaled_lr
-        from .optim import build_optimizer, load_optimizer_state, lr_at
-        from .sampler import StepPlan, epoch_seed
+        """Train as planned, score the kept weights and save them; events as the module says."""
+        setup_s = self._prepare_data()
+        optimizer, scaler = self._build_optimiser()
+        st = self._restore(optimizer, scaler)
+        self._announce(setup_s)
+        reason = self._train_epochs(st, optimizer, scaler)
+        return self._finish(st, reason)
+
+    def _prepare_data(self) -> float:
+        """Loss weights, the splits' data (frozen features or datasets) and the step plan.
+
+        Returns the seconds spent building the data (feature extraction in a probe)."""
+        from .labels import class_counts, class_weights
+        from .sampler import StepPlan
 
         cfg = self.cfg
         label_of = {c: k for k, c in enumerate(self.classes)}
-        train_labels = [label_of[str(s.label)] for s in self.train_samples]
-        K = len(self.classes)
-        counts = class_counts(train_labels, K)
-        weight = class_weights(counts).to(self.device) if cfg.balance == "weights" else None
+        self.train_labels = [label_of[str(s.label)] for s in self.train_samples]
+        counts = class_counts(self.train_labels, len(self.classes))
+        self.loss_weight = class_weights(counts).to(self.device) if cfg.balance == "weights" else None
         # Validation scores the objective training pursues: class-balanced unless balance="none".
         self.val_weight = class_weights(counts).numpy() if cfg.balance != "none" else None
         t_setup = time.perf_counter()
         if self.use_features:
-            train_x, train_y = self._features(self.train_samples)
+            self.train_data = self._features(self.train_samples)
             self.val_data = self._features(self.val_samples) if self.val_samples else None
             self.test_data = self._features(self.test_samples) if self.test_samples else None
         else:
@@ -442,36 +451,55 @@ class _Finetune:
             self.val_data = self._dataset(self.val_samples, augment=False) if self.val_samples else None
             self.test_data = self._dataset(self.test_samples, augment=False) if self.test_samples else None
         setup_s = time.perf_counter() - t_setup
-        n = len(self.train_samples)
-        plan = StepPlan(n=n, batch_size=cfg.batch_size, accum_steps=1, seed=cfg.seed)
-        spe = plan.steps_per_epoch
-        total = cfg.epochs * spe
-        stop_at = min(total, cfg.max_steps) if cfg.max_steps else total
-        warmup = min(total, int(round(cfg.warmup_epochs * spe)))
+        self.plan = StepPlan(n=len(self.train_samples), batch_size=cfg.batch_size, accum_steps=1, seed=cfg.seed)
+        self.spe = self.plan.steps_per_epoch
+        self.total = cfg.epochs * self.spe
+        self.stop_at = min(self.total, cfg.max_steps) if cfg.max_steps else self.total
+        self.warmup = min(self.total, int(round(cfg.warmup_epochs * self.spe)))
+        return setup_s
+
+    def _build_optimiser(self) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
+        """AdamW (layer-wise lr decay in full mode) and a GradScaler when training in fp16."""
+        from .lr_decay import param_groups_lrd
+        from .optim import build_optimizer
+
+        cfg = self.cfg
         if cfg.mode == "full":
             groups = param_groups_lrd(self.model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
         else:
             optimizer = build_optimizer(self.model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        return optimizer, scaler
 
-        train_ids = [s.id for s in self.train_samples]
-        st = LoopState()
-        if cfg.resume:
-            payload = load_state(self.run_dir, cfg.to_dict(), train_ids)
-            st = restore_loop(payload)
-            self.model.load_state_dict(payload["model"], strict=cfg.mode == "full")
-            load_optimizer_state(optimizer, payload["optimizer"])
-            if scaler is not None and payload["scaler"] is not None:
-                scaler.load_state_dict(payload["scaler"])
-            restore_rng_state(payload["rng"])
-            if st.step >= stop_at:
-                raise ConfigError(f"resume: the run already reached step {st.step} of {stop_at}"
-                                  + (f" (max_steps={cfg.max_steps}: raise or unset it)" if cfg.max_steps else ""))
-            if cfg.time_budget_s is not None and st.t_active >= cfg.time_budget_s:
-                raise ConfigError(f"resume: the run already trained {st.t_active:.0f} s, its time budget "
-                                  f"(time_budget_s={cfg.time_budget_s:g}): raise or unset it")
-            self.notes.append(f"resumed at epoch {st.epoch + 1} (step {st.step})")
+    def _restore(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> LoopState:
+        """A fresh loop state, or with ``resume`` the saved one (model, optimiser and RNGs restored).
+
+        Raises ConfigError when the saved run has already used up its steps or time budget."""
+        from .optim import load_optimizer_state
+
+        cfg = self.cfg
+        if not cfg.resume:
+            return LoopState()
+        payload = load_state(self.run_dir, cfg.to_dict(), [s.id for s in self.train_samples])
+        st = restore_loop(payload)
+        self.model.load_state_dict(payload["model"], strict=cfg.mode == "full")
+        load_optimizer_state(optimizer, payload["optimizer"])
+        if scaler is not None and payload["scaler"] is not None:
+            scaler.load_state_dict(payload["scaler"])
+        restore_rng_state(payload["rng"])
+        if st.step >= self.stop_at:
+            raise ConfigError(f"resume: the run already reached step {st.step} of {self.stop_at}"
+                              + (f" (max_steps={cfg.max_steps}: raise or unset it)" if cfg.max_steps else ""))
+        if cfg.time_budget_s is not None and st.t_active >= cfg.time_budget_s:
+            raise ConfigError(f"resume: the run already trained {st.t_active:.0f} s, its time budget "
+                              f"(time_budget_s={cfg.time_budget_s:g}): raise or unset it")
+        self.notes.append(f"resumed at epoch {st.epoch + 1} (step {st.step})")
+        return st
+
+    def _announce(self, setup_s: float) -> None:
+        """Write ``config.json`` and emit Started."""
+        cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(
             json.dumps({**cfg.to_dict(), "resume": False}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -479,140 +507,161 @@ class _Finetune:
             self.notes.append(f"frozen features computed in {setup_s:.1f} s")
         self.emit(Started(run_dir=str(self.run_dir), config={**cfg.to_dict(), "task": "finetune",
                                                              "classes": self.classes},
-                          total_steps=total, device=str(self.device), steps_per_epoch=spe, n_train=n,
-                          n_val=len(self.val_samples), n_params=self.n_params, lr=cfg.lr, stop_at=stop_at,
+                          total_steps=self.total, device=str(self.device), steps_per_epoch=self.spe,
+                          n_train=len(self.train_samples), n_val=len(self.val_samples), n_params=self.n_params,
+                          lr=cfg.lr, stop_at=self.stop_at,
                           amp={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off"),
                           notes=tuple(self.notes)))
 
+    def _train_epochs(self, st: LoopState, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler | None) -> str:
+        """Run epochs until the plan, a limit, patience or the user ends them; returns Finished's reason."""
+        cfg = self.cfg
+        self._step_s: float | None = None
+        self._saved_clock: float | None = None
+        while st.epoch < cfg.epochs and st.step < self.stop_at:
+            epoch = st.epoch
+            stop_reason = self._epoch(st, epoch, optimizer, scaler)
+            if stop_reason is not None:
+                return stop_reason
+            st.epoch = epoch + 1
+            if cfg.patience and st.bad_epochs >= cfg.patience and self.val_data is not None:
+                return "early_stopped"
+        return "max_steps" if st.step >= self.stop_at and self.stop_at < self.total else "completed"
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's training indices, one list per optimiser step."""
+        from .labels import balanced_indices
+        from .sampler import epoch_seed
+
+        cfg = self.cfg
+        if cfg.balance == "sampler":
+            g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+            order = balanced_indices(self.train_labels, self.spe * cfg.batch_size, g)
+        else:
+            order = self.plan.epoch_order(epoch)
+        return [order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist() for b in range(self.spe)]
+
+    def _interrupt(self, st: LoopState) -> str | None:
+        """Wait while paused; the reason to stop now ("stopped", "time_budget") or None."""
+        if self.control.pause_requested() and not self.control.stop_requested():
+            while self.control.pause_requested() and not self.control.stop_requested():
+                time.sleep(0.05)
+        if self.control.stop_requested():
+            return "stopped"
+        if self.cfg.time_budget_s is not None and st.t_active >= self.cfg.time_budget_s:
+            return "time_budget"
+        return None
+
+    def _epoch(self, st: LoopState, epoch: int, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None) -> str | None:
+        """One epoch of optimiser steps, each followed by a Progress event; the last one closes
+        the epoch (validation, history, best weights, resume state).  Returns a stop reason or None."""
+        from .lr_decay import set_scaled_lr
+        from .optim import lr_at
+
+        cfg = self.cfg
+        if not self.use_features:
+            self.train_ds.set_epoch(epoch)
+        batches = self._epoch_batches(epoch)
+        self.model.train()
+        losses: list[float] = []
+        loader = None if self.use_features else iter(self._loader(batches))
+        for b, idx in enumerate(batches):
+            if st.step >= self.stop_at:
+                break
+            stop_reason = self._interrupt(st)
+            if stop_reason is not None:
+                return stop_reason
+            t0 = time.perf_counter()
+            lr = lr_at(st.step, total_steps=self.total, warmup_steps=self.warmup, lr=cfg.lr,
+                       min_lr=min(cfg.min_lr, cfg.lr))
+            set_scaled_lr(optimizer, lr)
+            lv = self._optimiser_step(idx, loader, optimizer, scaler)
+            if math.isfinite(lv):
+                losses.append(lv)
+            st.step += 1
+            dt = time.perf_counter() - t0
+            st.t_active += dt
+            self._step_s = step_s = dt if self._step_s is None else 0.8 * self._step_s + 0.2 * dt
+            closes = b == self.spe - 1
+            val_loss, val_acc = self._val_loss() if closes else (None, None)
+            self.emit(Progress(step=st.step, total=self.stop_at, epoch=epoch, loss=lv, lr=lr,
+                               images_per_s=len(idx) / step_s if step_s else 0.0,
+                               eta_s=(self.stop_at - st.step) * (step_s or 0.0), val_loss=val_loss,
+                               message=None if math.isfinite(lv) else f"step {st.step} skipped: non-finite loss"))
+            if closes:
+                self._close_epoch(st, epoch, losses, lr, val_loss, val_acc, optimizer, scaler)
+        return None
+
+    def _optimiser_step(self, idx: list[int], loader: Any, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler | None) -> float:
+        """Forward and backward one batch (``idx`` into the training features, or the loader's next
+        batch); returns the loss, and skips the update when it is not finite."""
+        cfg = self.cfg
+        if self.use_features:
+            train_x, train_y = self.train_data
+            x, y = train_x[idx].to(self.device), train_y[idx].to(self.device)
+            with self._autocast():
+                logits = self.model.logits_from_features(x)
+        else:
+            batch = next(loader)
+            x = batch["image"].to(self.device, non_blocking=True)
+            y = batch["label"].to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, weight=self.loss_weight, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        lv = float(loss.detach())
+        if math.isfinite(lv):
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+        return lv
+
+    def _close_epoch(self, st: LoopState, epoch: int, losses: list[float], lr: float, val_loss: float | None,
+                     val_acc: float | None, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None) -> None:
+        """Record the epoch, keep its weights when validation improved, and write the resume state."""
+        cfg = self.cfg
+        st.history.append({"epoch": epoch, "step": st.step,
+                           "loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
+                           "val_accuracy": val_acc, "lr": lr, "elapsed_s": st.t_active})
         # Epochs still warming up are neither kept as "best" nor counted towards patience
         # (an almost untrained head often has the lowest validation loss).
         first_candidate = max(0, math.ceil(cfg.warmup_epochs) - 1)
-        reason = "completed"
-        step_s = None
-        stopped = False
-        saved_clock: float | None = None
-        while st.epoch < cfg.epochs and st.step < stop_at and not stopped:
-            epoch = st.epoch
-            if not self.use_features:
-                self.train_ds.set_epoch(epoch)
-            if cfg.balance == "sampler":
-                g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-                order = balanced_indices(train_labels, spe * cfg.batch_size, g)
-            else:
-                order = plan.epoch_order(epoch)
-            self.model.train()
-            losses = []
-            batches = [order[b * cfg.batch_size:(b + 1) * cfg.batch_size].tolist() for b in range(spe)]
-            loader = None if self.use_features else iter(self._loader(batches))
-            for b in range(spe):
-                if st.step >= stop_at:
-                    break
-                if self.control.pause_requested() and not self.control.stop_requested():
-                    while self.control.pause_requested() and not self.control.stop_requested():
-                        time.sleep(0.05)
-                if self.control.stop_requested():
-                    reason, stopped = "stopped", True
-                    break
-                if cfg.time_budget_s is not None and st.t_active >= cfg.time_budget_s:
-                    reason, stopped = "time_budget", True
-                    break
-                t0 = time.perf_counter()
-                idx = batches[b]
-                lr = lr_at(st.step, total_steps=total, warmup_steps=warmup, lr=cfg.lr, min_lr=min(cfg.min_lr, cfg.lr))
-                set_scaled_lr(optimizer, lr)
-                if self.use_features:
-                    x, y = train_x[idx].to(self.device), train_y[idx].to(self.device)
-                    with self._autocast():
-                        logits = self.model.logits_from_features(x)
-                else:
-                    batch = next(loader)
-                    x = batch["image"].to(self.device, non_blocking=True)
-                    y = batch["label"].to(self.device, non_blocking=True)
-                    with self._autocast():
-                        logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                lv = float(loss.detach())
-                if math.isfinite(lv):
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                    losses.append(lv)
-                st.step += 1
-                dt = time.perf_counter() - t0
-                st.t_active += dt
-                step_s = dt if step_s is None else 0.8 * step_s + 0.2 * dt
-                closes = b == spe - 1
-                val_loss = val_acc = None
-                if closes:
-                    val_loss, val_acc = self._val_loss()
-                self.emit(Progress(step=st.step, total=stop_at, epoch=epoch, loss=lv, lr=lr,
-                                   images_per_s=len(idx) / step_s if step_s else 0.0,
-                                   eta_s=(stop_at - st.step) * (step_s or 0.0), val_loss=val_loss,
-                                   message=None if math.isfinite(lv) else f"step {st.step} skipped: non-finite loss"))
-                if closes:
-                    st.history.append({"epoch": epoch, "step": st.step,
-                                       "loss": float(np.mean(losses)) if losses else None, "val_loss": val_loss,
-                                       "val_accuracy": val_acc, "lr": lr, "elapsed_s": st.t_active})
-                    if val_loss is None or epoch < first_candidate:
-                        pass
-                    elif val_loss < st.best_loss - 1e-6:
-                        st.best_loss, st.best_epoch, st.best_step, st.bad_epochs = val_loss, epoch, st.step, 0
-                        st.best_state = self._snapshot()
-                    else:
-                        st.bad_epochs += 1
-                    st.epoch = epoch + 1
-                    # Few labels make epochs of seconds: the state (a full model, twice, and the
-                    # optimiser) is written at the first epoch end, then at most every interval.
-                    if saved_clock is None or time.monotonic() - saved_clock >= cfg.checkpoint_interval_s:
-                        save_state(self.run_dir, st, config=cfg.to_dict(), train_ids=train_ids,
-                                   model_state=self._snapshot(), optimizer=optimizer, scaler=scaler)
-                        saved_clock = time.monotonic()
-            if stopped:
-                break
-            st.epoch = epoch + 1
-            if cfg.patience and st.bad_epochs >= cfg.patience and self.val_data is not None:
-                reason = "early_stopped"
-                break
-        if reason == "completed" and st.step >= stop_at and stop_at < total:
-            reason = "max_steps"
+        if val_loss is None or epoch < first_candidate:
+            pass
+        elif val_loss < st.best_loss - 1e-6:
+            st.best_loss, st.best_epoch, st.best_step, st.bad_epochs = val_loss, epoch, st.step, 0
+            st.best_state = self._snapshot()
+        else:
+            st.bad_epochs += 1
+        st.epoch = epoch + 1
+        # Few labels make epochs of seconds: the state (a full model, twice, and the
+        # optimiser) is written at the first epoch end, then at most every interval.
+        if self._saved_clock is None or time.monotonic() - self._saved_clock >= cfg.checkpoint_interval_s:
+            save_state(self.run_dir, st, config=cfg.to_dict(), train_ids=[s.id for s in self.train_samples],
+                       model_state=self._snapshot(), optimizer=optimizer, scaler=scaler)
+            self._saved_clock = time.monotonic()
+
+    def _finish(self, st: LoopState, reason: str) -> FinetuneResult:
+        """Load the kept weights, score them, save the checkpoint and ``metrics.json``; emit
+        CheckpointSaved and Finished."""
+        cfg = self.cfg
         step, history, best_epoch, best_step = st.step, st.history, st.best_epoch, st.best_step
         if st.best_state is not None:
             self.model.load_state_dict(st.best_state, strict=cfg.mode == "full")
         else:
             best_step = step
             best_epoch = history[-1]["epoch"] if history else None
-        self.model.eval()
-        val_metrics = self._score(self.val_data) if self.val_data is not None else None
-        if self.test_data is not None:
-            metrics, eval_split = self._score(self.test_data), "test"
-        elif val_metrics is not None:
-            metrics, eval_split = val_metrics, "val"
-            self.notes.append("no test split: metrics are on the validation split (used for early stopping)")
-        else:
-            metrics, eval_split = self._score((train_x, train_y) if self.use_features else
-                                              self._dataset(self.train_samples, augment=False)), "train"
-            self.notes.append("no validation or test split: metrics are on the training images")
-        metrics = {**metrics, "split": eval_split}
+        metrics, eval_split, val_metrics = self._final_metrics()
         self._write_history(history)
-        ckpt_meta = {
-            "kind": FINETUNE_KIND, "classes": self.classes, "mode": cfg.mode, "config": cfg.to_dict(),
-            "model_config": self.model_cfg.to_dict(), "encoder_source": self.loaded.describe(),
-            "epoch": best_epoch or 0, "metrics": metrics, "val_metrics": val_metrics,
-            "splits": {"train": [s.id for s in self.train_samples], "val": [s.id for s in self.val_samples],
-                       "test": [s.id for s in self.test_samples]},
-        }
-        from .checkpoint import save_checkpoint
-
-        # keep=1: a resumed run's model supersedes the one written before it was stopped.
-        path = save_checkpoint(self.run_dir, max(1, best_step), model_state=self.model.state_dict(),
-                               optimizer_state=None, meta=ckpt_meta, keep=1)
-        self.checkpoint = str(path)
-        self.emit(CheckpointSaved(path=str(path), step=max(1, best_step)))
+        path = self._save_model(max(1, best_step), best_epoch, metrics, val_metrics)
         summary = {
             "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc"), "ap": metrics.get("ap"),
             "balanced_accuracy": metrics.get("balanced_accuracy"), "split": eval_split, "metrics": metrics,
@@ -630,6 +679,42 @@ class _Finetune:
                               epochs_run=len(history), n_train=len(self.train_samples),
                               n_val=len(self.val_samples), n_test=len(self.test_samples), history=history,
                               notes=list(self.notes))
+
+    def _final_metrics(self) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
+        """(metrics with their ``split``, that split's name, validation metrics or None) of the
+        current weights: on the test split, else the validation split, else the training images."""
+        self.model.eval()
+        val_metrics = self._score(self.val_data) if self.val_data is not None else None
+        if self.test_data is not None:
+            metrics, eval_split = self._score(self.test_data), "test"
+        elif val_metrics is not None:
+            metrics, eval_split = val_metrics, "val"
+            self.notes.append("no test split: metrics are on the validation split (used for early stopping)")
+        else:
+            metrics, eval_split = self._score(self.train_data if self.use_features else
+                                              self._dataset(self.train_samples, augment=False)), "train"
+            self.notes.append("no validation or test split: metrics are on the training images")
+        return {**metrics, "split": eval_split}, eval_split, val_metrics
+
+    def _save_model(self, step: int, best_epoch: int | None, metrics: dict[str, Any],
+                    val_metrics: dict[str, Any] | None) -> Path:
+        """Save the model as a ``finetune`` checkpoint at ``step`` and emit CheckpointSaved."""
+        from ..models.checkpoint import save_checkpoint
+
+        cfg = self.cfg
+        ckpt_meta = {
+            "kind": FINETUNE_KIND, "classes": self.classes, "mode": cfg.mode, "config": cfg.to_dict(),
+            "model_config": self.model_cfg.to_dict(), "encoder_source": self.loaded.describe(),
+            "epoch": best_epoch or 0, "metrics": metrics, "val_metrics": val_metrics,
+            "splits": {"train": [s.id for s in self.train_samples], "val": [s.id for s in self.val_samples],
+                       "test": [s.id for s in self.test_samples]},
+        }
+        # keep=1: a resumed run's model supersedes the one written before it was stopped.
+        path = save_checkpoint(self.run_dir, step, model_state=self.model.state_dict(),
+                               optimizer_state=None, meta=ckpt_meta, keep=1)
+        self.checkpoint = str(path)
+        self.emit(CheckpointSaved(path=str(path), step=step))
+        return path
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

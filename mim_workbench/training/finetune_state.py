@@ -59,7 +59,7 @@ def save_state(run_dir: str | Path, loop: LoopState, *, config: dict[str, Any], 
     changes (a probe's frozen encoder is rebuilt from its source on resume, so it is left out)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import capture_rng_state, flatten_optimizer_state
+    from ..models.checkpoint import capture_rng_state, flatten_optimizer_state
 
     opt_tensors, opt_rest = flatten_optimizer_state(optimizer.state_dict())
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model_state.items()}
@@ -91,7 +91,7 @@ def load_state(run_dir: str | Path, config: dict[str, Any], train_ids: list[str]
     """
     from safetensors import safe_open
 
-    from .checkpoint import unflatten_optimizer_state
+    from ..models.checkpoint import unflatten_optimizer_state
 
     path = state_path(run_dir)
     if not path.is_file():

@@ -96,6 +96,10 @@ def simulate_strokes(masks: Mapping[Any, Any], *, fraction: float = 0.02, width:
 
     Returns:
         ``(H, W)`` uint8 (uint16 above 255 labels): 0 unlabelled, else the class label.
+
+    Raises:
+        ConfigError: no masks, masks of different shapes or not 2-D, ``fraction`` outside
+            (0, 1), ``width`` < 1, or label values below 1 or above 16 bits.
     """
     if not masks:
         raise ConfigError("simulate_strokes: no class masks given")
@@ -103,6 +107,32 @@ def simulate_strokes(masks: Mapping[Any, Any], *, fraction: float = 0.02, width:
         raise ConfigError(f"fraction={fraction!r}: must be strictly between 0 and 1")
     if width < 1:
         raise ConfigError(f"width={width!r}: must be >= 1")
+    values, arrays = _label_masks(masks)
+    H, W = shape = arrays[0].shape
+    radius = (width - 1) / 2.0
+    foot = _disk(radius)
+    margin = 2 * width if margin is None else int(margin)
+    length = max(10, int(0.1 * min(H, W))) if length is None else int(length)
+    classes = _paint_regions(values, arrays, background, radius, margin)
+    dtype = np.uint8 if max(v for v, _, _ in classes) < 256 else np.uint16
+    labels = np.zeros(shape, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    total = int(np.floor(fraction * H * W * 0.999))          # strictly below the fraction
+    # Small classes first, so that what they cannot use is shared by the rest.
+    order = sorted(range(len(classes)), key=lambda i: int(classes[i][1].sum()))
+    left, n_left = total, len(order)
+    for i in order:
+        value, paint, start = classes[i]
+        budget = min(left // max(1, n_left), int(0.5 * paint.sum()))
+        n_left -= 1
+        left -= _paint_class(labels, value, paint, start, budget, length, foot, rng)
+    return labels
+
+
+def _label_masks(masks: Mapping[Any, Any]) -> tuple[list[int], list[np.ndarray]]:
+    """(label value, bool mask) per class: integer keys are the labels, other keys get 1..K.
+
+    Raises ConfigError when an integer key is below 1 or the masks are not 2-D and of one shape."""
     keys = list(masks)
     if all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in keys):
         values = [int(k) for k in keys]
@@ -114,14 +144,15 @@ def simulate_strokes(masks: Mapping[Any, Any], *, fraction: float = 0.02, width:
     shape = arrays[0].shape
     if len(shape) != 2 or any(a.shape != shape for a in arrays):
         raise ConfigError(f"simulate_strokes: masks must be 2-D and of one shape, got {[a.shape for a in arrays]}")
-    H, W = shape
-    radius = (width - 1) / 2.0
-    foot = _disk(radius)
-    erode = _disk(radius) if radius >= 1 else None
-    margin = 2 * width if margin is None else int(margin)
-    length = max(10, int(0.1 * min(H, W))) if length is None else int(length)
+    return values, arrays
 
-    classes: list[tuple[int, np.ndarray, np.ndarray]] = []   # (label, paint region, start region)
+
+def _paint_regions(values: list[int], arrays: list[np.ndarray], background: int | None | str, radius: float,
+                   margin: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(label, paint region, start region) per class, then the background's unless ``background``
+    is None; a start region is the paint region eroded by ``radius`` when that leaves pixels."""
+    erode = _disk(radius) if radius >= 1 else None
+    classes: list[tuple[int, np.ndarray, np.ndarray]] = []
     for v, m in zip(values, arrays):
         start = ndimage.binary_erosion(m, structure=erode) if erode is not None else m
         classes.append((v, m, start if start.any() else m))
@@ -135,44 +166,37 @@ def simulate_strokes(masks: Mapping[Any, Any], *, fraction: float = 0.02, width:
             classes.append((bg_value, bg, start if start.any() else bg))
     if max(v for v, _, _ in classes) > np.iinfo(np.uint16).max:
         raise ConfigError("simulate_strokes: label values must fit in 16 bits")
+    return classes
 
-    dtype = np.uint8 if max(v for v, _, _ in classes) < 256 else np.uint16
-    labels = np.zeros(shape, dtype=dtype)
-    rng = np.random.default_rng(seed)
-    total = int(np.floor(fraction * H * W * 0.999))          # strictly below the fraction
-    # Small classes first, so that what they cannot use is shared by the rest.
-    order = sorted(range(len(classes)), key=lambda i: int(classes[i][1].sum()))
-    left, n_left = total, len(order)
-    for i in order:
-        value, paint, start = classes[i]
-        cap = int(0.5 * paint.sum())
-        budget = min(left // max(1, n_left), cap)
-        n_left -= 1
-        coords = np.argwhere(start)
-        painted, tries = 0, 0
-        while painted < budget and tries < _MAX_TRIES and len(coords):
-            tries += 1
-            s = coords[rng.integers(len(coords))]
-            pts = _walk((int(s[0]), int(s[1])), paint, length, rng)
-            ok = paint & (labels == 0)
-            rs, cs, stroke = _thicken(pts, ok, foot)
-            n_new = int(stroke.sum())
-            if n_new == 0:
-                continue
-            if painted + n_new > budget:  # shorten the last stroke to fit the budget
-                keep = max(1, int(len(pts) * (budget - painted) / n_new))
-                while keep >= 1:
-                    rs, cs, stroke = _thicken(pts[:keep], ok, foot)
-                    n_new = int(stroke.sum())
-                    if painted + n_new <= budget:
-                        break
-                    keep -= 1
-                if keep < 1 or n_new == 0:
+
+def _paint_class(labels: np.ndarray, value: int, paint: np.ndarray, start: np.ndarray, budget: int, length: int,
+                 foot: np.ndarray, rng: np.random.Generator) -> int:
+    """Paint strokes of ``value`` into ``labels`` (unlabelled pixels of ``paint`` only) until
+    ``budget`` pixels are used (the last stroke shortened to fit); returns the pixels painted."""
+    coords = np.argwhere(start)
+    painted, tries = 0, 0
+    while painted < budget and tries < _MAX_TRIES and len(coords):
+        tries += 1
+        s = coords[rng.integers(len(coords))]
+        pts = _walk((int(s[0]), int(s[1])), paint, length, rng)
+        ok = paint & (labels == 0)
+        rs, cs, stroke = _thicken(pts, ok, foot)
+        n_new = int(stroke.sum())
+        if n_new == 0:
+            continue
+        if painted + n_new > budget:  # shorten the last stroke to fit the budget
+            keep = max(1, int(len(pts) * (budget - painted) / n_new))
+            while keep >= 1:
+                rs, cs, stroke = _thicken(pts[:keep], ok, foot)
+                n_new = int(stroke.sum())
+                if painted + n_new <= budget:
                     break
-            labels[rs, cs][stroke] = value
-            painted += n_new
-        left -= painted
-    return labels
+                keep -= 1
+            if keep < 1 or n_new == 0:
+                break
+        labels[rs, cs][stroke] = value
+        painted += n_new
+    return painted
 
 
 def stroke_summary(labels: np.ndarray) -> dict[str, Any]:

@@ -51,7 +51,8 @@ class DenseJob:
         return dataclasses.asdict(self)
 
     def run(self, on_event: EventHandler | None = None, control: Control | None = None):
-        from .dense import DenseConfig, train_dense
+        from ..models.dense import DenseConfig
+        from .dense import train_dense
 
         cfg = DenseConfig.from_dict(self.config)
         model_config = dict(self.model) or None
@@ -67,7 +68,7 @@ def run_task(task: str, config: dict[str, Any], on_event: EventHandler | None = 
     """Run the job ``task`` (one of :data:`TASKS`) described by ``config``."""
     if task == "pretrain":
         from .config import PretrainConfig
-        from .pretrain import pretrain
+        from .pretrain_loop import pretrain
 
         return pretrain(PretrainConfig.from_dict(config), on_event=on_event, control=control)
     if task == "finetune":

@@ -147,7 +147,7 @@ class WorkbenchWidget(Container):
         self._autosave_timer.start()
 
     def autosave(self) -> None:
-        from mim_workbench.io.autosave import autosave_mask
+        from ._autosave import autosave_mask
 
         key, layer = self._image_key(), self.region.value
         if key is None or layer is None:
@@ -171,7 +171,7 @@ class WorkbenchWidget(Container):
         if img is None:
             _notify("Open an image first: the region layer takes its shape and scale.", error=True)
             return
-        from mim_workbench.io.autosave import load_autosave
+        from ._autosave import load_autosave
 
         shape, scale = self.region_grid(img)
         restored = load_autosave(self._image_key(), shape)

@@ -1,4 +1,4 @@
-"""Autosave of painted region masks, so a crash or a killed viewer loses no painting.
+"""Autosave of the region masks painted in the viewer, so a crash or a killed viewer loses no painting.
 
 Each image gets one autosave file keyed by its source (path, or layer name when the
 image has no file), written atomically through :func:`save_mask` as ``.npy`` so label
@@ -15,21 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
-from .mask_writer import save_mask
+from mim_workbench.io.mask_writer import save_mask
 
 
 def autosave_dir() -> Path:
+    """The folder autosaves go to (it may not exist yet)."""
     base = os.environ.get("MIM_WORKBENCH_CACHE")
     return (Path(base) if base else Path.home() / ".cache" / "mim-workbench") / "autosave"
 
 
 def autosave_path(image_key: str) -> Path:
+    """The autosave file of the image ``image_key`` names: a readable stem plus a hash of the whole key."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(image_key)).stem)[:60] or "mask"
     digest = hashlib.sha1(str(image_key).encode()).hexdigest()[:10]
     return autosave_dir() / f"{stem}-{digest}.npy"
 
 
 def autosave_mask(image_key: str, mask: np.ndarray) -> Path:
+    """Save ``mask`` (2-D labels) as the image's autosave, atomically; returns the file."""
     return save_mask(autosave_path(image_key), np.asarray(mask))
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError, MimError, TrainingError
-from . import checkpoint as ckpt_mod
+from ..models import checkpoint as ckpt_mod
 from .config import RUN_CONTROL_FIELDS, PretrainConfig, require_data_and_out
 from .control import Control, NullControl
 from .events import (
@@ -370,6 +370,16 @@ class _Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> RunResult:
+        """Train from the current step to ``stop_at`` (or a stop, a pause-and-stop or the time
+        budget), ending on a checkpoint; emits Started, Progress, Preview, CheckpointSaved and
+        Finished in that order of occurrence."""
+        self._announce()
+        history: list[dict[str, Any]] = []
+        reason, saved_at = self._train_epochs(history)
+        return self._finish(history, reason, saved_at)
+
+    def _announce(self) -> None:
+        """Emit Started, reset the run's clocks and show a first preview."""
         cfg = self.cfg
         self.emit(Started(
             run_dir=str(self.run_dir), config=cfg.to_dict(),
@@ -380,66 +390,79 @@ class _Trainer:
             stop_at=self.stop_at, notes=tuple(self.notes + self.data_notes + self._compile_messages),
         ))
         self._compile_messages.clear()  # a compile failure at set-up is said once, in Started's notes
-        history: list[dict[str, Any]] = []
         self._t_active = 0.0           # seconds of training, pauses excluded
         self._step_s: float | None = None  # smoothed seconds per step
         self._reseed_step_s = False        # the first step compiled: let the second seed the average
         if cfg.preview_every:  # a first picture right away (also when resuming)
             self._preview()
-        reason = "completed"
-        saved_at = -1
-        stopped = False
         self._finished_at: float | None = None
-        queued: _QueuedStep | None = None    # a step whose numbers are read after the next is queued
+        self._queued: _QueuedStep | None = None    # a step whose numbers are read after the next is queued
 
-        def flush() -> None:
-            nonlocal queued
-            if queued is not None:
-                row, queued = self._finish_step(queued), None
-                history.append(row)
-                self._report(row)
+    def _flush(self, history: list[dict[str, Any]]) -> None:
+        """Read back and report the queued step, if any."""
+        if self._queued is not None:
+            row, self._queued = self._finish_step(self._queued), None
+            history.append(row)
+            self._report(row)
 
-        while self.step < self.stop_at and not stopped:
+    def _train_epochs(self, history: list[dict[str, Any]]) -> tuple[str, int]:
+        """Steps until ``stop_at`` or a stop; returns (Finished's reason, step of the last checkpoint
+        written here, -1 if none).  Every step's row is appended to ``history``."""
+        saved_at = -1
+        while self.step < self.stop_at:
             self.train_ds.set_epoch(self.epoch)
             batches = self._loader(self.epoch, self.position)
             while self.position < self.plan.steps_per_epoch and self.step < self.stop_at:
-                if queued is not None and not self.dist.enabled and self.control.pause_requested():
-                    flush()  # a pause is not part of the step's time (with several processes: ~1 step's worth)
+                if self._queued is not None and not self.dist.enabled and self.control.pause_requested():
+                    # a pause is not part of the step's time (with several processes: ~1 step's worth)
+                    self._flush(history)
                 stop_reason = self._check_stop()
                 if stop_reason:
-                    reason, stopped = stop_reason, True
-                    break
+                    self._flush(history)
+                    return stop_reason, saved_at
                 step = self._train_step(batches)
-                flush()      # the previous step's numbers: this step is already queued
-                epoch_done = self.position == self.plan.steps_per_epoch
-                every = cfg.checkpoint_every
-                if self._defer_numbers() and not (
-                        epoch_done or (cfg.preview_every and self.step % cfg.preview_every == 0)
-                        or (isinstance(every, int) and self.step % every == 0)):
-                    queued = step
-                    continue
-                row = self._finish_step(step)
-                history.append(row)
-                if epoch_done and cfg.val_every and (self.epoch + 1) % cfg.val_every == 0:
-                    self.last_val = self._validate()
-                    row["val_loss"] = self.last_val
-                self._report(row)
-                if epoch_done:
-                    self.epoch, self.position = self.epoch + 1, 0
-                if cfg.preview_every and self.step % cfg.preview_every == 0:
-                    self._preview()
-                # Small data sets have 1-step epochs: epoch checkpoints are rate-limited in time.
-                epoch_due = epoch_done and time.monotonic() - self._saved_clock >= cfg.checkpoint_interval_s
-                if epoch_done and self.dist.enabled:  # clocks differ: all processes must agree
-                    epoch_due = self.dist.sum_floats([float(epoch_due)], self.device)[0] > 0
-                if (every == "epoch" and epoch_due) or (isinstance(every, int) and self.step % every == 0):
-                    self._save()
+                self._flush(history)      # the previous step's numbers: this step is already queued
+                epoch_done, saved = self._after_step(step, history)
+                if saved:
                     saved_at = self.step
                 if epoch_done:
                     break  # next epoch: new order, new loader
-        flush()
-        if not stopped and self.stop_at < self.total_steps:
-            reason = "max_steps"
+        self._flush(history)
+        return ("max_steps" if self.stop_at < self.total_steps else "completed"), saved_at
+
+    def _after_step(self, step: _QueuedStep, history: list[dict[str, Any]]) -> tuple[bool, bool]:
+        """Queue ``step``'s numbers for later, or read and report them now with what falls due at
+        this step (validation, next epoch, preview, checkpoint); returns (epoch done, saved)."""
+        cfg = self.cfg
+        epoch_done = self.position == self.plan.steps_per_epoch
+        every = cfg.checkpoint_every
+        if self._defer_numbers() and not (
+                epoch_done or (cfg.preview_every and self.step % cfg.preview_every == 0)
+                or (isinstance(every, int) and self.step % every == 0)):
+            self._queued = step
+            return False, False
+        row = self._finish_step(step)
+        history.append(row)
+        if epoch_done and cfg.val_every and (self.epoch + 1) % cfg.val_every == 0:
+            self.last_val = self._validate()
+            row["val_loss"] = self.last_val
+        self._report(row)
+        if epoch_done:
+            self.epoch, self.position = self.epoch + 1, 0
+        if cfg.preview_every and self.step % cfg.preview_every == 0:
+            self._preview()
+        # Small data sets have 1-step epochs: epoch checkpoints are rate-limited in time.
+        epoch_due = epoch_done and time.monotonic() - self._saved_clock >= cfg.checkpoint_interval_s
+        if epoch_done and self.dist.enabled:  # clocks differ: all processes must agree
+            epoch_due = self.dist.sum_floats([float(epoch_due)], self.device)[0] > 0
+        if (every == "epoch" and epoch_due) or (isinstance(every, int) and self.step % every == 0):
+            self._save()
+            return epoch_done, True
+        return epoch_done, False
+
+    def _finish(self, history: list[dict[str, Any]], reason: str, saved_at: int) -> RunResult:
+        """End on a checkpoint and a preview of the final step, then emit Finished."""
+        cfg = self.cfg
         # Always end on a checkpoint, unless the newest one already holds this exact state.
         unchanged = self.resume is not None and self.step == self.resume.step and self._same_dir
         if saved_at != self.step and not unchanged:
@@ -539,6 +562,31 @@ class _Trainer:
         lr = lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                    lr=self.lr, min_lr=cfg.min_lr)
         set_lr(self.optimizer, lr)
+        loss_sum, unreadable = self._accumulate(batches)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = grad_norm_(params, cfg.clip_grad)
+        local_loss = loss_sum / cfg.accum_steps
+        finite = torch.isfinite(local_loss)
+        # [loss, processes with a non-finite loss, unreadable files], summed over processes
+        stats = torch.stack([torch.where(finite, local_loss, 0.0), (~finite).float(),
+                             torch.full((), float(len(unreadable)), device=self.device)])  # a fill, no copy
+        stats = self.dist.sum_tensor(stats)
+        bad = (stats[1] > 0) | ~torch.isfinite(norm)
+        skipped = self._update(bad)
+        self.optimizer.zero_grad(set_to_none=True)
+        messages = self._step_messages()
+        self.step += 1
+        self.position += 1
+        numbers = torch.cat([stats, norm.reshape(1).to(stats.device, stats.dtype), bad.reshape(1).to(stats.dtype)])
+        return _QueuedStep(step=self.step, epoch=self.epoch, lr=lr, numbers=numbers, skipped=skipped,
+                           unreadable=unreadable, messages=messages, t0=t0)
+
+    def _accumulate(self, batches) -> tuple[torch.Tensor, list[str]]:
+        """Forward and backward ``accum_steps`` micro-batches; returns (the sum of their losses,
+        a 0-d device tensor; the unreadable files they met)."""
+        cfg = self.cfg
         local = self.plan.local_slice() if self.dist.enabled else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         unreadable: list[str] = []
@@ -555,18 +603,11 @@ class _Trainer:
                 # part in the gradient all-reduce); the step is dropped below.
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += out.loss.detach().float()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = grad_norm_(params, cfg.clip_grad)
-        local_loss = loss_sum / cfg.accum_steps
-        finite = torch.isfinite(local_loss)
-        # [loss, processes with a non-finite loss, unreadable files], summed over processes
-        stats = torch.stack([torch.where(finite, local_loss, 0.0), (~finite).float(),
-                             torch.full((), float(len(unreadable)), device=self.device)])  # a fill, no copy
-        stats = self.dist.sum_tensor(stats)
-        bad = (stats[1] > 0) | ~torch.isfinite(norm)
-        skipped: bool | None = None          # None: decided on the device, read later
+        return loss_sum, unreadable
+
+    def _update(self, bad: torch.Tensor) -> bool | None:
+        """Apply the gradients unless ``bad`` (a 0-d bool tensor); returns whether the step was
+        skipped, or None when the fused optimiser decides on the device (read later)."""
         if self.scaler is not None:
             skipped = bool(bad)
             if skipped:
@@ -574,14 +615,18 @@ class _Trainer:
             else:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-        elif self._fused_optimizer:
+            return skipped
+        if self._fused_optimizer:
             self.optimizer.found_inf = bad.float()   # the fused kernel leaves weights and state as they were
             self.optimizer.step()
-        else:
-            skipped = bool(bad)
-            if not skipped:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            return None
+        if not bool(bad):
+            self.optimizer.step()
+            return False
+        return True
+
+    def _step_messages(self) -> list[str]:
+        """Region-mask fallbacks and compile failures since the last step, each said once."""
         messages = []
         if self._region_fallbacks:
             messages.append(f"{self._region_fallbacks} region-guided mask(s) fell back to random (empty region)")
@@ -589,11 +634,7 @@ class _Trainer:
         if self._compile_messages:  # compile failed during this step: said once, training went on eagerly
             messages += self._compile_messages
             self._compile_messages.clear()
-        self.step += 1
-        self.position += 1
-        numbers = torch.cat([stats, norm.reshape(1).to(stats.device, stats.dtype), bad.reshape(1).to(stats.dtype)])
-        return _QueuedStep(step=self.step, epoch=self.epoch, lr=lr, numbers=numbers, skipped=skipped,
-                           unreadable=unreadable, messages=messages, t0=t0)
+        return messages
 
     def _finish_step(self, q: _QueuedStep) -> dict[str, Any]:
         """Read a queued step's numbers back (a sync) and do its bookkeeping: its metrics row."""

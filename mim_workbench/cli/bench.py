@@ -1,19 +1,19 @@
-"""``mim-workbench bench``: the performance benchmark, as JSON lines.
+"""CLI subcommand ``bench``: the performance benchmark, as JSON lines.
 
-Register with ``COMMANDS.append(_add_bench)`` (see cli.py); the runner prints one
-JSON object per line as soon as it is measured and, with ``--out FILE``, writes
-the same lines to FILE.  Field meanings: ``benchmarks/README.md``.
+COMMANDS holds its ``_add_bench(sub) -> runner`` as described in :mod:`mim_workbench.cli`.
+The runner prints one JSON object per line as soon as it is measured and, with
+``--out FILE``, writes the same lines to FILE.  Field meanings: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-Runner = Callable[[argparse.Namespace], int]
+from ..errors import ConfigError
+from .args import AddCommand, Runner, add_amp, add_data, add_device, add_out, add_threads
 
 
 def _csv(kind: type = str) -> Callable[[str], list]:
@@ -49,26 +49,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> Runner:
                    help="JSON object (or a .json file) overriding the reference configuration, "
                         "e.g. '{\"img_size\": 64, \"depth\": 2}'")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="do not time lightly's MAE")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
-                   help="autocast our forward (the peer stays fp32; default off)")
+    add_device(p, "cpu", "cpu (default) or cuda")
+    add_amp(p, ("off", "bf16", "fp16"), "autocast our forward (the peer stays fp32; default off)")
     p.add_argument("--extra-amp", type=_csv(), default=None,
                    help="also time ours and lightly's mae/random in these precisions (default bf16 where the "
                         "CPU/GPU runs bf16 natively; 'none' to skip)")
     p.add_argument("--compile", action="store_true",
                    help="also time our mae/random step with torch.compile in each precision (compiles for "
                         "40-60 s per step on 2 cores during warm-up)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--data", default=None, help="image folder for the data benchmark (default ../shared/data "
-                                                "chest X-rays, else the sample data)")
-    p.add_argument("--masks", default=None, help="region masks for --data")
-    p.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    add_threads(p, "torch CPU threads (default: torch's choice)")
+    add_data(p, "image folder for the data benchmark (default ../shared/data chest X-rays, else the sample data)",
+             masks="region masks for --data")
+    add_out(p, "also write the JSON lines to this file", required=False)
     return _run_bench
 
 
 def _load_config(text: str | None) -> dict | None:
-    from .errors import ConfigError
-
     if text is None:
         return None
     path = Path(text)
@@ -83,7 +79,7 @@ def _load_config(text: str | None) -> dict | None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, run_bench
+    from ..bench import BenchOptions, run_bench
 
     values: dict = {"peer": args.peer, "device": args.device, "amp": None if args.amp in (None, "off") else args.amp,
                     "threads": args.threads, "data": args.data, "masks": args.masks, "compile": args.compile,
@@ -109,8 +105,4 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m mim_workbench.cli_bench ... (before it is registered in cli.py)
-    _parser = argparse.ArgumentParser(prog="mim-workbench")
-    _sub = _parser.add_subparsers(dest="command", required=True)
-    _runner = _add_bench(_sub)
-    sys.exit(_runner(_parser.parse_args(["bench", *sys.argv[1:]])))
+COMMANDS: list[AddCommand] = [_add_bench]

@@ -1,7 +1,6 @@
-"""mim-workbench command line: the same core functions the GUI calls.
+"""CLI subcommands around the application itself: ``info``, ``gui`` and ``demo``.
 
-Every subcommand is a pair ``_add_<name>(sub)`` / ``_run_<name>(args) -> int``.
-Errors derived from :class:`MimError` become one line on stderr and exit code 2.
+COMMANDS holds their ``_add_<name>(sub) -> runner`` as described in :mod:`mim_workbench.cli`.
 """
 
 from __future__ import annotations
@@ -10,12 +9,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from .errors import MimError
-
-Runner = Callable[[argparse.Namespace], int]
+from ..errors import MimError
+from .args import AddCommand, Runner, add_device, add_out
 
 
 # --------------------------------------------------------------------- info
@@ -27,7 +24,7 @@ def _add_info(sub: argparse._SubParsersAction) -> Runner:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from .io import info_records
+    from ..io import info_records
 
     status = 0
     for path in args.paths:
@@ -75,61 +72,17 @@ def _run_gui(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> Runner:
     p = sub.add_parser("demo", help="headless end-to-end run on the sample data; writes pictures")
-    p.add_argument("--out", default="mim-demo", help="output folder")
+    add_out(p, required=False, default="mim-demo")
     p.add_argument("--seconds", type=float, default=60.0, help="pretraining time budget")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps")
+    add_device(p, "auto", "auto|cpu|cuda|mps")
     return _run_demo
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(Path(args.out), seconds=args.seconds, device=args.device)
     return 0
 
 
-# --------------------------------------------------------------------- engine commands
-# (pretrain, reconstruct, export, cache) are registered below by _ENGINE_COMMANDS.
-from .cli_engine import ENGINE_COMMANDS  # noqa: E402
-from .cli_bench import _add_bench  # noqa: E402
-from .cli_finetune import FINETUNE_COMMANDS  # noqa: E402
-
-COMMANDS: list[Callable[[argparse._SubParsersAction], Runner]] = [
-    _add_info, _add_gui, _add_demo, *ENGINE_COMMANDS, *FINETUNE_COMMANDS, _add_bench,
-]
-
-
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
-    parser = argparse.ArgumentParser(prog="mim-workbench", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"mim-workbench {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    runners: dict[str, Runner] = {}
-    for add in COMMANDS:
-        before = set(sub.choices)
-        runner = add(sub)
-        for name in set(sub.choices) - before:
-            runners[name] = runner
-    return parser, runners
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser, runners = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return runners[args.command](args)
-    except MimError as exc:
-        print(f"mim-workbench {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"mim-workbench {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+COMMANDS: list[AddCommand] = [_add_info, _add_gui, _add_demo]

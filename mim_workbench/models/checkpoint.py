@@ -22,6 +22,9 @@ position, RNG states (byte states base64-encoded), versions and a dataset signat
 The optimiser state is flattened: its tensors go into ``optim.safetensors`` under
 ``state.<param index>.<name>`` and the rest (param groups, scalar state) into that
 file's JSON metadata.
+
+Training writes checkpoints; inference and :class:`~mim_workbench.models.dense.DenseHead`
+read them too, so the format lives here, below both.
 """
 
 from __future__ import annotations
@@ -268,9 +271,10 @@ def save_checkpoint(
 
     ``meta`` is stored as is plus ``schema_version``, ``step`` and ``versions``;
     it must be JSON-serialisable.  ``keep`` > 0 keeps that many newest checkpoints.
+    Returns the checkpoint's folder.  Raises CheckpointWriteError when the disk refuses
+    (the previous checkpoints stay whole); a crash at any point leaves no partial
+    ``ckpt-<step>/``.
     """
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"{CKPT_PREFIX}{step}"
@@ -279,37 +283,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        # Copies on CPU: safetensors refuses tensors that share storage, and a copy also
-        # detaches the file from later in-place updates of the live parameters.
-        weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
-        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        _fsync_file(tmp / MODEL_FILE)
-        fault_point("ckpt-after-model")
-        if optimizer_state is not None:
-            tensors, rest = flatten_optimizer_state(optimizer_state)
-            save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": "pt", "optim": json.dumps(rest)})
-            _fsync_file(tmp / OPTIM_FILE)
-            fault_point("ckpt-after-optim")
-        full_meta = {
-            **meta,
-            "schema_version": SCHEMA_VERSION,
-            "step": int(step),
-            "versions": versions(),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _write_text_synced(tmp / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True) + "\n")
-        fault_point("ckpt-after-meta")
-        _fsync_dir(tmp)
-        fault_point("ckpt-before-rename")
-        if final.exists():  # re-saving a step (e.g. after resuming from it): swap, then drop the old one
-            trash = run_dir / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(run_dir)
-        fault_point("ckpt-after-rename")
+        _write_checkpoint_files(tmp, step, model_state, optimizer_state, meta)
+        _move_into_place(run_dir, tmp, final, step)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -323,6 +298,48 @@ def save_checkpoint(
     if keep > 0:
         prune_checkpoints(run_dir, keep)
     return final
+
+
+def _write_checkpoint_files(tmp: Path, step: int, model_state: dict[str, torch.Tensor],
+                            optimizer_state: dict[str, Any] | None, meta: dict[str, Any]) -> None:
+    """Weights, optimiser state and metadata into the folder ``tmp``, each synced to disk."""
+    from safetensors.torch import save_file
+
+    # Copies on CPU: safetensors refuses tensors that share storage, and a copy also
+    # detaches the file from later in-place updates of the live parameters.
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
+    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    _fsync_file(tmp / MODEL_FILE)
+    fault_point("ckpt-after-model")
+    if optimizer_state is not None:
+        tensors, rest = flatten_optimizer_state(optimizer_state)
+        save_file(tensors, str(tmp / OPTIM_FILE), metadata={"format": "pt", "optim": json.dumps(rest)})
+        _fsync_file(tmp / OPTIM_FILE)
+        fault_point("ckpt-after-optim")
+    full_meta = {
+        **meta,
+        "schema_version": SCHEMA_VERSION,
+        "step": int(step),
+        "versions": versions(),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_text_synced(tmp / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True) + "\n")
+    fault_point("ckpt-after-meta")
+    _fsync_dir(tmp)
+
+
+def _move_into_place(run_dir: Path, tmp: Path, final: Path, step: int) -> None:
+    """Rename the written folder ``tmp`` to ``final`` (replacing an older save of the step)."""
+    fault_point("ckpt-before-rename")
+    if final.exists():  # re-saving a step (e.g. after resuming from it): swap, then drop the old one
+        trash = run_dir / f"{_TMP_PREFIX}old-{step}-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    fault_point("ckpt-after-rename")
 
 
 def _write_error(run_dir: Path, final: Path, exc: OSError) -> CheckpointWriteError:

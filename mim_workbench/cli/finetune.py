@@ -1,10 +1,10 @@
 """CLI subcommands for downstream tasks: finetune, predict, evaluate, dense-train, dense-predict.
 
-Each entry of FINETUNE_COMMANDS is an ``_add_<name>(sub) -> runner`` like those in
-cli.py.  ``--checkpoint`` accepts what ``load_checkpoint`` accepts (run directory,
-``ckpt-<step>`` directory or a file in it); for ``finetune`` and ``dense-train``
-also an exported encoder (``.safetensors``) or ``scratch`` (a random encoder).
-Fractions are 0-1. Registered in :mod:`mim_workbench.cli` (``mim-workbench finetune ...``).
+Each entry of COMMANDS is an ``_add_<name>(sub) -> runner`` as described in
+:mod:`mim_workbench.cli`.  ``--checkpoint`` accepts what ``load_checkpoint`` accepts
+(run directory, ``ckpt-<step>`` directory or a file in it); for ``finetune`` and
+``dense-train`` also an exported encoder (``.safetensors``) or ``scratch`` (a random
+encoder).  Fractions are 0-1.
 """
 
 from __future__ import annotations
@@ -12,44 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-Runner = Callable[[argparse.Namespace], int]
-
-_ARCH_HELP = "architecture of a scratch encoder (ignored with a checkpoint, except --img-size)"
-
-
-def _add_arch(g: argparse._ArgumentGroup, *, decoder: bool = False) -> None:
-    g.add_argument("--model", help="timm ViT name (default vit_tiny_patch16_224)")
-    g.add_argument("--img-size", help="input size N or HxW (default: the checkpoint's; 224 from scratch)")
-    g.add_argument("--patch-size", type=int)
-    g.add_argument("--embed-dim", type=int)
-    g.add_argument("--depth", type=int)
-    g.add_argument("--num-heads", type=int)
-    if decoder:
-        g.add_argument("--decoder-dim", type=int, help="pretraining decoder width (default 128)")
-        g.add_argument("--decoder-depth", type=int, help="pretraining decoder blocks (default 4)")
-        g.add_argument("--decoder-heads", type=int, help="pretraining decoder heads (default 4)")
+from ..errors import CheckpointError, ConfigError
+from .args import (ANY_DEVICE_HELP, ARCH_HELP, CPU_DEVICE_HELP, PRETRAINING_DECODER_HELP, AddCommand, Runner,
+                   add_arch, add_checkpoint, add_data, add_device, add_image_or_data, add_out, add_quiet,
+                   add_threads, add_time_budget, arch_values)
+from .control import StopOnSignal
 
 
-def _arch_values(args: argparse.Namespace) -> dict[str, Any]:
-    out = {k: getattr(args, k) for k in ("model", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
-           if getattr(args, k, None) is not None}
-    for flag, key in (("decoder_dim", "decoder_embed_dim"), ("decoder_depth", "decoder_depth"),
-                      ("decoder_heads", "decoder_num_heads")):
-        if getattr(args, flag, None) is not None:
-            out[key] = getattr(args, flag)
-    return out
-
-
-def _printer(task: str, quiet: bool):
+def _printer(task: str, quiet: bool) -> Any:
     """ProgressPrinter with a Started line for this task (None when quiet)."""
     if quiet:
         return None
-    from .training import events as ev
-    from .training.progress import ProgressPrinter
+    from ..training import events as ev
+    from ..training.progress import ProgressPrinter
 
     class _Printer(ProgressPrinter):
         def __call__(self, event: Any) -> None:
@@ -76,13 +54,11 @@ def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
                     "a stratified share of the training labels. Writes metrics.json (accuracy, AUC, AP on the test "
                     "split), history.csv and a checkpoint that `predict` uses.",
     )
-    p.add_argument("--checkpoint",
-                   help="pretrain/finetune checkpoint or run directory, an exported encoder .safetensors, or 'scratch' "
-                        "(required unless --resume)")
-    p.add_argument("--data", help="labelled images: class folders, images/ + labels.csv, or a CSV manifest "
-                                  "(required unless --resume)")
-    p.add_argument("--masks", help="region-mask folder (only used to discover the data set)")
-    p.add_argument("--out", help="run directory (required unless --resume)")
+    add_checkpoint(p, "pretrain/finetune checkpoint or run directory, an exported encoder .safetensors, or "
+                      "'scratch' (required unless --resume)", required=False)
+    add_data(p, "labelled images: class folders, images/ + labels.csv, or a CSV manifest (required unless --resume)",
+             masks="region-mask folder (only used to discover the data set)")
+    add_out(p, "run directory (required unless --resume)", required=False)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped or crashed run from its last finished epoch, with its own settings "
                         "(only --device, --threads, --max-steps, --time-budget may be given)")
@@ -104,12 +80,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--split-seed", type=int, help="seed of the patient split (default 0)")
     p.add_argument("--positive-class", help="positive class of binary AUC/AP (default the second class)")
     p.add_argument("--seed", type=int, default=0, help="label subset, head init, sample order")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--threads", type=int)
+    add_device(p, "auto", ANY_DEVICE_HELP)
+    add_threads(p)
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--time-budget", type=float, metavar="S", help="stop after S seconds of training")
-    _add_arch(p.add_argument_group("scratch encoder", _ARCH_HELP))
-    p.add_argument("--quiet", action="store_true")
+    add_time_budget(p)
+    add_arch(p.add_argument_group("scratch encoder", ARCH_HELP))
+    add_quiet(p)
     # The training settings' defaults, read off the parser: --resume refuses any that were changed.
     defaults = vars(p.parse_known_args([])[0])
     p.set_defaults(setting_defaults={k: v for k, v in defaults.items() if k not in _RESUME_FLAGS})
@@ -122,8 +98,7 @@ _RESUME_FLAGS = frozenset({"resume", "device", "threads", "max_steps", "time_bud
 
 def _resume_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings of the run in ``--resume RUN_DIR`` plus the run-control flags given with it."""
-    from .errors import ConfigError
-    from .training.finetune_state import resume_config
+    from ..training.finetune_state import resume_config
 
     given = [k for k, default in args.setting_defaults.items() if getattr(args, k, default) != default]
     if given:
@@ -135,8 +110,6 @@ def _resume_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-
     if args.resume:
         return _run_values(_resume_values(args), args)
     missing = [f"--{k}" for k in ("checkpoint", "data", "out") if getattr(args, k) is None]
@@ -144,7 +117,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         raise ConfigError(f"finetune needs {', '.join(missing)} (or --resume RUN_DIR to continue a run)")
     values: dict[str, Any] = {"checkpoint": args.checkpoint, "data": args.data, "out": args.out, "mode": args.mode,
                               "fraction": args.fraction, "batch_size": args.batch_size, "seed": args.seed,
-                              "device": args.device, **_arch_values(args)}
+                              "device": args.device, **arch_values(args)}
     for k in ("masks", "epochs", "lr", "weight_decay", "layer_decay", "label_smoothing", "drop_path", "balance",
               "patience", "augment", "val_fraction", "test_fraction", "split_seed", "positive_class", "threads",
               "max_steps"):
@@ -156,11 +129,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_values(values: dict[str, Any], args: argparse.Namespace) -> int:
-    from .cli_engine import _StopOnSignal
-    from .inference.reconstruct import json_safe
-    from .training.finetune import FinetuneConfig, finetune
+    from ..inference.reconstruct import json_safe
+    from ..training.finetune import FinetuneConfig, finetune
 
-    with _StopOnSignal() as control:
+    with StopOnSignal() as control:
         res = finetune(FinetuneConfig.from_dict(values), on_event=_printer("finetune", args.quiet), control=control)
     m = res.metrics
     print(json.dumps(json_safe({"accuracy": m.get("accuracy"), "auc": m.get("auc"), "ap": m.get("ap"),
@@ -174,15 +146,13 @@ def _run_values(values: dict[str, Any], args: argparse.Namespace) -> int:
 # ===================================================================== predict
 def _add_predict(sub: argparse._SubParsersAction) -> Runner:
     p = sub.add_parser("predict", help="class probabilities and maps (finetune checkpoint) or dense probability maps")
-    p.add_argument("--checkpoint", required=True, help="finetune or dense checkpoint (or its run directory)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", help="one image -> predictions.json")
-    src.add_argument("--data", help="a folder or dataset -> predictions.csv")
-    p.add_argument("--out", required=True, help="output folder")
+    add_checkpoint(p, "finetune or dense checkpoint (or its run directory)")
+    add_image_or_data(p, "one image -> predictions.json", "a folder or dataset -> predictions.csv")
+    add_out(p)
     p.add_argument("--map", choices=("auto", "patch_logits", "rollout"), default="auto",
                    help="spatial map of a classifier (default: patch logits for full, rollout for probe models)")
     p.add_argument("--no-maps", action="store_true", help="folder mode: only the CSV")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
+    add_device(p, "cpu", CPU_DEVICE_HELP)
     _add_tiled(p)
     p.add_argument("--class", dest="map_class", help="--tiled classifier: the class whose map is written "
                                                       "(default the predicted one)")
@@ -201,8 +171,8 @@ def _add_tiled(p: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from .inference.predict import predict_folder, predict_one
-    from .training.runtime import select_device
+    from ..inference.predict import predict_folder, predict_one
+    from ..training.runtime import select_device
 
     device = select_device(args.device)
     if getattr(args, "tiled", False):
@@ -218,9 +188,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_predict_tiled(args: argparse.Namespace, device: Any) -> int:
-    from .errors import ConfigError
-    from .inference.predict import _safe
-    from .inference.tiled_predict import predict_tiled, save_tiled_prediction
+    from ..inference.predict import _safe
+    from ..inference.tiled_predict import predict_tiled, save_tiled_prediction
 
     if not args.image:
         raise ConfigError("--tiled needs --image (one large image), not --data")
@@ -236,8 +205,6 @@ def _run_predict_tiled(args: argparse.Namespace, device: Any) -> int:
 
 # ===================================================================== evaluate
 def _parse_fractions(text: str) -> tuple[float, ...]:
-    from .errors import ConfigError
-
     try:
         vals = tuple(float(t) for t in text.replace(" ", "").split(",") if t)
     except ValueError:
@@ -251,9 +218,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
         description="Pretrain each variant with the same time budget, then linear-probe or fine-tune it with each "
                     "label fraction and seed; writes results.csv, table.csv, table.md, plot.png, summary.json.",
     )
-    p.add_argument("--data", required=True, help="labelled data set (with region masks for rgmim)")
-    p.add_argument("--masks", help="region-mask folder")
-    p.add_argument("--out", required=True, help="output folder")
+    add_data(p, "labelled data set (with region masks for rgmim)", masks="region-mask folder", required=True)
+    add_out(p)
     p.add_argument("--fractions", default="0.01,0.1,1.0", help="label fractions, comma separated")
     p.add_argument("--seeds", type=int, default=3, help="seeds per fraction (default 3)")
     p.add_argument("--budget-minutes", type=float, default=10.0, help="pretraining minutes per variant")
@@ -267,20 +233,31 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--pretrain-config", help="JSON/TOML file of extra pretraining settings")
     p.add_argument("--checkpoints", help="reuse pretrained encoders instead of pretraining: mae=DIR,rgmim=DIR")
     p.add_argument("--positive-class", help="positive class of binary AUC/AP (default the second class name)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
-    _add_arch(p.add_argument_group("architecture", "the encoder of every variant"), decoder=True)
-    p.add_argument("--quiet", action="store_true")
+    add_device(p)
+    add_threads(p)
+    add_arch(p.add_argument_group("architecture", "the encoder of every variant"), decoder=PRETRAINING_DECODER_HELP)
+    add_quiet(p)
     return _run_evaluate
 
 
+def _given_checkpoints(text: str | None) -> dict[str, str]:
+    """``--checkpoints mae=DIR,rgmim=DIR`` as {variant: path}."""
+    given: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--checkpoints {text!r}: use variant=PATH pairs, comma separated")
+            given[name.strip()] = path.strip()
+    return given
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .cli_engine import _StopOnSignal
-    from .training.config import read_config_file
-    from .training.evaluate import EvaluateConfig, evaluate
+    from ..training.config import read_config_file
+    from ..training.evaluate import EvaluateConfig, evaluate
 
     pre = dict(read_config_file(args.pretrain_config)) if args.pretrain_config else {}
-    pre.update(_arch_values(args))
+    pre.update(arch_values(args))
     ft: dict[str, Any] = {}
     if args.batch_size is not None:
         pre["batch_size"] = ft["batch_size"] = args.batch_size
@@ -288,17 +265,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         ft["epochs"] = args.epochs
     if args.positive_class:
         ft["positive_class"] = args.positive_class
-    given: dict[str, str] = {}
-    for item in (args.checkpoints or "").split(","):
-        if item.strip():
-            name, sep, path = item.partition("=")
-            if not sep:
-                from .errors import ConfigError
-
-                raise ConfigError(f"--checkpoints {args.checkpoints!r}: use variant=PATH pairs, comma separated")
-            given[name.strip()] = path.strip()
-    cfg = EvaluateConfig(data=args.data, checkpoints=given, masks=args.masks, out=args.out,
-                         fractions=_parse_fractions(args.fractions),
+    cfg = EvaluateConfig(data=args.data, checkpoints=_given_checkpoints(args.checkpoints), masks=args.masks,
+                         out=args.out, fractions=_parse_fractions(args.fractions),
                          seeds=args.seeds, budget_minutes=args.budget_minutes, mode=args.mode,
                          variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
                          val_fraction=args.val_fraction, test_fraction=args.test_fraction,
@@ -309,7 +277,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    with _StopOnSignal() as control:
+    with StopOnSignal() as control:
         res = evaluate(cfg, log=log, control=control)
     print(Path(res.files["table_md"]).read_text(encoding="utf-8"))
     return 0
@@ -321,10 +289,12 @@ _STROKE_EXTS = (".png", ".tif", ".tiff", ".npy")
 
 
 def match_strokes(images_dir: Path, strokes_dir: Path) -> tuple[list[Path], list[Path], list[str]]:
-    """(images, stroke files, skipped image names), matched by stem (``<stem>[_strokes|_labels].png|tif|npy``)."""
-    from .errors import ConfigError
-    from .io.datasets import file_stem
-    from .io.readers import list_image_files
+    """(images, stroke files, skipped image names), matched by stem (``<stem>[_strokes|_labels].png|tif|npy``).
+
+    Raises ConfigError when either folder is missing or no image has strokes.
+    """
+    from ..io.datasets import file_stem
+    from ..io.readers import list_image_files
 
     if not images_dir.is_dir():
         raise ConfigError(f"--images {images_dir}: not a folder")
@@ -350,11 +320,10 @@ def _add_dense_train(sub: argparse._SubParsersAction) -> Runner:
     p = sub.add_parser("dense-train", help="train a dense head (per-pixel classes) from painted strokes",
                        description="Strokes are label images (0 = unlabelled, 1..K = classes) named like the images "
                                    "(<stem>.png, .tif or .npy); images without strokes are skipped.")
-    p.add_argument("--checkpoint", required=True,
-                   help="encoder: pretrain checkpoint or run directory, exported .safetensors, or 'random'")
+    add_checkpoint(p, "encoder: pretrain checkpoint or run directory, exported .safetensors, or 'random'")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument("--strokes", required=True, help="stroke label images, by image stem")
-    p.add_argument("--out", required=True, help="run directory for the dense checkpoint")
+    add_out(p, "run directory for the dense checkpoint")
     p.add_argument("--classes", help="names of labels 1..K, comma separated")
     p.add_argument("--mode", choices=("tile", "letterbox"),
                    help="how images of any size meet the encoder (default tile)")
@@ -368,18 +337,29 @@ def _add_dense_train(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--no-features", dest="use_features", action="store_const", const=False,
                    help="ignore the encoder: image-only conv head (baseline)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--time-budget", type=float, metavar="S")
-    _add_arch(p.add_argument_group("random encoder", "architecture when --checkpoint random"))
-    p.add_argument("--quiet", action="store_true")
+    add_device(p)
+    add_threads(p)
+    add_time_budget(p, None)
+    add_arch(p.add_argument_group("random encoder", "architecture when --checkpoint random"))
+    add_quiet(p)
     return _run_dense_train
 
 
+def _random_model_config(args: argparse.Namespace) -> Any:
+    """The ModelConfig of the architecture flags, for ``--checkpoint random``."""
+    from ..models import ModelConfig
+    from ..training.config import parse_img_size
+
+    arch = arch_values(args)
+    if "img_size" in arch:
+        arch["img_size"] = parse_img_size(arch["img_size"])
+    return ModelConfig(**arch)
+
+
 def _run_dense_train(args: argparse.Namespace) -> int:
-    from .cli_engine import _StopOnSignal
-    from .training.dense import DenseConfig, train_dense
-    from .training.encoder_source import is_random_source
+    from ..models.dense import DenseConfig
+    from ..training.dense import train_dense
+    from ..training.encoder_source import is_random_source
 
     imgs, strokes, skipped = match_strokes(Path(args.images), Path(args.strokes))
     if skipped:
@@ -392,16 +372,8 @@ def _run_dense_train(args: argparse.Namespace) -> int:
         values["time_budget_s"] = args.time_budget
     if args.classes:
         values["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
-    model_config = None
-    if is_random_source(args.checkpoint):
-        from .models import ModelConfig
-        from .training.config import parse_img_size
-
-        arch = _arch_values(args)
-        if "img_size" in arch:
-            arch["img_size"] = parse_img_size(arch["img_size"])
-        model_config = ModelConfig(**arch)
-    with _StopOnSignal() as control:
+    model_config = _random_model_config(args) if is_random_source(args.checkpoint) else None
+    with StopOnSignal() as control:
         head = train_dense([str(p) for p in imgs], [str(p) for p in strokes], checkpoint=args.checkpoint,
                            model_config=model_config, config=DenseConfig(**values), out=args.out,
                            on_event=_printer("dense-train", args.quiet), control=control)
@@ -412,20 +384,17 @@ def _run_dense_train(args: argparse.Namespace) -> int:
 
 def _add_dense_predict(sub: argparse._SubParsersAction) -> Runner:
     p = sub.add_parser("dense-predict", help="per-class probability maps and labels from a dense checkpoint")
-    p.add_argument("--checkpoint", required=True, help="dense checkpoint (or its run directory)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", help="one image -> predictions.json + maps")
-    src.add_argument("--data", help="a folder -> predictions.csv + maps")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
+    add_checkpoint(p, "dense checkpoint (or its run directory)")
+    add_image_or_data(p, "one image -> predictions.json + maps", "a folder -> predictions.csv + maps")
+    add_out(p, None)
+    add_device(p, "cpu")
     _add_tiled(p)
     return _run_dense_predict
 
 
 def _run_dense_predict(args: argparse.Namespace) -> int:
-    from .errors import CheckpointError
-    from .training.checkpoint import load_checkpoint
-    from .training.dense import DENSE_KIND
+    from ..models.checkpoint import load_checkpoint
+    from ..models.dense import DENSE_KIND
 
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.kind != DENSE_KIND:
@@ -437,6 +406,4 @@ def _run_dense_predict(args: argparse.Namespace) -> int:
                                            tile=args.tile, map_class=None))
 
 
-FINETUNE_COMMANDS: list[Callable[[argparse._SubParsersAction], Runner]] = [
-    _add_finetune, _add_predict, _add_evaluate, _add_dense_train, _add_dense_predict,
-]
+COMMANDS: list[AddCommand] = [_add_finetune, _add_predict, _add_evaluate, _add_dense_train, _add_dense_predict]
