@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +108,51 @@ def test_contact_sheet_shows_flagged_masks_first(folder, tmp_path):
     assert red.sum() > 50 and not green.any(), "the flagged image comes first, outlined in red"
     second = sheet[:96, 96:]
     assert ((second[..., 1] > 200) & (second[..., 0] < 100)).sum() > 50, "the others are outlined in green"
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mim_workbench.cli", "regions", "propose", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_prints_json_lines_and_writes_a_contact_sheet(folder, tmp_path):
+    (folder / "text.png").write_bytes(b"not a picture")  # the folder scan skips it
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # fails when decoded
+    out = tmp_path / "masks"
+    proc = _cli("--data", str(folder), "--out", str(out))
+    assert proc.returncode == 2, "an unreadable image makes the exit code say so"
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 4 and set(lines[0]) == {"image", "mask", "area_fraction", "flag"}
+    assert "text.png" in proc.stderr and "broken.png" in proc.stderr and "ETA" in proc.stderr
+    assert "5 images, 0 flagged, 1 unreadable" in proc.stderr
+    assert (out / "contact_sheet.png").is_file()
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_run_killed_midway_continues(tmp_path, sample_root):
+    data = sample_root / "images"
+    out = tmp_path / "masks"
+    child = subprocess.Popen([sys.executable, "-m", "mim_workbench.cli", "regions", "propose", "--data", str(data),
+                              "--out", str(out), "--sheet", "none", "--quiet"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.png"))) < 3 and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert 3 <= len(kept) < 12
+    assert not list(out.glob(".*")), "no partial mask is left behind"
+    proc = _cli("--data", str(data), "--out", str(out), "--sheet", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 12 and len(list(out.glob("*.png"))) == 12
+    assert all((out / n).stat().st_mtime_ns == t for n, t in kept.items())
+
+
+def test_several_processes_give_the_same_masks_in_the_same_order(folder, tmp_path):
+    one = list(propose_folder(folder, tmp_path / "one", preset="lungs"))
+    two = list(propose_folder(folder, tmp_path / "two", preset="lungs", workers=2))
+    assert [r["image"] for r in one] == [r["image"] for r in two]
+    for a, b in zip(one, two):
+        assert a["area_fraction"] == b["area_fraction"] and a["flag"] == b["flag"]
+        assert np.array_equal(np.asarray(Image.open(a["mask"])), np.asarray(Image.open(b["mask"])))

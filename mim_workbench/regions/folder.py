@@ -127,12 +127,15 @@ def _one(image_path: Path, mask_path: Path, preset: str, options: dict[str, Any]
 
 def propose_folder(data: str | Path, out: str | Path, *, preset: str = "lungs",
                    options: dict[str, Any] | None = None, overwrite: bool = False,
-                   on_progress: Callable[[FolderProgress], None] | None = None) -> Iterator[dict[str, Any]]:
+                   on_progress: Callable[[FolderProgress], None] | None = None,
+                   on_note: Callable[[str], None] | None = None, workers: int = 1) -> Iterator[dict[str, Any]]:
     """Propose a ``preset`` region for every image ``data`` holds (any folder layout the
     dataset readers accept) into ``out``; yield one record per image, in order.
 
     A record is ``{"image", "mask", "area_fraction", "flag", "reused"}`` or, for an image that
-    cannot be read, ``{"image", "error"}`` (the image is skipped, the run goes on). Raises
+    cannot be read, ``{"image", "error"}`` (the image is skipped, the run goes on). What the
+    folder scan noticed (files it skipped as not images, layout guesses) goes to ``on_note``.
+    ``workers`` > 1 proposes in that many processes (the records still come in order). Raises
     :class:`ConfigError` for an unknown preset and :class:`MimError` for a folder written with
     other settings (unless ``overwrite``) or two images with the same name.
     """
@@ -140,21 +143,46 @@ def propose_folder(data: str | Path, out: str | Path, *, preset: str = "lungs",
         raise ConfigError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
     options = dict(options or {})
     out = Path(out)
-    samples = discover(data).samples
+    index = discover(data)
+    for note in index.notes:
+        if on_note is not None:
+            on_note(note)
+    samples = index.samples
     _check_unique_stems([s.image for s in samples])
     _claim_folder(out, settings_record(preset, options), overwrite)
+    jobs = [(s.image, out / f"{file_stem(s.image)}.png", preset, options) for s in samples]
     started, proposed = time.monotonic(), 0
-    for i, sample in enumerate(samples):
-        try:
-            record = _one(sample.image, out / f"{file_stem(sample.image)}.png", preset, options)
-        except MimError as exc:
-            record = {"image": str(sample.image), "error": str(exc)}
+    for i, record in enumerate(_records(jobs, workers)):
         proposed += not record.get("reused", True)
         if on_progress is not None:
             rate = (time.monotonic() - started) / proposed if proposed else None
             eta = rate * (len(samples) - i - 1) if rate is not None else None
-            on_progress(FolderProgress(i + 1, len(samples), eta, str(sample.image)))
+            on_progress(FolderProgress(i + 1, len(samples), eta, record["image"]))
         yield record
+
+
+def _one_safe(job: tuple[Path, Path, str, dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return _one(*job)
+    except MimError as exc:
+        return {"image": str(job[0]), "error": str(exc)}
+
+
+def _records(jobs: list[tuple[Path, Path, str, dict[str, Any]]], workers: int) -> Iterator[dict[str, Any]]:
+    """Each job's record, in order; in ``workers`` spawned processes when more than one (spawn:
+    the GUI's process must not be forked)."""
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(_one_safe, jobs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield from pool.map(_one_safe, jobs, chunksize=4)
+    finally:
+        # an interrupted run leaves no queued work behind: masks written so far are kept
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_unique_stems(images: Sequence[Path]) -> None:

@@ -19,6 +19,7 @@ from magicgui.widgets import (ComboBox, Container, FloatSlider, PushButton, Spin
 
 from mim_workbench.errors import MimError
 
+from ._folder_regions import FolderRegionsPanel
 from ._self_check import arm_from_env
 from ._status import path_edit, status_label
 
@@ -42,7 +43,7 @@ EMPTY_HINT = ("Open an image first: File > Open (DICOM, PNG, TIFF, zarr), drop f
 REGION_HINT = "Next: New region layer to paint the region, or Auto-propose region, or Import mask."
 
 
-class WorkbenchWidget(Container):
+class WorkbenchWidget(FolderRegionsPanel, Container):
     """Data & regions: pick the image, create/import/save its region mask, preview masking."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -67,6 +68,8 @@ class WorkbenchWidget(Container):
         self.status = status_label()
         self.extend([self.image, self.region, self.new_region, self.preset, self.propose, self.import_path, self.save_path, self.save,
                      self.strategy, self.ratio, self.patch, self.seed, self.show_preview, self.status])
+        self._folder_box = self._build_folder_panel()
+        self.native.layout().addWidget(self._folder_box.native)
 
         self.new_region.changed.connect(self.create_region_layer)
         self.propose.changed.connect(self.propose_region)
@@ -236,10 +239,23 @@ class WorkbenchWidget(Container):
             return
         self._set_region(img, mask, scale)
 
+    def open_with_region(self, image_path: str | Path, mask_path: str | Path) -> None:
+        """Open an image with a mask file as its editable region layer; *Save region mask* with
+        no file chosen writes the correction back to that mask file."""
+        layers = self.viewer.open(str(image_path), plugin="mim-workbench")
+        img = next((l for l in layers if l.__class__.__name__ == "Image"), None)
+        if img is None:
+            return
+        self.image.value = img
+        self.import_region(mask_path)
+        self.viewer.layers[f"region: {img.name}"].metadata["mask_path"] = str(mask_path)
+
     def save_region(self, path: Path | str) -> None:
         from mim_workbench.io.mask_writer import save_mask
 
         layer = self.region.value
+        if layer is not None and str(path) in ("", ".") and layer.metadata.get("mask_path"):
+            path = layer.metadata["mask_path"]  # a folder proposal being corrected goes back where it came from
         if layer is None or not str(path) or Path(path).is_dir():
             _notify("Choose a region layer and a file name to save to.", error=True)
             return
