@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from mim_workbench.errors import ConfigError, DatasetError, ReaderError
+from mim_workbench.io.dicom_tree import DICOMDIR, scan_tree, tree_report, tree_samples
 from mim_workbench.io.formats import IMAGE_EXTENSIONS, sniff
 from mim_workbench.io.readers import list_image_files
 from mim_workbench.io.samples import Sample
@@ -400,6 +401,8 @@ def discover(path: str | os.PathLike, masks: str | os.PathLike | None = None) ->
             return _manifest(p)
         raise DatasetError(f"{p}: not a dataset folder or CSV manifest")
     try:
+        if (p / DICOMDIR).is_file():
+            return _dicom_tree(p, masks) or _no_images(p)
         if (p / "images").is_dir():
             return _folder(p, p / "images", masks, "images_masks")
         if list_image_files(p):
@@ -407,9 +410,36 @@ def discover(path: str | os.PathLike, masks: str | os.PathLike | None = None) ->
         classes = _class_dirs(p)
         if classes:
             return _class_folders(p, classes, masks)
+        tree = _dicom_tree(p, masks)
+        if tree is not None:
+            return tree
     except ReaderError as exc:
         raise DatasetError(str(exc)) from None
-    raise DatasetError(f"{p}: no images found (expected images/, <class>/images/, image files or a CSV manifest)")
+    return _no_images(p)
+
+
+def _no_images(p: Path) -> DatasetIndex:
+    raise DatasetError(f"{p}: no images found (expected images/, <class>/images/, image files, a tree of "
+                       "DICOM files or a CSV manifest)")
+
+
+def _dicom_tree(root: Path, masks: str | os.PathLike | None) -> DatasetIndex | None:
+    """A patient/study/series tree of DICOM files (see :mod:`mim_workbench.io.dicom_tree`)."""
+    scan = scan_tree(root)
+    if not scan.images:
+        return None
+    samples = tree_samples(root, scan)
+    if masks is not None:
+        index = _mask_index(Path(masks))
+        for s in samples:
+            s.mask = index.get(s.id) or index.get(file_stem(s.image)) or s.mask
+    notes = [tree_report(scan, samples)]
+    n_patients = sum(s.patient is not None for s in samples)
+    notes.append(f"patients from DICOM PatientID for {n_patients} image(s)" if n_patients
+                 else "no patient ids: each image counts as its own patient when splitting")
+    if (root / "labels.csv").is_file():
+        _apply_labels_csv(root / "labels.csv", samples, notes)
+    return DatasetIndex(root=root, kind="dicom_tree", samples=samples, classes=_classes(samples), notes=notes)
 
 
 # --------------------------------------------------------------------------- splitting

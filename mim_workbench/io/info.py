@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mim_workbench.errors import ReaderError
+from mim_workbench.io.dicom_tree import scan_tree
 from mim_workbench.io.formats import is_zarr_dir
 from mim_workbench.io.meta import LoadedImage, _jsonable, is_dask
 from mim_workbench.io.readers import _read_one, guarded, list_image_files
@@ -52,11 +53,12 @@ def describe(image: LoadedImage) -> dict:
 def info_records(path: str | os.PathLike, *, keep_color: bool = False, recursive: bool = False) -> Iterator[dict]:
     """Yield one record per supported file in ``path`` (a file, zarr store or folder).
 
-    Folders are listed by name (``recursive`` descends into sub-folders).
+    Folders are listed by name (``recursive`` descends into sub-folders); a folder with no
+    image of its own is read as a tree of DICOM files (a hospital export), its images only.
     """
     p = Path(path)
     if p.is_dir() and not is_zarr_dir(p):
-        files = _walk(p, recursive)
+        files = _walk(p, recursive) or [f for f, _header in scan_tree(p).images]
         if not files:
             yield {"path": str(p), "error": f"{p}: directory holds no supported image files"}
     else:
