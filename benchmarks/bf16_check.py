@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from torch.utils.data import DataLoader
 
-    from mim_workbench.io.datasets import MIMDataset, discover
+    from mim_workbench.io.datasets import discover
+    from mim_workbench.training.mim_dataset import MIMDataset
 
     images, masks = (Path(args.data), None) if args.data else default_data_root()
     cfg = {**REFERENCE_CONFIG, "method": args.method, "lr": args.lr}

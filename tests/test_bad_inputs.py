@@ -180,7 +180,7 @@ def test_pretraining_goes_on_past_a_file_that_fails_to_decode(bad_dir, tmp_path)
 
 
 def test_dataset_substitutes_an_undecodable_sample_only_when_asked(bad_dir, tmp_path):
-    from mim_workbench.io.mim_dataset import MIMDataset
+    from mim_workbench.training.mim_dataset import MIMDataset
 
     (tmp_path / "a.png").write_bytes((bad_dir / "png_named.tif").read_bytes())
     (tmp_path / "b.dcm").write_bytes((bad_dir / "no_pixels.dcm").read_bytes())

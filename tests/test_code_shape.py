@@ -112,3 +112,34 @@ def test_no_import_cycles_between_our_modules():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+#: the core's layers, bottom first: a package imports only from layers below its own
+#: (docs/architecture.md); the entry points at the top may import each other
+LAYERS = [("errors", "faults"), ("io",), ("masking",), ("models",), ("regions",), ("training",), ("inference",),
+          ("bench", "cli", "demo", "sample")]
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "mim_workbench_napari":
+        return "plugins"
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_packages_import_only_the_layers_below_them():
+    rank = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
+    wrong = []
+    for module, deps in _graph().items():
+        src = _package(module)
+        for dep in deps:
+            dst = _package(dep)
+            if src == dst or dst == "" or src == "plugins":
+                continue  # the package root holds only the version; the front end may use the core
+            if dst == "plugins":
+                allowed = src == "cli"  # `mim-workbench gui` hands over to the front end
+            else:
+                allowed = rank[dst] < rank[src] or rank[src] == rank[dst] == len(LAYERS) - 1
+            if not allowed:
+                wrong.append(f"{module} -> {dep}")
+    assert not wrong, "\n".join(sorted(wrong))

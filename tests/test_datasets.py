@@ -77,7 +77,7 @@ def test_covid_radiography_layout(tmp_path: Path) -> None:
     assert len({s.id for s in idx.samples}) == 7
     assert {s.id for s in idx.samples if s.label == "COVID"} == {"COVID/COVID-1", "COVID/COVID-2", "COVID/COVID-3"}
     assert all(s.mask.stem == s.image.stem for s in idx.samples)
-    from mim_workbench.io.datasets import MIMDataset
+    from mim_workbench.training.mim_dataset import MIMDataset
 
     item = MIMDataset(idx.samples[:1], img_size=64)[0]  # 256 px mask on a 299 px image
     assert item["has_region"] and abs(float(item["region"].mean()) - 0.25) < 0.02

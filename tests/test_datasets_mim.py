@@ -14,7 +14,8 @@ from mim_workbench.errors import ConfigError
 from mim_workbench.io import letterbox, read_image
 from mim_workbench.io import cache as cache_mod
 from mim_workbench.io.cache import DecodeCache
-from mim_workbench.io.datasets import MIMDataset, Sample
+from mim_workbench.training.mim_dataset import MIMDataset
+from mim_workbench.io.datasets import Sample
 
 
 def _blob(shape: tuple[int, int]) -> np.ndarray:

@@ -20,7 +20,8 @@ CONTRACT = {"ImageMeta", "LoadedImage", "read_image", "read_mask", "read_path", 
 def test_contract_names_exported() -> None:
     assert CONTRACT <= set(io.__all__)
     assert io.LAZY_THRESHOLD_PIXELS == 32_000_000
-    from mim_workbench.io.datasets import DatasetIndex, MIMDataset, Sample, discover, patient_split  # noqa: F401
+    from mim_workbench.io.datasets import DatasetIndex, Sample, discover, patient_split  # noqa: F401
+    from mim_workbench.training.mim_dataset import MIMDataset  # noqa: F401
 
 
 def test_reading_images_does_not_import_torch() -> None:

@@ -194,7 +194,7 @@ def _crop_data(large_dir: Path, mammo: Path) -> Path:
 
 
 def test_crop_dataset_prefers_the_region_and_reads_the_fine_target_from_the_finer_level(large_dir, mammo, cache_env):
-    from mim_workbench.io.crop_dataset import CropDataset
+    from mim_workbench.training.crop_dataset import CropDataset
     from mim_workbench.io.datasets import discover
 
     root = _crop_data(large_dir, mammo)

@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader
 
 from ..errors import ConfigError
 from ..io.cache import DecodeCache
-from ..io.datasets import MIMDataset, discover
+from ..io.datasets import discover
 from ..masking import make_mask, patch_coverage
 from ..sample import sample_root
+from ..training.mim_dataset import MIMDataset
 from .config import mask_patch_size, random_regions
 from .step import BenchStep
 

@@ -38,7 +38,8 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> Runner:
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
-    from ..inference.reconstruct import json_safe, reconstruct
+    from ..inference.reconstruct import reconstruct
+    from ..io.meta import json_safe
     from ..models.checkpoint import load_checkpoint
     from ..training.runtime import select_device
 
@@ -73,7 +74,7 @@ def _tiled_region(args: argparse.Namespace, pyr: Any) -> Any:
 
 
 def _run_reconstruct_tiled(args: argparse.Namespace, ckpt: Any, device: Any) -> int:
-    from ..inference.reconstruct import json_safe
+    from ..io.meta import json_safe
     from ..inference.tiled_reconstruct import reconstruct_tiled, write_metrics
     from ..io.pyramid import open_pyramid
 

@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
-from .reconstruct import _as_unit_array, _channels, _write_rgb, heat, json_safe
+from ..io.model_input import as_unit_array, to_channels
+from ..io.meta import json_safe
+from .reconstruct import _write_rgb, heat
 
 MAP_KINDS = ("auto", "patch_logits", "rollout")
 
@@ -122,7 +124,7 @@ class Predictor:
         from ..models.classifier import Classifier
         from ..models.encoder import create_encoder
         from ..models.checkpoint import Checkpoint, load_checkpoint
-        from ..training.finetune import FINETUNE_KIND
+        from ..models.classifier import FINETUNE_KIND
 
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         if ckpt.kind != FINETUNE_KIND:
@@ -153,10 +155,10 @@ class Predictor:
         if map not in MAP_KINDS:
             raise ConfigError(f"map={map!r}: choose one of {', '.join(MAP_KINDS)}")
         kind = map if map != "auto" else ("patch_logits" if self.model.pool == "avg" else "rollout")
-        src = _as_unit_array(image)
+        src = as_unit_array(image)
         H, W = self.model_config.img_size
         canvas, lb = letterbox(src, (H, W), order=1)
-        x = torch.from_numpy(_channels(canvas, self.model_config.in_chans)).float()[None].to(self.device)
+        x = torch.from_numpy(to_channels(canvas, self.model_config.in_chans)).float()[None].to(self.device)
         probs = self.model(x).float().softmax(-1)[0].cpu().numpy()
         k = int(np.argmax(probs))
         if kind == "patch_logits":

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ReaderError
+from ..io.model_input import as_unit_array, to_channels
+from ..io.meta import json_safe
 
 if TYPE_CHECKING:
     from ..io.letterbox import Letterbox
@@ -112,45 +114,6 @@ def model_from_checkpoint(checkpoint: CheckpointLike,
     return model.to(torch.device(device)).eval(), ckpt
 
 
-def _as_unit_array(image: ImageLike) -> np.ndarray:
-    """Path / LoadedImage / array -> float32 numpy (H, W) or (H, W, C) in [0, 1]."""
-    from ..io import read_image
-
-    if isinstance(image, (str, Path)):
-        image = read_image(image, keep_color=False)
-    data = getattr(image, "data", image)
-    arr = np.asarray(data.compute() if hasattr(data, "compute") else data)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # (C, H, W) -> (H, W, C)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3):
-        raise ConfigError(f"image must be 2-D (H, W) or (H, W, C), got shape {arr.shape}")
-    if arr.dtype.kind in "ui":
-        arr = arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
-    elif arr.dtype == bool:
-        arr = arr.astype(np.float32)
-    arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
-        raise ConfigError("image contains NaN or infinite values")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < 0.0 or hi > 1.0:  # a raw float array: map to [0, 1] (readers already window images)
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    return arr
-
-
-def _channels(arr: np.ndarray, in_chans: int) -> np.ndarray:
-    """(H, W[, C]) -> (in_chans, H, W)."""
-    if arr.ndim == 2:
-        return np.repeat(arr[None], in_chans, axis=0)
-    arr = arr[..., :3]
-    if in_chans == 1:
-        return arr.mean(axis=-1, keepdims=False)[None]
-    if arr.shape[-1] == in_chans:
-        return np.moveaxis(arr, -1, 0)
-    return np.repeat(arr.mean(axis=-1)[None], in_chans, axis=0)
-
-
 # ====================================================================== mask settings
 def load_model(checkpoint_or_model: CheckpointLike | MIMModel,
                device: str | torch.device = "cpu") -> tuple[MIMModel, dict[str, Any]]:
@@ -233,7 +196,7 @@ def reconstruct(
 
 def _source(image: ImageLike, patch_size: int) -> np.ndarray:
     """The image as a unit array, refused when smaller than one patch."""
-    src = _as_unit_array(image)
+    src = as_unit_array(image)
     if min(src.shape[:2]) < patch_size:
         # Upscaling a few pixels to the model size would only invent the picture it then scores.
         what = f"image is {src.shape[0]} x {src.shape[1]} px, smaller than one {patch_size} px patch; nothing to mask"
@@ -253,12 +216,12 @@ def _model_inputs(src: np.ndarray, model: MIMModel,
     content = np.zeros((H, W), dtype=bool)
     (r0, c0), (ch, cw) = lb.offset, lb.content_shape
     content[r0:r0 + ch, c0:c0 + cw] = True
-    x = torch.from_numpy(_channels(canvas, model.in_chans)).float()[None].to(dev)     # [1, C, H, W]
+    x = torch.from_numpy(to_channels(canvas, model.in_chans)).float()[None].to(dev)     # [1, C, H, W]
     fine = None
     if model.cfg.method == "miram":
         s = int(model.cfg.miram_scale)
         fine_canvas, _ = letterbox(src, (s * H, s * W), order=1)
-        fine = torch.from_numpy(_channels(fine_canvas, model.in_chans)).float()[None].to(dev)
+        fine = torch.from_numpy(to_channels(fine_canvas, model.in_chans)).float()[None].to(dev)
     return x, fine, content, lb
 
 
@@ -381,14 +344,3 @@ def heat(values: np.ndarray) -> np.ndarray:
     v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32)), 0.0, 1.0)
     xs = [a for a, _ in _HEAT]
     return np.stack([np.interp(v, xs, [c[i] for _, c in _HEAT]) for i in range(3)], axis=-1)
-
-
-def json_safe(v: Any) -> Any:
-    """inf / nan are not JSON: null instead."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    return v

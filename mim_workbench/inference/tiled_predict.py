@@ -220,7 +220,8 @@ def save_tiled_prediction(result: TiledPrediction, out_dir: str | Path, stem: st
     import json
 
     from .predict import _unit
-    from .reconstruct import _write_rgb, heat, json_safe
+    from ..io.meta import json_safe
+    from .reconstruct import _write_rgb, heat
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

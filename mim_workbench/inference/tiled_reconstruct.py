@@ -241,7 +241,7 @@ def write_metrics(result: TiledReconstruction, path: str | Path, extra: dict[str
     """Write ``result``'s metrics (plus ``extra`` and where the maps are) as JSON to ``path``; returns it."""
     import json
 
-    from .reconstruct import json_safe
+    from ..io.meta import json_safe
 
     p = Path(path)
     record = {**result.metrics, **(extra or {}), "output": str(result.output.path), "shape": list(result.output.shape),

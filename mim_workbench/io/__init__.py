@@ -2,10 +2,10 @@
 
 Readers return :class:`LoadedImage` (float32 pixels in [0, 1] plus
 :class:`ImageMeta`) and raise :class:`~mim_workbench.errors.ReaderError` with one
-clear line on any failure. Datasets, splits, the torch ``MIMDataset`` and the
-decoded-sample cache live in :mod:`mim_workbench.io.datasets` and
-:mod:`mim_workbench.io.cache` (imported on demand so that reading an image
-never imports torch).
+clear line on any failure. Data-set discovery and patient splits live in
+:mod:`mim_workbench.io.datasets` (folders, class folders, CSV manifests, DICOM trees) and
+the decoded-sample cache in :mod:`mim_workbench.io.cache`; reading an image never imports
+torch. The torch datasets that feed training are in :mod:`mim_workbench.training`.
 """
 
 from mim_workbench.io.formats import SUPPORTED_EXTENSIONS

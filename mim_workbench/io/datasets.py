@@ -514,13 +514,3 @@ def _ensure_nonempty(assign: dict[str, str], order: list[str], groups: dict[str,
                 continue  # moving it would overshoot more than it helps
             assign[key] = split
             have += size
-
-
-def __getattr__(name: str) -> Any:
-    # MIMDataset needs torch; import it only when asked for, so that discovering
-    # a dataset (CLI info, the GUI's file dialogs) stays light.
-    if name == "MIMDataset":
-        from mim_workbench.io.mim_dataset import MIMDataset
-
-        return MIMDataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ import numpy as np
 from mim_workbench.errors import ReaderError
 from mim_workbench.io.dicom_tree import scan_tree
 from mim_workbench.io.formats import is_zarr_dir
-from mim_workbench.io.meta import LoadedImage, _jsonable, is_dask
+from mim_workbench.io.meta import LoadedImage, json_safe, is_dask
 from mim_workbench.io.readers import _read_one, guarded, list_image_files
 
 
@@ -47,7 +47,7 @@ def describe(image: LoadedImage) -> dict:
         "lazy": image.lazy,
         "notes": list(meta.notes),
     }
-    return _jsonable(record)
+    return json_safe(record)
 
 
 def info_records(path: str | os.PathLike, *, keep_color: bool = False, recursive: bool = False) -> Iterator[dict]:

@@ -30,12 +30,13 @@ def is_large(shape: tuple[int, ...]) -> bool:
     return int(shape[0]) * int(shape[1]) > LAZY_THRESHOLD_PIXELS
 
 
-def _jsonable(value: Any) -> Any:
-    """Turn numpy scalars/tuples into plain JSON types; non-finite floats -> None."""
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars and tuples as plain JSON types and non-finite floats as None
+    (JSON has no inf or nan)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -62,7 +63,7 @@ class ImageMeta:
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict (tuples become lists, NaN becomes None)."""
-        return _jsonable(asdict(self))
+        return json_safe(asdict(self))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The record of one training example, shared by dataset discovery and the torch datasets.
 
 It lives apart from :mod:`mim_workbench.io.datasets` so that the torch datasets
-(:mod:`~mim_workbench.io.mim_dataset`, :mod:`~mim_workbench.io.crop_dataset`) can use it
+(:mod:`~mim_workbench.training.mim_dataset`, :mod:`~mim_workbench.training.crop_dataset`) can use it
 while ``datasets`` offers them by name, with no module importing back the one that
 imports it.
 """

@@ -30,6 +30,8 @@ from ..errors import ConfigError
 from .encoder import grid_of, token_norm
 
 MODES = ("probe", "full")
+#: the ``kind`` of a fine-tuned classifier's checkpoint
+FINETUNE_KIND = "finetune"
 
 
 def encoder_tokens(enc: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

@@ -131,9 +131,9 @@ class PreparedImage:
 # ====================================================================== image helpers
 def as_image(image: ImageLike) -> np.ndarray:
     """Path / LoadedImage / array -> float32 ``(H, W)`` or ``(H, W, C)`` in [0, 1]."""
-    from ..inference.reconstruct import _as_unit_array
+    from ..io.model_input import as_unit_array
 
-    return _as_unit_array(image)
+    return as_unit_array(image)
 
 
 def image_channels(work: np.ndarray, sigmas: tuple[float, ...],
@@ -217,7 +217,7 @@ class DenseHead:
     @torch.no_grad()
     def prepare(self, image: ImageLike, *, norm: tuple[float, float] | None = None) -> PreparedImage:
         """Working image, its channels and its encoder patch features (``norm``: see :func:`image_channels`)."""
-        from ..inference.reconstruct import _channels
+        from ..io.model_input import to_channels
         from ..io.letterbox import letterbox, place, resize_to
         from .classifier import encoder_tokens, patch_grid
 
@@ -251,7 +251,7 @@ class DenseHead:
         img = torch.from_numpy(place(np.moveaxis(chans, 0, -1), (Hc, Wc))).permute(2, 0, 1).contiguous()
         grid = None
         if cfg.use_features:
-            x = torch.from_numpy(_channels(canvas, in_chans)).float()                  # [C, Hc, Wc]
+            x = torch.from_numpy(to_channels(canvas, in_chans)).float()                  # [C, Hc, Wc]
             D = self.encoder.embed_dim
             acc = torch.zeros(D, Hc // p, Wc // p)
             cnt = torch.zeros(1, Hc // p, Wc // p)

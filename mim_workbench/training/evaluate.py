@@ -154,7 +154,7 @@ def evaluate(config: EvaluateConfig, *, log: Callable[[str], None] | None = None
                "notes": setup.notes, "test_ids": setup.test_ids,
                "machine": {"platform": platform.platform(), "processor": platform.processor()},
                "wall_s": time.perf_counter() - t_start, "table": table}
-    from ..inference.reconstruct import json_safe
+    from ..io.meta import json_safe
 
     Path(files["summary"]).write_text(json.dumps(json_safe(summary), indent=2) + "\n", encoding="utf-8")
     return EvaluationResult(out=str(setup.out), rows=rows, table=table, files=files, notes=setup.notes)

@@ -65,13 +65,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, MimError, check_known_keys
-from ..inference.reconstruct import json_safe
+from ..io.meta import json_safe
 from .control import Control, NullControl
 from .events import CheckpointSaved, EventHandler, Failed, Finished, Progress, Started, null_handler
 from ..models.checkpoint import restore_rng_state
+from ..models.classifier import FINETUNE_KIND
 from .finetune_state import LoopState, load_state, remove_state, restore_loop, save_state
 
-FINETUNE_KIND = "finetune"
 BALANCE = ("weights", "sampler", "none")
 
 # Defaults that depend on the mode (applied by FinetuneConfig.resolved()).
@@ -370,7 +370,7 @@ class _Finetune:
             self.notes.append(note)
 
     def _dataset(self, samples: list[Any], augment: bool):
-        from ..io.datasets import MIMDataset
+        from .mim_dataset import MIMDataset
 
         return MIMDataset(samples, img_size=tuple(self.model_cfg.img_size), in_chans=self.model_cfg.in_chans,
                           augment=augment, seed=self.cfg.seed, classes=self.classes, cache=self.decode_cache)

@@ -222,7 +222,8 @@ class _Trainer:
         random.seed(seed)
 
     def _setup_data(self, cfg: PretrainConfig) -> None:
-        from ..io.datasets import MIMDataset, discover, patient_split
+        from .mim_dataset import MIMDataset
+        from ..io.datasets import discover, patient_split
 
         index = discover(cfg.data, masks=cfg.masks)
         samples = list(index.samples)
@@ -249,7 +250,7 @@ class _Trainer:
         common = dict(img_size=tuple(cfg.img_size), in_chans=cfg.in_chans, fine_scale=fine_scale,
                       seed=cfg.seed, cache=cache, substitute_unreadable=True)
         if cfg.crop_level is not None or cfg.crop_spacing is not None:  # large images: pyramid crops
-            from ..io.crop_dataset import pretrain_crop_datasets
+            from .crop_dataset import pretrain_crop_datasets
 
             self.train_ds, self.val_ds, self.preview_ds = pretrain_crop_datasets(
                 cfg, self.train_samples, self.val_samples, fine_scale)

@@ -14,7 +14,7 @@ MIRAM's fine target (``fine_scale = s``, a power of two) is the *same area* read
 from the pyramid level ``log2(s)`` steps finer, at ``s x crop_size``: true detail,
 never an upsampled input.  That needs ``level >= log2(s)``.
 
-Items match :class:`~mim_workbench.io.mim_dataset.MIMDataset`: ``image`` [C, h, w],
+Items match :class:`~mim_workbench.training.mim_dataset.MIMDataset`: ``image`` [C, h, w],
 ``region`` [h, w], ``has_region``, ``fine`` [C, s*h, s*w] (MIRAM), ``index``,
 ``label``, plus ``crop`` = (level, row, col) of the crop's top-left corner.
 The crop of item ``i`` in epoch ``e`` is a function of (seed, e, i): reproducible
