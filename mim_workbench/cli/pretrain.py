@@ -45,6 +45,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> Runner:
 def _add_data_flags(g: Flags) -> None:
     add_data(g, "image folder, class folders or CSV manifest",
              masks="folder of region (organ) masks matched to images by name")
+    g.add_argument("--region-preset", choices=("lungs", "breast", "teeth", "tissue"),
+                   help="with --strategy region: propose the masks that are missing with this preset "
+                        "(once; cached for later runs)")
     g.add_argument("--val-fraction", type=float, help="fraction of patients held back for validation (default 0.1)")
     g.add_argument("--val-every", type=int, help="epochs between validations (default 1; 0 = never)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable augmentation")

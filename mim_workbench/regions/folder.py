@@ -151,24 +151,34 @@ def propose_folder(data: str | Path, out: str | Path, *, preset: str = "lungs",
     _check_unique_stems([s.image for s in samples])
     _claim_folder(out, settings_record(preset, options), overwrite)
     jobs = [(s.image, out / f"{file_stem(s.image)}.png", preset, options) for s in samples]
+    yield from proposal_records(jobs, workers=workers, on_progress=on_progress)
+
+
+Job = tuple[Path, Path, str, dict[str, Any]]   # (image, mask to write or reuse, preset, options)
+
+
+def proposal_records(jobs: Sequence[Job], *, workers: int = 1,
+                     on_progress: Callable[[FolderProgress], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Each job's record, in order (see :func:`propose_folder`), with progress and time left;
+    ``workers`` > 1 proposes in that many processes."""
     started, proposed = time.monotonic(), 0
-    for i, record in enumerate(_records(jobs, workers)):
+    for i, record in enumerate(_records(list(jobs), workers)):
         proposed += not record.get("reused", True)
         if on_progress is not None:
             rate = (time.monotonic() - started) / proposed if proposed else None
-            eta = rate * (len(samples) - i - 1) if rate is not None else None
-            on_progress(FolderProgress(i + 1, len(samples), eta, record["image"]))
+            eta = rate * (len(jobs) - i - 1) if rate is not None else None
+            on_progress(FolderProgress(i + 1, len(jobs), eta, record["image"]))
         yield record
 
 
-def _one_safe(job: tuple[Path, Path, str, dict[str, Any]]) -> dict[str, Any]:
+def _one_safe(job: Job) -> dict[str, Any]:
     try:
         return _one(*job)
     except MimError as exc:
         return {"image": str(job[0]), "error": str(exc)}
 
 
-def _records(jobs: list[tuple[Path, Path, str, dict[str, Any]]], workers: int) -> Iterator[dict[str, Any]]:
+def _records(jobs: list[Job], workers: int) -> Iterator[dict[str, Any]]:
     """Each job's record, in order; in ``workers`` spawned processes when more than one (spawn:
     the GUI's process must not be forked)."""
     if workers <= 1 or len(jobs) < 2:

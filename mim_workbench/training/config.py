@@ -113,6 +113,7 @@ class PretrainConfig:
     # data and run directory
     data: str | None = None
     masks: str | None = None
+    region_preset: str | None = None       # propose the missing region masks with this preset (regions.PRESETS)
     out: str | None = None
     val_fraction: float = 0.1
     val_every: int = 1                     # epochs between validations (0 = never); tiny data sets have 1-step epochs
@@ -258,6 +259,13 @@ class PretrainConfig:
             _bad(self, "crop_region_fraction", "must be a fraction in [0, 1]")
         if self.preset is not None and self.preset not in PRESETS:
             _bad(self, "preset", f"choose one of {', '.join(PRESETS)}")
+        if self.region_preset is not None:
+            from ..regions import PRESETS as REGION_PRESETS
+
+            if self.region_preset not in REGION_PRESETS:
+                _bad(self, "region_preset", f"choose one of {', '.join(REGION_PRESETS)}")
+            if self.strategy != "region":
+                _bad(self, "region_preset", "proposes masks for region-guided masking: use it with strategy=region")
 
     # ------------------------------------------------------------------ derived values
     def resolved(self) -> PretrainConfig:

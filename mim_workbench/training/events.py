@@ -34,6 +34,16 @@ class Started:
 
 
 @dataclass(frozen=True)
+class Preparing:
+    """A step before training starts (e.g. proposing region masks): ``done`` of ``total``."""
+
+    stage: str                    # what is being prepared, in words
+    done: int
+    total: int
+    eta_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Progress:
     step: int                     # optimiser steps completed
     total: int
@@ -82,7 +92,7 @@ class Failed:
     traceback: str | None = None
 
 
-Event = Union[Started, Progress, Preview, CheckpointSaved, Finished, Failed]
+Event = Union[Preparing, Started, Progress, Preview, CheckpointSaved, Finished, Failed]
 EventHandler = Callable[[Event], None]
 
 

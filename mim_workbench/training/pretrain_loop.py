@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 import traceback
@@ -33,6 +34,7 @@ from .events import (
     EventHandler,
     Failed,
     Finished,
+    Preparing,
     Preview,
     Progress,
     RunResult,
@@ -240,10 +242,12 @@ class _Trainer:
         self.val_samples = list(splits.get("val", []))
         if not self.train_samples:
             raise ConfigError(f"data={cfg.data!r}: the training split is empty (val_fraction={cfg.val_fraction})")
+        if cfg.strategy == "region" and cfg.region_preset:
+            self._propose_regions(cfg)
         if cfg.strategy == "region" and not any(s.mask is not None for s in self.train_samples):
             raise ConfigError(
                 "strategy=region needs region masks, but no training image has one "
-                "(pass --masks DIR, or use --strategy random)"
+                "(pass --masks DIR or --region-preset lungs|breast|teeth|tissue, or use --strategy random)"
             )
         fine_scale = int(self.model_cfg.miram_scale) if cfg.method == "miram" else None
         cache = self._make_cache(cfg, fine_scale)
@@ -262,6 +266,21 @@ class _Trainer:
             self.preview_ds = MIMDataset(self.val_samples or self.train_samples, augment=False, **common)
         self.data_signature = ckpt_mod.dataset_signature(self.train_samples + self.val_samples)
         self.data_notes = list(getattr(index, "notes", []) or [])
+
+    def _propose_regions(self, cfg: PretrainConfig) -> None:
+        """Masks for the images that have none, from the region preset (cached across runs).
+
+        Every process of a torchrun job proposes what the cache lacks; the results are the
+        same and written atomically, so the processes never need to wait for each other.
+        """
+        from ..regions.cache import propose_missing
+
+        stage = f"proposing {cfg.region_preset} region masks"
+        workers = 1 if self.dist.enabled else max(1, min(8, cfg.threads or os.cpu_count() or 1))
+        report = propose_missing(
+            self.train_samples + self.val_samples, cfg.region_preset, workers=workers,
+            on_progress=lambda p: self.emit(Preparing(stage, p.done, p.total, p.eta_s)))
+        self.notes.append(report.note())
 
     def _make_cache(self, cfg: PretrainConfig, fine_scale: int | None) -> Any:
         """The decoded-image cache (``io.cache.cache_for``).  Without it every epoch decodes and

@@ -32,7 +32,12 @@ class ProgressPrinter:
         self.stream.flush()
 
     def __call__(self, event: Any) -> None:
-        if isinstance(event, ev.Started):
+        if isinstance(event, ev.Preparing):
+            now = time.monotonic()
+            if now - self._last_print >= 1.0 or event.done == event.total:
+                self._last_print = now
+                self._line(f"{event.stage}: {event.done}/{event.total} | ETA {_hms(event.eta_s)}")
+        elif isinstance(event, ev.Started):
             c = event.config
             where = f"{event.device}" + (f" x{event.world_size}" if event.world_size > 1 else "")
             resumed = f", resuming at step {event.start_step}" if event.start_step else ""

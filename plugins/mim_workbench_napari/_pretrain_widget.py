@@ -15,7 +15,7 @@ import numpy as np
 from magicgui.widgets import (ComboBox, Container, FloatSpinBox, ProgressBar, PushButton,
                               SpinBox)
 
-from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preview, Progress, Started
+from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preparing, Preview, Progress, Started
 
 from ._background import BackgroundRun, RunControls
 from ._self_check import arm_from_env
@@ -27,6 +27,8 @@ import napari  # the viewer annotation must resolve: napari injects it by type
 MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
 # "custom": the fields as shown; a preset also sets what has no field (patch size, widths, lr)
 PRESET_CHOICES = ["custom", "quick-cpu", "rgmim-paper"]
+#: where region masking's masks come from: the data set's mask files, or a region preset
+REGION_SOURCES = ["dataset's masks", "propose: lungs", "propose: breast", "propose: teeth", "propose: tissue"]
 
 
 class PretrainWidget(RunControls, Container):
@@ -52,6 +54,9 @@ class PretrainWidget(RunControls, Container):
         self.preset = ComboBox(label="Preset", choices=PRESET_CHOICES, value="custom")
         self.method = ComboBox(label="Method", choices=["mae", "simmim", "miram"], value="mae")
         self.strategy = ComboBox(label="Masking", choices=["region", "random", "block"], value="region")
+        self.regions = ComboBox(label="Regions from", choices=REGION_SOURCES, value=REGION_SOURCES[0],
+                                tooltip="region masking needs masks: the dataset's own, or proposed with a preset "
+                                        "for the images that have none (once; cached)")
         self.model = ComboBox(label="Model", choices=MODELS, value=MODELS[0])
         self.img_size = SpinBox(label="Image size", min=32, max=1024, step=16, value=224)
         self.ratio = FloatSpinBox(label="Mask ratio", min=0.05, max=0.95, step=0.05, value=0.75)
@@ -69,7 +74,7 @@ class PretrainWidget(RunControls, Container):
         self.status = status_label(f"ready (devices: {', '.join(d for d in devices if d != 'auto')}): choose "
                                    "a dataset folder and a run folder (the sample X-rays are set), a preset, then Start")
         self.checkpoints = ComboBox(label="Checkpoints", choices=[])
-        self.extend([self.data, self.out, self.preset, self.method, self.strategy, self.model, self.img_size, self.ratio,
+        self.extend([self.data, self.out, self.preset, self.method, self.strategy, self.regions, self.model, self.img_size, self.ratio,
                      self.epochs, self.batch, self.blr, self.device, self.resume_from, self.start, self.pause,
                      self.stop, self.progress, self.status, self.checkpoints])
         self.plot = LossPlot()
@@ -109,6 +114,8 @@ class PretrainWidget(RunControls, Container):
             epochs=int(self.epochs.value), batch_size=int(self.batch.value), blr=float(self.blr.value),
             device=self.device.value, resume=resume,
         )
+        if self.strategy.value == "region" and self.regions.value != REGION_SOURCES[0]:
+            values["region_preset"] = self.regions.value.removeprefix("propose: ")
         if self.preset.value != "custom":
             values["preset"] = self.preset.value
         return PretrainConfig.from_dict(values).to_dict()
@@ -118,7 +125,7 @@ class PretrainWidget(RunControls, Container):
         self.start.enabled = not running
         self.pause.enabled = running
         self.stop.enabled = running
-        for w in (self.data, self.out, self.preset, self.method, self.strategy, self.model, self.img_size, self.ratio,
+        for w in (self.data, self.out, self.preset, self.method, self.strategy, self.regions, self.model, self.img_size, self.ratio,
                   self.epochs, self.batch, self.blr, self.device, self.resume_from):
             w.enabled = not running
 
@@ -146,7 +153,12 @@ class PretrainWidget(RunControls, Container):
     def on_event(self, event) -> None:
         from napari.utils.notifications import show_error, show_info, show_warning
 
-        if isinstance(event, Started):
+        if isinstance(event, Preparing):
+            self.progress.max = max(1, event.total)
+            self.progress.value = event.done
+            left = f", ETA {fmt_eta(event.eta_s)}" if event.eta_s is not None else ""
+            self.status.value = f"{event.stage}: {event.done}/{event.total}{left}"
+        elif isinstance(event, Started):
             self.progress.max = max(1, event.stop_at or event.total_steps)
             self.progress.value = event.start_step
             self.status.value = f"training on {event.device} ({event.n_train} images)"

@@ -1,0 +1,95 @@
+"""Proposed region masks for images that have none, cached across runs.
+
+Region-guided masking on a folder without masks: :func:`propose_missing` proposes a preset's
+region for every sample without a mask, once. Masks are kept under
+``$MIM_WORKBENCH_CACHE/regions/<settings>/<image key>.png``, keyed like the decoded-image
+cache by the image's resolved path, size and modification time and by the proposal settings,
+so a second run (or a resumed one, or another process of a ``torchrun`` job) reuses them and
+a changed image or setting is proposed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mim_workbench.errors import ConfigError
+from mim_workbench.io.samples import Sample
+from mim_workbench.regions import PRESETS
+from mim_workbench.regions.folder import FolderProgress, proposal_records, settings_record
+
+
+def regions_cache_root() -> Path:
+    """``$MIM_WORKBENCH_CACHE/regions``, else ``~/.cache/mim-workbench/regions``."""
+    env = os.environ.get("MIM_WORKBENCH_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
+    return base / "regions"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def mask_path_for(image: Path, preset: str, options: dict[str, Any], root: Path | None = None) -> Path:
+    """Where the proposed mask of ``image`` under these settings lives in the cache."""
+    p = Path(image).resolve()
+    st = p.stat()
+    settings = settings_record(preset, options)
+    folder = (root or regions_cache_root()) / f"{preset}-{_digest({k: settings[k] for k in ('preset', 'options')})}"
+    return folder / f"{_digest([str(p), st.st_size, st.st_mtime_ns])}.png"
+
+
+@dataclass
+class ProposalReport:
+    """What :func:`propose_missing` did: counts, the flagged images and the unreadable ones."""
+
+    preset: str
+    proposed: int = 0
+    reused: int = 0
+    flagged: list[tuple[str, str]] = field(default_factory=list)      # (image, flag)
+    unreadable: list[str] = field(default_factory=list)                # reader messages
+
+    def note(self) -> str:
+        """One line for the run's notes."""
+        text = (f"region masks proposed with the {self.preset} preset for {self.proposed + self.reused} image(s) "
+                f"({self.proposed} new, {self.reused} from the cache); {len(self.flagged)} flagged")
+        if self.flagged:
+            text += ": " + ", ".join(f"{Path(i).name} ({f})" for i, f in self.flagged[:5])
+            text += ", …" if len(self.flagged) > 5 else ""
+        if self.unreadable:
+            text += f"; {len(self.unreadable)} unreadable"
+        return text
+
+
+def propose_missing(samples: Sequence[Sample], preset: str, *, options: dict[str, Any] | None = None,
+                    workers: int = 1, on_progress: Callable[[FolderProgress], None] | None = None,
+                    root: Path | None = None) -> ProposalReport:
+    """Give every sample without a mask a proposed ``preset`` region (sets ``sample.mask``).
+
+    Samples that have a mask keep it. An image that cannot be read keeps no mask (region
+    masking falls back to random for it) and is listed in the report. Raises
+    :class:`ConfigError` for an unknown preset.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"region_preset={preset!r}: choose one of {', '.join(PRESETS)}")
+    options = dict(options or {})
+    todo = [s for s in samples if s.mask is None]
+    jobs = [(s.image, mask_path_for(s.image, preset, options, root), preset, options) for s in todo]
+    report = ProposalReport(preset)
+    for sample, record in zip(todo, proposal_records(jobs, workers=workers, on_progress=on_progress)):
+        if "error" in record:
+            report.unreadable.append(record["error"])
+            continue
+        sample.mask = Path(record["mask"])
+        if record["reused"]:
+            report.reused += 1
+        else:
+            report.proposed += 1
+        if record["flag"]:
+            report.flagged.append((str(sample.image), record["flag"]))
+    return report
