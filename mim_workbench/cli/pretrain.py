@@ -48,6 +48,8 @@ def _add_data_flags(g: Flags) -> None:
     g.add_argument("--region-preset", choices=("lungs", "breast", "teeth", "tissue"),
                    help="with --strategy region: propose the masks that are missing with this preset "
                         "(once; cached for later runs)")
+    g.add_argument("--region-model", help="with --strategy region: propose the missing masks with this "
+                                          "learned region model (from 'regions learn')")
     g.add_argument("--val-fraction", type=float, help="fraction of patients held back for validation (default 0.1)")
     g.add_argument("--val-every", type=int, help="epochs between validations (default 1; 0 = never)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable augmentation")

@@ -21,7 +21,7 @@ from typing import Any
 from mim_workbench.errors import ConfigError
 from mim_workbench.io.samples import Sample
 from mim_workbench.regions import PRESETS
-from mim_workbench.regions.folder import FolderProgress, proposal_records, settings_record
+from mim_workbench.regions.folder import MODEL_PREFIX, FolderProgress, proposal_records, settings_record
 
 
 def regions_cache_root() -> Path:
@@ -40,7 +40,8 @@ def mask_path_for(image: Path, preset: str, options: dict[str, Any], root: Path 
     p = Path(image).resolve()
     st = p.stat()
     settings = settings_record(preset, options)
-    folder = (root or regions_cache_root()) / f"{preset}-{_digest({k: settings[k] for k in ('preset', 'options')})}"
+    key = {k: settings[k] for k in ("source", "preset", "options")}
+    folder = (root or regions_cache_root()) / f"{settings['preset']}-{_digest(key)}"
     return folder / f"{_digest([str(p), st.st_size, st.st_mtime_ns])}.png"
 
 
@@ -56,7 +57,9 @@ class ProposalReport:
 
     def note(self) -> str:
         """One line for the run's notes."""
-        text = (f"region masks proposed with the {self.preset} preset for {self.proposed + self.reused} image(s) "
+        source = (f"the model {Path(self.preset[len(MODEL_PREFIX):]).name}" if self.preset.startswith(MODEL_PREFIX)
+                  else f"the {self.preset} preset")
+        text = (f"region masks proposed with {source} for {self.proposed + self.reused} image(s) "
                 f"({self.proposed} new, {self.reused} from the cache); {len(self.flagged)} flagged")
         if self.flagged:
             text += ": " + ", ".join(f"{Path(i).name} ({f})" for i, f in self.flagged[:5])
@@ -69,13 +72,14 @@ class ProposalReport:
 def propose_missing(samples: Sequence[Sample], preset: str, *, options: dict[str, Any] | None = None,
                     workers: int = 1, on_progress: Callable[[FolderProgress], None] | None = None,
                     root: Path | None = None) -> ProposalReport:
-    """Give every sample without a mask a proposed ``preset`` region (sets ``sample.mask``).
+    """Give every sample without a mask a proposed ``preset`` region (sets ``sample.mask``);
+    ``preset`` may also be a learned model (``regions.folder.model_source(PATH)``).
 
     Samples that have a mask keep it. An image that cannot be read keeps no mask (region
     masking falls back to random for it) and is listed in the report. Raises
     :class:`ConfigError` for an unknown preset.
     """
-    if preset not in PRESETS:
+    if preset not in PRESETS and not preset.startswith(MODEL_PREFIX):
         raise ConfigError(f"region_preset={preset!r}: choose one of {', '.join(PRESETS)}")
     options = dict(options or {})
     todo = [s for s in samples if s.mask is None]

@@ -86,10 +86,46 @@ def _both_sides(mask: np.ndarray) -> bool:
     return min(left, right) >= 0.2 * max(1.0, left + right)
 
 
-def settings_record(preset: str, options: dict[str, Any]) -> dict[str, Any]:
-    """What ``regions.json`` holds: the proposal settings that decide the masks."""
-    return {"source": "preset", "preset": preset, "options": dict(sorted(options.items())),
+MODEL_PREFIX = "model:"
+
+
+def model_source(path: str | Path) -> str:
+    """The region source of a learned model file (see :func:`propose_with`)."""
+    return MODEL_PREFIX + str(Path(path).resolve())
+
+
+def settings_record(source: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What ``regions.json`` holds: the proposal settings that decide the masks (a learned
+    model is identified by its file's content, not its name)."""
+    if source.startswith(MODEL_PREFIX):
+        import hashlib
+
+        digest = hashlib.sha256(Path(source[len(MODEL_PREFIX):]).read_bytes()).hexdigest()[:20]
+        return {"source": "model", "preset": _load_model(source).config.name, "model": source[len(MODEL_PREFIX):],
+                "options": {"sha256": digest}, "mim_workbench": __version__}
+    return {"source": "preset", "preset": source, "options": dict(sorted(options.items())),
             "mim_workbench": __version__}
+
+
+_MODELS: dict[str, Any] = {}
+
+
+def _load_model(source: str) -> Any:
+    """The learned model of a ``model:PATH`` source, loaded once per process."""
+    if source not in _MODELS:
+        from mim_workbench.regions.learned import RegionModel
+
+        _MODELS[source] = RegionModel.load(source[len(MODEL_PREFIX):])
+    return _MODELS[source]
+
+
+def propose_with(source: str, image: Any, options: dict[str, Any]) -> tuple[Any, str]:
+    """``(mask, kind)``: the region of ``image`` from a preset name or a ``model:PATH`` source;
+    ``kind`` names the region for the quality check (the preset, or the model's name)."""
+    if source.startswith(MODEL_PREFIX):
+        model = _load_model(source)
+        return model.propose(image), model.config.name
+    return propose_region(image, source, **options), source
 
 
 def _claim_folder(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -111,26 +147,28 @@ def _claim_folder(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     manifest.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def _one(image_path: Path, mask_path: Path, preset: str, options: dict[str, Any]) -> dict[str, Any]:
+def _one(image_path: Path, mask_path: Path, source: str, options: dict[str, Any]) -> dict[str, Any]:
     """Propose (or reuse) one image's mask and describe it."""
+    kind = _load_model(source).config.name if source.startswith(MODEL_PREFIX) else source
     if mask_path.is_file():
         mask = read_mask(mask_path)
         reused = True
     else:
-        mask = propose_region(read_image(image_path).data, preset, **options)
+        mask, kind = propose_with(source, read_image(image_path).data, options)
         save_mask(mask_path, mask)
         reused = False
     return {"image": str(image_path), "mask": str(mask_path),
             "area_fraction": round(float(np.count_nonzero(mask)) / max(1, mask.size), 4),
-            "flag": quality_flag(mask, preset), "reused": reused}
+            "flag": quality_flag(mask, kind), "reused": reused}
 
 
 def propose_folder(data: str | Path, out: str | Path, *, preset: str = "lungs",
                    options: dict[str, Any] | None = None, overwrite: bool = False,
                    on_progress: Callable[[FolderProgress], None] | None = None,
                    on_note: Callable[[str], None] | None = None, workers: int = 1) -> Iterator[dict[str, Any]]:
-    """Propose a ``preset`` region for every image ``data`` holds (any folder layout the
-    dataset readers accept) into ``out``; yield one record per image, in order.
+    """Propose a ``preset`` region (or a learned model's, ``preset=model_source(PATH)``) for
+    every image ``data`` holds (any folder layout the dataset readers accept) into ``out``;
+    yield one record per image, in order.
 
     A record is ``{"image", "mask", "area_fraction", "flag", "reused"}`` or, for an image that
     cannot be read, ``{"image", "error"}`` (the image is skipped, the run goes on). What the
@@ -139,8 +177,8 @@ def propose_folder(data: str | Path, out: str | Path, *, preset: str = "lungs",
     :class:`ConfigError` for an unknown preset and :class:`MimError` for a folder written with
     other settings (unless ``overwrite``) or two images with the same name.
     """
-    if preset not in PRESETS:
-        raise ConfigError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
+    if preset not in PRESETS and not preset.startswith(MODEL_PREFIX):
+        raise ConfigError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}, or a learned model")
     options = dict(options or {})
     out = Path(out)
     index = discover(data)

@@ -114,6 +114,7 @@ class PretrainConfig:
     data: str | None = None
     masks: str | None = None
     region_preset: str | None = None       # propose the missing region masks with this preset (regions.PRESETS)
+    region_model: str | None = None        # or with this learned region model (regions learn)
     out: str | None = None
     val_fraction: float = 0.1
     val_every: int = 1                     # epochs between validations (0 = never); tiny data sets have 1-step epochs
@@ -178,7 +179,7 @@ class PretrainConfig:
         self.img_size = parse_img_size(self.img_size)
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)  # type: ignore[assignment]
-        for name in ("data", "masks", "out", "init", "resume"):
+        for name in ("data", "masks", "region_model", "out", "init", "resume"):
             v = getattr(self, name)
             if isinstance(v, Path):
                 setattr(self, name, str(v))
@@ -266,6 +267,11 @@ class PretrainConfig:
                 _bad(self, "region_preset", f"choose one of {', '.join(REGION_PRESETS)}")
             if self.strategy != "region":
                 _bad(self, "region_preset", "proposes masks for region-guided masking: use it with strategy=region")
+        if self.region_model is not None:
+            if self.region_preset is not None:
+                _bad(self, "region_model", "give a region preset or a region model, not both")
+            if self.strategy != "region":
+                _bad(self, "region_model", "proposes masks for region-guided masking: use it with strategy=region")
 
     # ------------------------------------------------------------------ derived values
     def resolved(self) -> PretrainConfig:

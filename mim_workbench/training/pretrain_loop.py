@@ -242,7 +242,7 @@ class _Trainer:
         self.val_samples = list(splits.get("val", []))
         if not self.train_samples:
             raise ConfigError(f"data={cfg.data!r}: the training split is empty (val_fraction={cfg.val_fraction})")
-        if cfg.strategy == "region" and cfg.region_preset:
+        if cfg.strategy == "region" and (cfg.region_preset or cfg.region_model):
             self._propose_regions(cfg)
         if cfg.strategy == "region" and not any(s.mask is not None for s in self.train_samples):
             raise ConfigError(
@@ -274,11 +274,14 @@ class _Trainer:
         same and written atomically, so the processes never need to wait for each other.
         """
         from ..regions.cache import propose_missing
+        from ..regions.folder import model_source
 
-        stage = f"proposing {cfg.region_preset} region masks"
+        source = model_source(cfg.region_model) if cfg.region_model else cfg.region_preset
+        name = Path(cfg.region_model).name if cfg.region_model else cfg.region_preset
+        stage = f"proposing {name} region masks"
         workers = 1 if self.dist.enabled else max(1, min(8, cfg.threads or os.cpu_count() or 1))
         report = propose_missing(
-            self.train_samples + self.val_samples, cfg.region_preset, workers=workers,
+            self.train_samples + self.val_samples, source, workers=workers,
             on_progress=lambda p: self.emit(Preparing(stage, p.done, p.total, p.eta_s)))
         self.notes.append(report.note())
 
