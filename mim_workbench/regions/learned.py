@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -223,14 +223,28 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def learn_regions(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *,
+                  on_progress: Callable[[LearnProgress], None] | None = None, **settings: Any) -> RegionModel:
+    """Train a region model; :func:`iter_learning` with its progress sent to ``on_progress``."""
+    learning = iter_learning(images, masks, **settings)
+    while True:
+        try:
+            progress = next(learning)
+        except StopIteration as done:
+            return done.value
+        if on_progress is not None:
+            on_progress(progress)
+
+
+def iter_learning(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *,
                   config: RegionModelConfig | None = None, steps: int = 600, seconds: float | None = 110.0,
-                  batch_size: int = 8, lr: float = 3e-3, seed: int = 0, init: RegionModel | None = None,
-                  on_progress: Callable[[LearnProgress], None] | None = None) -> RegionModel:
+                  batch_size: int = 8, lr: float = 3e-3, seed: int = 0, init: RegionModel | None = None
+                  ) -> Iterator[LearnProgress]:
     """Train a region model on ``images`` (float arrays in [0, 1]) and their masks (same H×W,
-    nonzero = region): at most ``steps`` steps and ``seconds`` of training (the learning
-    rate follows a cosine to whichever ends first, from the measured step time). ``init``
-    continues from another model (e.g. the shipped lungs model). Raises :class:`ConfigError`
-    for no examples, an empty mask or a mask of another size, naming the example."""
+    nonzero = region), yielding progress after each step; the model is the generator's return
+    value. At most ``steps`` steps and ``seconds`` of training (the learning rate follows a
+    cosine to whichever ends first, from the measured step time). ``init`` continues from
+    another model (e.g. the shipped lungs model). Raises :class:`ConfigError` for no examples,
+    an empty mask or a mask of another size, naming the example."""
     if len(images) == 0 or len(images) != len(masks):
         raise ConfigError(f"learning a region needs examples: got {len(images)} image(s) and {len(masks)} mask(s)")
     config = config or (init.config if init is not None else RegionModelConfig())
@@ -240,25 +254,29 @@ def learn_regions(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *,
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
-    started, total, recent = time.monotonic(), steps, []
-    for step in range(1, steps + 1):
-        idx = torch.randint(len(x_all), (batch_size,), generator=gen)
-        x, y = _augment(x_all[idx], y_all[idx], gen)
+    started, total, recent, step = time.monotonic(), steps, [], 0
+    while step < total:
+        step += 1
         total = _planned_steps(step, steps, seconds, started)
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 1) / max(1, total))))
-        loss = _loss(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        recent = (recent + [loss.item()])[-20:]
-        if on_progress is not None:
-            left = (time.monotonic() - started) / step * (total - step)
-            on_progress(LearnProgress(step, total, sum(recent) / len(recent), left))
-        if step >= total:
-            break
+        recent = (recent + [_train_step(net, opt, x_all, y_all, gen, batch_size, lr, step, total)])[-20:]
+        left = (time.monotonic() - started) / step * (total - step)
+        yield LearnProgress(step, total, sum(recent) / len(recent), left)
+    net.eval()
     return RegionModel(net, config, {"examples": len(images), "steps": step, "seed": seed,
                                      "seconds": round(time.monotonic() - started, 1)})
+
+
+def _train_step(net: RegionNet, opt: torch.optim.Optimizer, x_all: torch.Tensor, y_all: torch.Tensor,
+                gen: torch.Generator, batch_size: int, lr: float, step: int, total: int) -> float:
+    idx = torch.randint(len(x_all), (batch_size,), generator=gen)
+    x, y = _augment(x_all[idx], y_all[idx], gen)
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 1) / max(1, total))))
+    loss = _loss(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def _planned_steps(step: int, steps: int, seconds: float | None, started: float) -> int:

@@ -49,9 +49,13 @@ class FolderRegionsPanel:
         if self.folder_worker is not None:
             return
         preset = self.preset.value
+        if preset == "learned model":
+            from mim_workbench.regions.folder import model_source
+
+            preset = model_source(self.region_model_path)
         self.folder_button.enabled = False
         self.folder_progress.visible = True
-        self.folder_status.value = f"proposing {preset} for {short_path(data)}…"
+        self.folder_status.value = f"proposing {self.preset.value} for {short_path(data)}…"
         self.folder_worker = create_worker(_folder_job, data, out, preset, _ignore_errors=True)
         self.folder_worker.yielded.connect(self._folder_step)
         self.folder_worker.returned.connect(lambda records: self._folder_finished(records, out))

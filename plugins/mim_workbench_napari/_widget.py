@@ -20,6 +20,7 @@ from magicgui.widgets import (ComboBox, Container, FloatSlider, PushButton, Spin
 from mim_workbench.errors import MimError
 
 from ._folder_regions import FolderRegionsPanel
+from ._learn_regions import LEARNED, LearnRegionsPanel
 from ._self_check import arm_from_env
 from ._status import path_edit, status_label
 
@@ -43,7 +44,7 @@ EMPTY_HINT = ("Open an image first: File > Open (DICOM, PNG, TIFF, zarr), drop f
 REGION_HINT = "Next: New region layer to paint the region, or Auto-propose region, or Import mask."
 
 
-class WorkbenchWidget(FolderRegionsPanel, Container):
+class WorkbenchWidget(LearnRegionsPanel, FolderRegionsPanel, Container):
     """Data & regions: pick the image, create/import/save its region mask, preview masking."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -68,6 +69,8 @@ class WorkbenchWidget(FolderRegionsPanel, Container):
         self.status = status_label()
         self.extend([self.image, self.region, self.new_region, self.preset, self.propose, self.import_path, self.save_path, self.save,
                      self.strategy, self.ratio, self.patch, self.seed, self.show_preview, self.status])
+        self._learn_box = self._build_learn_panel()
+        self.native.layout().addWidget(self._learn_box.native)
         self._folder_box = self._build_folder_panel()
         self.native.layout().addWidget(self._folder_box.native)
 
@@ -203,6 +206,10 @@ class WorkbenchWidget(FolderRegionsPanel, Container):
 
                 lm = propose_region_large(layer_pyramid(img), self.preset.value, max_side=REGION_MAX_SIDE)
                 mask, scale = lm.mask, lm.scale
+            elif self.preset.value == LEARNED:
+                from mim_workbench.regions.learned import RegionModel
+
+                mask = RegionModel.load(self.region_model_path).propose(np.asarray(img.data))
             else:
                 mask = propose_region(img.data, self.preset.value)
         except MimError as exc:
