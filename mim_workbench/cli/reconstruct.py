@@ -54,7 +54,8 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     res.save(args.out, extra=extra)
     for note in res.metrics.get("notes", []):
         print(f"mim-workbench reconstruct: note: {note}", file=sys.stderr)
-    summary = {k: res.metrics[k] for k in ("mse", "psnr", "mse_baseline", "psnr_baseline")}
+    summary = {k: res.metrics[k] for k in ("mse", "psnr", "mse_baseline", "psnr_baseline", "mse_biharmonic",
+                                           "psnr_biharmonic")}
     print(json.dumps(json_safe(summary)))
     return 0
 

@@ -9,7 +9,9 @@ Metrics are computed in [0, 1] image space, only on pixels that are masked *and*
 inside the letterboxed content (padding is not part of the image).  The baseline
 fills every masked pixel with the mean of the visible content pixels: a model
 that learned nothing about anatomy cannot beat it by much, so ``psnr`` >
-``psnr_baseline`` is the sanity check that pretraining learned something.
+``psnr_baseline`` is the sanity check that pretraining learned something. The harder
+baseline, ``psnr_biharmonic``, fills the holes by biharmonic inpainting from the visible
+pixels (scikit-image), a classical inpainter a useful model should beat.
 """
 
 from __future__ import annotations
@@ -262,7 +264,8 @@ def _result(x: torch.Tensor, r: Rendered, content: np.ndarray, lb: Letterbox) ->
     img = _grey(x)
     rpv = _grey(r.recon_plus_visible)
     pix_mask = r.mask[0, 0].cpu().numpy() > 0.5
-    metrics = masked_metrics(x[0].cpu().numpy(), r.recon_plus_visible[0].float().cpu().numpy(), pix_mask, content)
+    metrics = masked_metrics(x[0].cpu().numpy(), r.recon_plus_visible[0].float().cpu().numpy(), pix_mask, content,
+                             biharmonic=True)
     error = np.where(pix_mask & content, (rpv - img) ** 2, 0.0).astype(np.float32)
     fine_rec = _grey(r.fine_reconstruction) if getattr(r, "fine_reconstruction", None) is not None else None
     return ReconstructionResult(image=img, masked=_grey(r.masked), reconstruction=_grey(r.reconstruction),
@@ -290,8 +293,10 @@ def _region_canvas(region_mask: str | Path | np.ndarray, source_shape: tuple[int
     return canvas > 0
 
 
-def masked_metrics(truth: np.ndarray, pred: np.ndarray, masked: np.ndarray, content: np.ndarray) -> dict[str, Any]:
-    """MSE / PSNR of ``pred`` and of the visible-mean fill on masked content pixels.
+def masked_metrics(truth: np.ndarray, pred: np.ndarray, masked: np.ndarray, content: np.ndarray, *,
+                   biharmonic: bool = False) -> dict[str, Any]:
+    """MSE / PSNR of ``pred`` and of the visible-mean fill on masked content pixels; with
+    ``biharmonic`` also of biharmonic inpainting (about 0.25 s at 224 px, so whole images only).
 
     ``truth`` and ``pred`` are ``[C, H, W]`` in [0, 1]; ``masked`` and ``content``
     are bool ``[H, W]``.  PSNR uses a data range of 1.
@@ -302,6 +307,8 @@ def masked_metrics(truth: np.ndarray, pred: np.ndarray, masked: np.ndarray, cont
     out: dict[str, Any] = {"n_pixels": n}
     if n == 0:
         out.update(mse=None, psnr=None, mse_baseline=None, psnr_baseline=None)
+        if biharmonic:
+            out.update(mse_biharmonic=None, psnr_biharmonic=None)
         return out
     t = truth[:, sel].astype(np.float64)                      # [C, n]
     p = pred[:, sel].astype(np.float64)
@@ -309,7 +316,21 @@ def masked_metrics(truth: np.ndarray, pred: np.ndarray, masked: np.ndarray, cont
     mse = float(np.mean((p - t) ** 2))
     mse_b = float(np.mean((fill - t) ** 2))
     out.update(mse=mse, psnr=psnr(mse), mse_baseline=mse_b, psnr_baseline=psnr(mse_b))
+    if biharmonic:
+        filled = biharmonic_fill(truth, masked)
+        mse_h = float(np.mean((filled[:, sel].astype(np.float64) - t) ** 2))
+        out.update(mse_biharmonic=mse_h, psnr_biharmonic=psnr(mse_h))
     return out
+
+
+def biharmonic_fill(image: np.ndarray, masked: np.ndarray) -> np.ndarray:
+    """``image [C, H, W]`` with the ``masked`` pixels inpainted biharmonically from the others."""
+    from skimage.restoration import inpaint_biharmonic
+
+    if not masked.any() or masked.all():
+        return image.copy()
+    filled = inpaint_biharmonic(np.moveaxis(image, 0, -1), masked, channel_axis=-1)
+    return np.moveaxis(filled, -1, 0).astype(np.float32)
 
 
 def psnr(mse: float) -> float:

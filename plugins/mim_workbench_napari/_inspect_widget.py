@@ -248,5 +248,9 @@ class InspectWidget(Container):
                     contrast_limits=(0.0, max(1e-6, float(data.max()))) if prefix == "error" else (0.0, 1.0),
                 )
         m = result.metrics
-        self.metrics.value = (f"masked-pixel PSNR {m['psnr']:.2f} dB (mean-fill baseline {m['psnr_baseline']:.2f} dB)"
-                              f"  ratio {m.get('ratio', 0):.2f}, {m.get('strategy', '')}")
+        if m.get("psnr") is None:
+            self.metrics.value = "no masked pixel inside the image: raise the mask ratio"
+            return
+        bih = f", biharmonic {m['psnr_biharmonic']:.2f} dB" if m.get("psnr_biharmonic") is not None else ""
+        self.metrics.value = (f"masked-pixel PSNR {m['psnr']:.2f} dB (baselines: mean fill "
+                              f"{m['psnr_baseline']:.2f} dB{bih})  ratio {m.get('ratio', 0):.2f}, {m.get('strategy', '')}")
