@@ -16,6 +16,7 @@ test ids (its checkpoint's ``meta.json``) are checked against ``test_ids.txt`` (
 they differ).
 
     python benchmarks/recipe_screen.py --recipes defaults,blr1.5e-3 --seeds 0,1,2
+    python benchmarks/recipe_screen.py --code /tmp/snap   # a `git archive COMMIT mim_workbench` copy
     python benchmarks/recipe_screen.py --report-only     # tables from the JSONL
 
 Runs whose output already exists are not repeated (metrics are re-read), so the script
@@ -43,17 +44,24 @@ RECIPES: dict[str, list[str]] = {
     "blr1.5e-3": ["--blr", "1.5e-3"],
     "blr1.5e-3-112px": ["--blr", "1.5e-3", "--img-size", "112"],
     "blr5e-3-warmup0.25": ["--blr", "5e-3", "--warmup-epochs", "0.25"],
+    "blr5e-3-warmup0.25-112px": ["--blr", "5e-3", "--warmup-epochs", "0.25", "--img-size", "112"],
     "simmim-blr1.5e-3": ["--method", "simmim", "--blr", "1.5e-3"],
     "blr1.5e-3-ratio0.6": ["--blr", "1.5e-3", "--ratio", "0.6"],
+    "blr1.5e-3-112px-ratio0.6": ["--blr", "1.5e-3", "--img-size", "112", "--ratio", "0.6"],
     "scratch-112px": [],
 }
 #: scratch baselines probe a random encoder with these finetune flags
 SCRATCH_FLAGS = {"scratch": [], "scratch-112px": ["--img-size", "112"]}
 
 
-def cli() -> list[str]:
+def cli(code: Path | None = None) -> list[str]:
+    """The mim-workbench command; with ``code``, that source tree's (on PYTHONPATH, see screen)."""
     exe = VENV_BIN / "mim-workbench"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mim_workbench.cli"]
+    if code is None and exe.exists():
+        return [str(exe)]
+    py = VENV_BIN / "python"
+    return [str(py if py.exists() else sys.executable), "-c",
+            "import sys; from mim_workbench.cli import main; sys.exit(main())"]
 
 
 def build_split(data: Path, work: Path) -> list[str]:
@@ -77,7 +85,8 @@ def build_split(data: Path, work: Path) -> list[str]:
 def run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
     t0 = time.time()
     with open(log, "w") as fh:
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        # cwd outside any checkout: `python -c` puts the cwd first on sys.path
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=env.get("PYTHONPATH") or None)
     if rc != 0:
         raise RuntimeError(f"exit {rc}: {' '.join(cmd)} (log {log})")
     return time.time() - t0
@@ -90,7 +99,7 @@ def pretrain(name: str, args, env) -> dict:
     info_file = rd / "recipe.json"
     if info_file.exists():
         return json.loads(info_file.read_text())
-    cmd = cli() + ["pretrain", "--data", str(args.work / "pool"), "--out", str(rd),
+    cmd = cli(args.code) + ["pretrain", "--data", str(args.work / "pool"), "--out", str(rd),
                    "--time-budget", str(args.budget), "--threads", str(args.threads),
                    "--preview-every", "0", "--seed", "0"] + RECIPES[name]
     # a finished run (checkpoint written) is reused, e.g. one started by hand with the same command
@@ -121,7 +130,7 @@ def probe(name: str, source: list[str], task: str, data: Path, fraction: float, 
     wall = None
     if not mfile.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = cli() + ["finetune", "--mode", "probe", "--data", str(data), "--out", str(out),
+        cmd = cli(args.code) + ["finetune", "--mode", "probe", "--data", str(data), "--out", str(out),
                        "--fraction", str(fraction), "--seed", str(seed), "--split-seed", "0",
                        "--threads", str(args.threads), "--quiet"] + source
         wall = round(run(cmd, out.parent / f"{out.name}.log", env), 1)
@@ -140,6 +149,8 @@ def probe(name: str, source: list[str], task: str, data: Path, fraction: float, 
 def screen(args) -> None:
     env = {**os.environ, "MIM_WORKBENCH_CACHE": str(args.work / "cache"),
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    if args.code:   # a frozen copy of the package (e.g. `git archive COMMIT mim_workbench | tar -x -C DIR`)
+        env["PYTHONPATH"] = str(args.code)
     (args.work / "runs").mkdir(parents=True, exist_ok=True)
     test_ids = build_split(args.covid, args.work)
     tasks = [("covid19", args.covid, args.fractions, test_ids),
@@ -187,8 +198,9 @@ def report(rows: list[dict]) -> str:
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     for task in dict.fromkeys(r["task"] for r in rows):
         fracs = sorted({r["fraction"] for r in rows if r["task"] == task})
-        base = {f: [r["auc"] for r in rows if r["task"] == task and r["fraction"] == f
-                    and r["recipe"] == "scratch"] for f in fracs}
+        # baseline AUC per (fraction, seed): scratch of the same input size (scratch-112px for 112 px recipes)
+        base = {(r["recipe"], r["fraction"], r["seed"]): r["auc"] for r in rows
+                if r["task"] == task and r["recipe"].startswith("scratch")}
         head = "| recipe | steps | final loss | peak lr | " + " | ".join(
             f"AUC @ {f:g} | gain @ {f:g}" for f in fracs) + " |"
         out += [f"### {task}", "", head, "|" + "---|" * (4 + 2 * len(fracs))]
@@ -200,10 +212,14 @@ def report(rows: list[dict]) -> str:
             loss = f"{first['final_loss']:.4f}" if first.get("final_loss") is not None else "–"
             lr = f"{first['lr_peak']:.3g}" if first.get("lr_peak") else "–"
             cells = []
+            ref = "scratch-112px" if "112px" in name else "scratch"
             for f in fracs:
-                txt, mean = cell([r["auc"] for r in rr if r["fraction"] == f])
-                b = statistics.fmean(base[f]) if base[f] else None
-                gain = f"{mean - b:+.3f}" if mean is not None and b is not None and name != "scratch" else ""
+                txt, _ = cell([r["auc"] for r in rr if r["fraction"] == f])
+                # gain: mean over the seeds both runs have of (recipe AUC - scratch AUC), paired by seed
+                diffs = [r["auc"] - base[(ref, f, r["seed"])] for r in rr
+                         if r["fraction"] == f and (ref, f, r["seed"]) in base]
+                gain = "" if name.startswith("scratch") or not diffs else (
+                    f"{statistics.fmean(diffs):+.3f}" + (f" ± {statistics.stdev(diffs):.3f}" if len(diffs) > 1 else ""))
                 cells += [txt, gain]
             out.append(f"| {name} | {first['pretrain_steps']} | {loss} | {lr} | " + " | ".join(cells) + " |")
         out.append("")
@@ -220,8 +236,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/recipe"), help="pool, runs and cache")
     p.add_argument("--budget", type=float, default=300, help="pretraining seconds per recipe")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--recipes", default="scratch,defaults,blr1.5e-3,blr1.5e-3-112px,blr5e-3-warmup0.25,"
-                   "simmim-blr1.5e-3,blr1.5e-3-ratio0.6", help=f"comma list of {', '.join(RECIPES)}")
+    p.add_argument("--code", type=Path, help="run the package from this source folder instead of the "
+                   "installed one (a frozen snapshot while the checkout is being edited)")
+    p.add_argument("--recipes", default="scratch,defaults,blr1.5e-3,blr1.5e-3-112px,scratch-112px,"
+                   "simmim-blr1.5e-3,blr1.5e-3-112px-ratio0.6,blr5e-3-warmup0.25-112px",
+                   help=f"comma list of {', '.join(RECIPES)} (default: the 2026-12-02 screen)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--fractions", default="0.01,0.1", help="covid19 label fractions")
     p.add_argument("--kermany-fractions", default="0.01,0.1")
