@@ -76,6 +76,53 @@ def machine() -> dict:
             "note": "shared 2-core machine, no GPU; single-threaded, timings include the resize back to full size"}
 
 
+# ----------------------------------------------------------------- lungs on another collection
+def bench_lungs_travel() -> dict:
+    """The ``lungs`` preset on a collection its atlas never saw (children, another hospital, 299 px)."""
+    root = SHARED / "cxr_lungmasks_covid19radiography"
+    if not root.is_dir():
+        return {"skipped": f"{root} not present"}
+    per_image = []
+    for image_path in sorted((root / "images").iterdir()):
+        img = read_image(image_path).data
+        ref = read_mask(root / "masks" / image_path.name, shape=img.shape)
+        pred, dt = timed(propose_region, img, "lungs")
+        per_image.append({"id": image_path.stem, "dice": round(dice(pred, ref), 4), "seconds": round(dt, 4)})
+    dices = [p["dice"] for p in per_image]
+    return {"dataset": f"cxr_lungmasks_covid19radiography, {len(per_image)} images (mostly children, 299 px), "
+                       "COVID-QU-Ex lung masks resampled nearest to the image",
+            "dice": stats(dices), "below_0.8": int(sum(d < 0.8 for d in dices)),
+            "seconds_per_image": stats([p["seconds"] for p in per_image]),
+            "worst": sorted(per_image, key=lambda p: p["dice"])[:8], "per_image": per_image}
+
+
+def bench_propose_folder(limit: int) -> dict:
+    """Images per second of ``regions propose --preset lungs`` on the 224 px two-class set."""
+    import shutil
+    import tempfile
+
+    from mim_workbench.regions.folder import propose_folder
+
+    root = SHARED / "cxr_covid19_radiography"
+    if not root.is_dir():
+        return {"skipped": f"{root} not present"}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "images"
+        data.mkdir()
+        for f in sorted((root / "images").rglob("*.png"))[:limit]:
+            shutil.copy(f, data / f.name)
+        t0 = time.perf_counter()
+        workers = min(8, os.cpu_count() or 1)  # what the command uses by default
+        records = list(propose_folder(data, Path(tmp) / "masks", preset="lungs", workers=workers))
+        seconds = time.perf_counter() - t0
+    flags: dict[str, int] = {}
+    for r in records:
+        flags[str(r.get("flag"))] = flags.get(str(r.get("flag")), 0) + 1
+    return {"dataset": f"cxr_covid19_radiography, first {len(records)} images (224 px)", "workers": workers,
+            "seconds": round(seconds, 1),
+            "images_per_s": round(len(records) / seconds, 2), "flags": flags}
+
+
 # ----------------------------------------------------------------- lungs
 def bench_lungs(cv: bool) -> dict:
     root = SHARED / "cxr_covid_v7labs"
@@ -269,7 +316,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Benchmark region proposal")
     ap.add_argument("--no-cv", action="store_true", help="skip the atlas cross-validation")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--travel", action="store_true",
+                    help="only the lungs preset on another collection and the folder command's speed")
+    ap.add_argument("--propose-images", type=int, default=600, help="images timed through regions propose")
     args = ap.parse_args()
+    if args.travel:
+        res = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "lungs_other_collection": bench_lungs_travel(),
+               "propose_folder": bench_propose_folder(args.propose_images)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: res["lungs_other_collection"].get(k) for k in ("dice", "below_0.8")}))
+        print(json.dumps(res["propose_folder"]))
+        return
     t0 = time.perf_counter()
     res = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     res["lungs"] = bench_lungs(cv=not args.no_cv)
