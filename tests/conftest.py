@@ -15,7 +15,8 @@ import torch  # noqa: F401  (import order matters, see above)
 # pick PyQt5. In-process GUI tests use the default binding, PyQt6, unless QT_API says otherwise.
 if importlib.util.find_spec("PyQt6") is not None and not os.environ.get("QT_API"):
     os.environ["QT_API"] = "pyqt6"
-os.environ.setdefault("PYTEST_QT_API", os.environ.get("QT_API", "pyqt6"))
+if os.environ.get("QT_API"):  # pytest-qt must use the binding napari (qtpy) uses
+    os.environ.setdefault("PYTEST_QT_API", os.environ["QT_API"])
 
 REPO = Path(__file__).resolve().parents[1]
 
