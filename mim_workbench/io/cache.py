@@ -71,15 +71,18 @@ def cache_for(setting: bool | None, n_samples: int, img_size: tuple[int, int], *
     return cache, None
 
 
-def default_cache_root() -> Path:
-    """``$MIM_WORKBENCH_CACHE/decoded``, else ``~/.cache/mim-workbench/decoded``.
+def cache_base() -> Path:
+    """The workbench's cache base: ``$MIM_WORKBENCH_CACHE``, else ``~/.cache/mim-workbench``.
 
-    ``MIM_WORKBENCH_CACHE`` names the workbench's cache base (sample data uses
-    ``<base>/samples``), so the decoded samples get their own sub-folder.
+    Each cache has a sub-folder of it (decoded, pyramids, regions, …).
     """
     env = os.environ.get("MIM_WORKBENCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
-    return base / "decoded"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
+
+
+def default_cache_root() -> Path:
+    """``<cache base>/decoded``: the decoded samples' sub-folder of :func:`cache_base`."""
+    return cache_base() / "decoded"
 
 
 def _fingerprint(path: Path) -> list:

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mim_workbench.io.cache import cache_base
 from mim_workbench.io.pyramid_build import PYRAMID_FORMAT
 
 #: Soft cap of the pyramid cache (``MIM_WORKBENCH_PYRAMID_CACHE_GB`` overrides).
@@ -32,9 +33,7 @@ KEEP_RECENT_S = 24 * 3600.0
 
 def pyramid_cache_root() -> Path:
     """``$MIM_WORKBENCH_CACHE/pyramids``, else ``~/.cache/mim-workbench/pyramids``."""
-    env = os.environ.get("MIM_WORKBENCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
-    return base / "pyramids"
+    return cache_base() / "pyramids"
 
 
 def pyramid_key(path: str | os.PathLike, settings: dict[str, Any]) -> str:

@@ -10,39 +10,28 @@ a changed image or setting is proposed again.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mim_workbench.errors import ConfigError
+from mim_workbench.io.cache import DecodeCache, cache_base
 from mim_workbench.io.samples import Sample
 from mim_workbench.regions import PRESETS
 from mim_workbench.regions.folder import MODEL_PREFIX, FolderProgress, proposal_records, settings_record
 
 
 def regions_cache_root() -> Path:
-    """``$MIM_WORKBENCH_CACHE/regions``, else ``~/.cache/mim-workbench/regions``."""
-    env = os.environ.get("MIM_WORKBENCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
-    return base / "regions"
+    """``<cache base>/regions`` (see :func:`mim_workbench.io.cache.cache_base`)."""
+    return cache_base() / "regions"
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def mask_path_for(image: Path, preset: str, options: dict[str, Any], root: Path | None = None) -> Path:
-    """Where the proposed mask of ``image`` under these settings lives in the cache."""
-    p = Path(image).resolve()
-    st = p.stat()
-    settings = settings_record(preset, options)
-    key = {k: settings[k] for k in ("source", "preset", "options")}
-    folder = (root or regions_cache_root()) / f"{settings['preset']}-{_digest(key)}"
-    return folder / f"{_digest([str(p), st.st_size, st.st_mtime_ns])}.png"
+def mask_path_for(image: Path, settings: dict[str, Any], root: Path | None = None) -> Path:
+    """Where the proposed mask of ``image`` under ``settings`` (a :func:`settings_record`) lives:
+    keyed, like the decoded-image cache, by the image's path, size and mtime and the settings."""
+    key = DecodeCache.key([image], {k: settings[k] for k in ("source", "preset", "options")})
+    return (root or regions_cache_root()) / str(settings["preset"]) / f"{key}.png"
 
 
 @dataclass
@@ -83,7 +72,8 @@ def propose_missing(samples: Sequence[Sample], preset: str, *, options: dict[str
         raise ConfigError(f"region_preset={preset!r}: choose one of {', '.join(PRESETS)}")
     options = dict(options or {})
     todo = [s for s in samples if s.mask is None]
-    jobs = [(s.image, mask_path_for(s.image, preset, options, root), preset, options) for s in todo]
+    settings = settings_record(preset, options)  # once: for a learned model it hashes the model file
+    jobs = [(s.image, mask_path_for(s.image, settings, root), preset, options) for s in todo]
     report = ProposalReport(preset)
     for sample, record in zip(todo, proposal_records(jobs, workers=workers, on_progress=on_progress)):
         if "error" in record:

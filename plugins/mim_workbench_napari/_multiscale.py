@@ -89,12 +89,11 @@ def wants_tiled(layer: Any) -> bool:
 
 def tiled_root(kind: str) -> Path:
     """Where a dock writes tiled maps: ``$MIM_WORKBENCH_CACHE/<kind>`` (else ``~/.cache/mim-workbench/<kind>``)."""
-    import os
+    from mim_workbench.io.cache import cache_base
 
-    env = os.environ.get("MIM_WORKBENCH_CACHE")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "mim-workbench"
-    (base / kind).mkdir(parents=True, exist_ok=True)
-    return base / kind
+    root = cache_base() / kind
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 #: Maps older than this in a tiled root belong to no open viewer (a crashed or killed session).
