@@ -12,7 +12,7 @@ from typing import Any
 
 from magicgui.widgets import Container, ProgressBar, PushButton, SpinBox
 
-from ._status import job_handlers, path_edit, short_path, status_label
+from ._status import job_handlers, path_edit, short_path, start_job, status_label
 
 #: flagged proposals opened for correction after a folder run (the rest are in the contact sheet)
 OPEN_FLAGGED = 4
@@ -39,7 +39,6 @@ class FolderRegionsPanel:
 
     def propose_folder(self) -> None:
         """Start the folder run in a thread worker (one at a time)."""
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         data, out = str(self.folder.value), str(self.folder_out.value)
@@ -56,12 +55,9 @@ class FolderRegionsPanel:
         self.folder_button.enabled = False
         self.folder_progress.visible = True
         self.folder_status.value = f"proposing {self.preset.value} for {short_path(data)}…"
-        self.folder_worker = create_worker(_folder_job, data, out, preset, _ignore_errors=True)
-        self.folder_worker.yielded.connect(self._folder_step)
-        self.folder_worker.returned.connect(lambda records: self._folder_finished(records, out))
-        self.folder_worker.errored.connect(self._folder_failed)
-        self.folder_worker.finished.connect(self._folder_done)
-        self.folder_worker.start()
+        self.folder_worker = start_job(_folder_job, data, out, preset, on_yield=self._folder_step,
+                                       on_done=lambda records: self._folder_finished(records, out),
+                                       on_error=self._folder_failed, on_finished=self._folder_done)
 
     def _folder_step(self, progress: Any) -> None:
         self.folder_progress.max = max(1, progress.total)

@@ -24,9 +24,9 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, Progre
 # segfaulted (Mesa/Xvfb).
 from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
 
-from ._multiscale import ScratchMaps, start_tiled_worker, wants_tiled
+from ._multiscale import ScratchMaps, wants_tiled
 from ._self_check import arm_from_env
-from ._status import job_handlers, path_edit, status_label
+from ._status import job_handlers, path_edit, start_job, status_label
 
 TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
 
@@ -174,9 +174,9 @@ class InspectWidget(Container):
         self.progress.visible = True
         self.band_updates = []
         self.run_button.enabled = False
-        self.worker = start_tiled_worker(work, on_band=lambda item: self._show_band(item, img),
-                                         on_done=lambda stats: self._show_tiled(stats, img),
-                                         on_error=self._failed, on_finished=self._done)
+        self.worker = start_job(work, on_yield=lambda item: self._show_band(item, img),
+                                on_done=lambda stats: self._show_tiled(stats, img),
+                                on_error=self._failed, on_finished=self._done)
 
     def _show_band(self, item, img) -> None:
         if self.maps.closed:   # a band sent just before the dock or the viewer closed: its map is gone

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from magicgui.widgets import Container, ProgressBar, PushButton, SpinBox
 
-from ._status import job_handlers, path_edit, short_path, status_label
+from ._status import job_handlers, path_edit, short_path, start_job, status_label
 
 LEARNED = "learned model"
 LEARN_HINT = ("Paint the region on a few images (New region layer), then Learn: the model proposes it "
@@ -61,7 +61,6 @@ class LearnRegionsPanel:
 
     def learn_from_painted(self) -> None:
         """Learn from the painted images in the background (one run at a time)."""
-        from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
         pairs = self.painted_examples()
@@ -76,13 +75,10 @@ class LearnRegionsPanel:
         self.learn_button.enabled = False
         self.learn_progress.visible = True
         self.learn_status.value = f"learning from {len(pairs)} painted image(s)…"
-        self.learn_worker = create_worker(_learn_job, images, masks, name, float(self.learn_seconds.value),
-                                          _ignore_errors=True)
-        self.learn_worker.yielded.connect(self._learn_step)
-        self.learn_worker.returned.connect(lambda model: self._learned(model, [img.name for img, _ in pairs]))
-        self.learn_worker.errored.connect(self._learn_failed)
-        self.learn_worker.finished.connect(self._learn_done)
-        self.learn_worker.start()
+        self.learn_worker = start_job(
+            _learn_job, images, masks, name, float(self.learn_seconds.value), on_yield=self._learn_step,
+            on_done=lambda model: self._learned(model, [img.name for img, _ in pairs]),
+            on_error=self._learn_failed, on_finished=self._learn_done)
 
     def _learn_step(self, progress: Any) -> None:
         self.learn_progress.max = max(1, progress.total)

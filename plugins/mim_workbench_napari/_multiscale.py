@@ -172,20 +172,6 @@ class ScratchMaps:
         return gone
 
 
-def start_tiled_worker(work: Any, *, on_band: Any, on_done: Any, on_error: Any, on_finished: Any) -> Any:
-    """A napari thread worker over ``work`` (a generator yielding bands, returning its stats),
-    wired and started: how the Inspect dock and the predict panel run a tiled map."""
-    from napari.qt.threading import create_worker
-
-    worker = create_worker(work, _ignore_errors=True)   # errors are reported through on_error
-    worker.yielded.connect(on_band)
-    worker.returned.connect(on_done)
-    worker.errored.connect(on_error)
-    worker.finished.connect(on_finished)
-    worker.start()
-    return worker
-
-
 def _remove(path: Path) -> None:
     import shutil
 

@@ -19,8 +19,8 @@ from magicgui.widgets import ComboBox, Container, FloatSlider, PushButton
 # first to load timm/torchvision/triton.
 from mim_workbench.inference.predict import load_predictor
 
-from ._multiscale import ScratchMaps, layer_pyramid, start_tiled_worker, wants_tiled
-from ._status import job_handlers, path_edit, status_label
+from ._multiscale import ScratchMaps, layer_pyramid, wants_tiled
+from ._status import job_handlers, path_edit, start_job, status_label
 
 HEATMAP_PREFIX = "heatmap: "
 DENSE_PREFIX = "dense: "
@@ -121,8 +121,8 @@ class PredictPanel:
         self.result.value = "predicting tile by tile…"
         self.predict_button.enabled = False
         self.band_updates = []
-        self.predict_worker = start_tiled_worker(
-            work, on_band=lambda item: self._show_band(item, img),
+        self.predict_worker = start_job(
+            work, on_yield=lambda item: self._show_band(item, img),
             on_done=lambda stats: self._show_tiled_prediction(stats, img),
             on_error=self._predict_failed, on_finished=self._predict_done)
 

@@ -77,6 +77,23 @@ def path_edit(placeholder: str = "", **kwargs) -> FileEdit:
     return edit
 
 
+def start_job(work: Callable[..., Any], *args: Any, on_yield: Callable[[Any], None], on_done: Callable[[Any], None],
+              on_error: Callable[[Exception], None], on_finished: Callable[[], None]) -> Any:
+    """A napari thread worker running the generator function ``work(*args)``, wired and
+    started: what it yields goes to ``on_yield``, what it returns to ``on_done``, an error to
+    ``on_error``; ``on_finished`` runs after either. How the docks run a background job (tiled
+    maps, folder proposals, region learning)."""
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(work, *args, _ignore_errors=True)   # errors are reported through on_error
+    worker.yielded.connect(on_yield)
+    worker.returned.connect(on_done)
+    worker.errored.connect(on_error)
+    worker.finished.connect(on_finished)
+    worker.start()
+    return worker
+
+
 def job_handlers(owner: Any, *, label: Label, button: Any, worker_attr: str,
                  action: str) -> tuple[Callable[[Exception], None], Callable[[], None]]:
     """``(failed, finished)`` handlers of a dock's background job (a napari thread worker).
