@@ -99,6 +99,7 @@ class InspectWidget(Container):
         grid.enabled = bool(self.side_by_side.value)
         if self.side_by_side.value:
             grid.stride = 1
+        self.viewer.reset_view()  # the grid (or its end) changes the scene: show all of it, not a corner
 
     # ------------------------------------------------------------------ run
     def _model(self, path: str):
