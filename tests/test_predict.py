@@ -72,6 +72,16 @@ def test_predict_outputs_json_csv_tiff_png(classifiers, tmp_path):
     assert len(list((tmp_path / "many").glob("*_map.tif"))) == 12
 
 
+def test_a_probe_on_mean_pooled_features_is_rebuilt_as_trained(tmp_path):
+    res = finetune(FinetuneConfig(data=str(SAMPLE), checkpoint=None, mode="probe", pool="avg", out=str(tmp_path / "p"),
+                                  epochs=2, batch_size=4, threads=1, **ARCH))
+    pred = load_predictor(res.checkpoint)
+    assert pred.model.pool == "avg"
+    x = torch.rand(1, 1, 64, 64)
+    tokens = pred.model.tokens(x)
+    assert torch.allclose(pred.model.features(x), tokens[:, 1:].mean(dim=1))
+
+
 def test_predict_dense_checkpoint_and_wrong_kind(tmp_path):
     img = read_image(IMAGE).data
     lungs = read_image(SAMPLE / "masks" / "cxr0059.png").data > 0.5

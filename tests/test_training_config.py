@@ -28,6 +28,10 @@ def test_defaults_are_cpu_sized_and_resolve_per_method():
 def test_lr_scales_with_effective_batch_unless_given():
     assert PretrainConfig(batch_size=32, accum_steps=4).absolute_lr() == pytest.approx(1.5e-4 * 128 / 256)
     assert PretrainConfig(batch_size=32, lr=1e-3).resolved().lr == 1e-3
+    # Adam's square-root rule: a batch of 16 gets a quarter of blr, not a sixteenth.
+    assert PretrainConfig(batch_size=16, blr=4e-4, lr_scaling="sqrt").absolute_lr() == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        PretrainConfig(lr_scaling="cubic")
 
 
 def test_rgmim_paper_preset_and_explicit_override():

@@ -183,6 +183,17 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "run").step == result.step
 
 
+def test_time_budget_plans_the_schedule_to_end_with_it(tmp_path):
+    result, seen = _run(tmp_path / "run", epochs=200, time_budget_s=3.0, warmup_epochs=2.0, min_lr=0.0)
+    started = seen[0]
+    lrs = [e.lr for e in seen if isinstance(e, ev.Progress)]
+    assert result.reason == "time_budget" and result.step < started.total_steps == 600
+    # The cosine ran to its end within the budget instead of being cut near its peak.
+    assert max(lrs) > 0.5 * started.lr and lrs[-1] < 0.1 * started.lr
+    schedule = load_checkpoint(tmp_path / "run").meta["schedule"]
+    assert schedule["total_steps"] == result.step and 0 < schedule["warmup_steps"] < result.step
+
+
 @pytest.mark.parametrize("method", ["simmim", "miram"])
 def test_other_methods_train(tmp_path, method):
     result, seen = _run(tmp_path / "run", method=method, max_steps=2, epochs=1)

@@ -71,6 +71,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, full mode (default 0.75)")
     p.add_argument("--label-smoothing", type=float, help="default 0 probe / 0.1 full")
     p.add_argument("--drop-path", type=float, help="full mode (default 0.1)")
+    p.add_argument("--pool", choices=("token", "avg"),
+                   help="image feature: class token or mean of the patch tokens (default token probe, avg full)")
     p.add_argument("--balance", choices=("weights", "sampler", "none"), help="class imbalance (default weights)")
     p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss (0 = off)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,

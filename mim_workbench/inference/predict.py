@@ -138,7 +138,8 @@ class Predictor:
         except (KeyError, TypeError, ConfigError) as exc:
             raise CheckpointError(f"{ckpt.path}: classifier metadata is incomplete ({exc})") from None
         dropout = float((meta.get("config") or {}).get("dropout") or 0.0)
-        model = Classifier(create_encoder(model_cfg), len(self.classes), mode, dropout=dropout)
+        pool = (meta.get("config") or {}).get("pool")
+        model = Classifier(create_encoder(model_cfg), len(self.classes), mode, dropout=dropout, pool=pool)
         try:
             model.load_state_dict(ckpt.model_state(), strict=True)
         except RuntimeError as exc:

@@ -4,8 +4,9 @@ Two heads, as in MAE's ``main_linprobe.py`` / ``main_finetune.py``:
 
 ``probe``
     the encoder is frozen (always in eval mode); the feature is the class token
-    (the mean of the patch tokens when the model has none) after the encoder's
-    final norm, then ``BatchNorm1d(affine=False)`` and a linear layer.  The
+    (the mean of the patch tokens when the model has none or ``pool="avg"``: after
+    a short MAE pretraining the class token, which no loss reaches directly, has
+    learned little) after the encoder's final norm, then ``BatchNorm1d(affine=False)`` and a linear layer.  The
     parameter-free BatchNorm only standardises the features, so the head stays a
     linear classifier of the frozen features.
 ``full``
@@ -30,6 +31,8 @@ from ..errors import ConfigError
 from .encoder import grid_of, token_norm
 
 MODES = ("probe", "full")
+#: image features: the class token, or the mean of the patch tokens
+POOLS = ("token", "avg")
 #: the ``kind`` of a fine-tuned classifier's checkpoint
 FINETUNE_KIND = "finetune"
 
@@ -60,7 +63,7 @@ class Classifier(nn.Module):
     """``encoder`` + pooling + head; see the module docstring for the two modes."""
 
     def __init__(self, encoder: VisionTransformer, num_classes: int, mode: str = "probe", *,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, pool: str | None = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}: choose probe or full")
@@ -70,8 +73,12 @@ class Classifier(nn.Module):
         self.mode = mode
         self.num_classes = int(num_classes)
         D = encoder.embed_dim
-        # probe: MAE's linprobe head; full: MAE's global-pool fine-tuning head.
-        self.pool = "token" if (mode == "probe" and encoder.cls_token is not None) else "avg"
+        if pool not in (None, *POOLS):
+            raise ConfigError(f"pool={pool!r}: choose {' or '.join(POOLS)}")
+        # Default: MAE's linprobe head (class token) and global-pool fine-tuning head.
+        self.pool = pool or ("token" if mode == "probe" else "avg")
+        if encoder.cls_token is None:
+            self.pool = "avg"
         self.bn: nn.Module = nn.BatchNorm1d(D, affine=False, eps=1e-6) if mode == "probe" else nn.Identity()
         self.drop = nn.Dropout(dropout) if mode == "full" and dropout > 0 else nn.Identity()
         self.head = nn.Linear(D, num_classes)

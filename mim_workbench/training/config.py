@@ -102,12 +102,13 @@ class PretrainConfig:
     ``batch_size`` is the *global* batch of one forward pass: under torchrun each of
     the N processes takes ``batch_size / N`` samples of it, so a run gives the same
     result on 1 or N processes.  One optimiser step consumes ``batch_size *
-    accum_steps`` samples, and with ``lr=None`` the learning rate is
-    ``blr * batch_size * accum_steps / 256`` (the MAE linear scaling rule).
+    accum_steps`` samples, and with ``lr=None`` the learning rate is ``blr`` scaled to
+    that batch by ``lr_scaling`` (see ``absolute_lr``).
 
-    The learning-rate schedule spans ``epochs``; ``max_steps`` and ``time_budget_s``
-    only stop the run early (with a checkpoint), so a run cut short and resumed
-    follows the same schedule as an uninterrupted one.
+    The learning-rate schedule spans ``epochs``; ``max_steps`` only stops the run early
+    (with a checkpoint), so a run cut short and resumed follows the same schedule as an
+    uninterrupted one.  With ``time_budget_s`` the schedule is planned, from the measured
+    step time, to end with the budget (never longer than ``epochs``).
     """
 
     # data and run directory
@@ -151,6 +152,7 @@ class PretrainConfig:
     batch_size: int = 16
     accum_steps: int = 1
     blr: float = 1.5e-4
+    lr_scaling: str = "linear"             # how blr scales with the batch: "linear" (MAE) or "sqrt" (Adam's rule)
     lr: float | None = None
     min_lr: float = 0.0
     weight_decay: float = 0.05
@@ -258,6 +260,8 @@ class PretrainConfig:
             _bad(self, "crops_per_image", "must be a positive integer")
         if not 0.0 <= self.crop_region_fraction <= 1.0:
             _bad(self, "crop_region_fraction", "must be a fraction in [0, 1]")
+        if self.lr_scaling not in ("linear", "sqrt"):
+            _bad(self, "lr_scaling", "choose linear or sqrt")
         if self.preset is not None and self.preset not in PRESETS:
             _bad(self, "preset", f"choose one of {', '.join(PRESETS)}")
         if self.region_preset is not None:
@@ -291,8 +295,17 @@ class PretrainConfig:
         return self.batch_size * self.accum_steps
 
     def absolute_lr(self) -> float:
-        """``lr`` when given, else the MAE scaling rule ``blr * effective batch / 256``."""
-        return self.lr if self.lr is not None else self.blr * self.effective_batch / 256.0
+        """``lr`` when given, else ``blr`` scaled from a batch of 256 to the effective batch.
+
+        ``linear`` is MAE's rule (``blr * batch / 256``), made for batches of thousands: at a
+        batch of 16 it divides the rate by 16.  ``sqrt`` (``blr * sqrt(batch / 256)``) is the
+        square-root rule that keeps Adam's update noise constant (Malladi et al., NeurIPS
+        2022), which suits the small batches of a workstation.
+        """
+        if self.lr is not None:
+            return self.lr
+        ratio = self.effective_batch / 256.0
+        return self.blr * (math.sqrt(ratio) if self.lr_scaling == "sqrt" else ratio)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -115,6 +115,7 @@ class FinetuneConfig:
     label_smoothing: float | None = None
     drop_path: float | None = None         # full mode only
     dropout: float = 0.0                   # before the head, full mode only
+    pool: str | None = None                # image feature: "token" or "avg"; None: token (probe), avg (full)
     warmup_epochs: float | None = None
     balance: str = "weights"
     patience: int | None = None            # epochs without a better validation loss; 0 = never stop early
@@ -153,6 +154,8 @@ class FinetuneConfig:
         check_field_types(self)  # wrong types first: the range checks below assume numbers
         if self.mode not in _MODE_DEFAULTS:
             bad("mode", "choose probe or full")
+        if self.pool not in (None, "token", "avg"):
+            bad("pool", "choose token or avg")
         if not (0.0 < self.fraction <= 1.0):
             bad("fraction", "must be in (0, 1]")
         for name in ("val_fraction", "test_fraction"):
@@ -354,7 +357,7 @@ class _Finetune:
                                    drop_path_rate=drop_path)
         self.notes += self.loaded.notes
         self.model_cfg = self.loaded.model_config
-        model = Classifier(self.loaded.encoder, len(self.classes), cfg.mode, dropout=cfg.dropout)
+        model = Classifier(self.loaded.encoder, len(self.classes), cfg.mode, dropout=cfg.dropout, pool=cfg.pool)
         self.model = model.to(self.device)
         self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.use_features = cfg.mode == "probe" and not cfg.augment
@@ -396,7 +399,7 @@ class _Finetune:
         """Pooled frozen-encoder features ``[n, D]`` and labels ``[n]`` (cached by sample id)."""
         from torch.utils.data import DataLoader
 
-        key = f"{self.loaded.source}|{json.dumps(self.model_cfg.to_dict(), sort_keys=True)}"
+        key = f"{self.loaded.source}|{self.model.pool}|{json.dumps(self.model_cfg.to_dict(), sort_keys=True)}"
         if self.cache is not None:
             self.cache.bind(key)
         store = self.cache.features if self.cache is not None else {}

@@ -51,6 +51,7 @@ from .sampler import LocalBatches, StepPlan
 _MASK_SEED_OFFSET = 1
 _VAL_SEED_OFFSET = 4_242
 _PREVIEW_SEED_OFFSET = 9_999
+_PLAN_AFTER_STEPS = 3      # step times before this are warm-up (allocation, compilation)
 
 
 def pretrain(config: PretrainConfig, on_event: EventHandler | None = None,
@@ -343,7 +344,8 @@ class _Trainer:
         self.plan = StepPlan(n=len(self.train_ds), batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,
                              seed=cfg.seed, world_size=self.dist.world_size, rank=self.dist.rank)
         spe = self.plan.steps_per_epoch
-        self.total_steps = cfg.epochs * spe
+        self.full_steps = cfg.epochs * spe          # the schedule when time is no constraint
+        self.total_steps = self.full_steps
         self.warmup_steps = min(self.total_steps, int(round(cfg.warmup_epochs * spe)))
         self.stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
         # Masks for training come from one generator shared (identically seeded) by all
@@ -373,6 +375,9 @@ class _Trainer:
             self.last_val = metrics.get("val_loss")
             self._elapsed_before = float(metrics.get("elapsed_s") or 0.0)
             self.last_checkpoint = str(resume.path)
+            planned = resume.meta.get("schedule")
+            if planned and cfg.time_budget_s is not None:
+                self._set_schedule(int(planned["total_steps"]), int(planned["warmup_steps"]))
         self.mask_opts = {**self.model.mask_options(cfg.strategy), **cfg.mask_options}
 
     def _setup_run_dir(self, cfg: PretrainConfig, resume: ckpt_mod.Checkpoint | None) -> None:
@@ -390,6 +395,29 @@ class _Trainer:
             (rd / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n",
                                             encoding="utf-8")
             self.metrics = MetricsLog(rd / "metrics.csv", resume_step=self.step if same_dir else None)
+
+    def _set_schedule(self, total: int, warmup: int) -> None:
+        self.total_steps, self.warmup_steps = total, min(total, warmup)
+        self.stop_at = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    def _plan_to_budget(self) -> None:
+        """Fit the learning-rate schedule into what is left of ``time_budget_s``.
+
+        Cut off by a time budget, a schedule planned in epochs stops with its learning rate
+        still high, which wastes most of what was learned late.  From the measured (smoothed)
+        step time the schedule is re-planned after every step to end with the budget (never
+        longer than ``epochs``); warm-up keeps its share of the schedule until it is over.
+        """
+        budget = self.cfg.time_budget_s
+        if budget is None or self._step_s is None or self.step < _PLAN_AFTER_STEPS or self._step_s <= 0:
+            return
+        left = max(0.0, budget - self._t_active)
+        total = max(self.step, min(self.full_steps, self.step + int(left / self._step_s)))
+        warmup = self.warmup_steps
+        if self.step < warmup:   # still warming up: the warm-up keeps its share of the new schedule
+            share = min(self.full_steps, round(self.cfg.warmup_epochs * self.plan.steps_per_epoch)) / self.full_steps
+            warmup = max(self.step + 1, int(round(share * total)))
+        self._set_schedule(total, warmup)
 
     # ------------------------------------------------------------------ run
     def run(self) -> RunResult:
@@ -451,7 +479,9 @@ class _Trainer:
                 if epoch_done:
                     break  # next epoch: new order, new loader
         self._flush(history)
-        return ("max_steps" if self.stop_at < self.total_steps else "completed"), saved_at
+        if self.stop_at < self.total_steps:
+            return "max_steps", saved_at
+        return ("time_budget" if self.total_steps < self.full_steps else "completed"), saved_at
 
     def _after_step(self, step: _QueuedStep, history: list[dict[str, Any]]) -> tuple[bool, bool]:
         """Queue ``step``'s numbers for later, or read and report them now with what falls due at
@@ -725,6 +755,7 @@ class _Trainer:
                            lr=row["lr"], images_per_s=row["images_per_s"], eta_s=eta, val_loss=row["val_loss"],
                            skipped_steps=self.skipped, message=row["message"],
                            unreadable=tuple(row.get("unreadable") or ())))
+        self._plan_to_budget()
         limit = self.cfg.max_nonfinite_steps
         if limit and self._nonfinite_run >= limit:
             first = row["step"] - self._nonfinite_run + 1
@@ -808,6 +839,7 @@ class _Trainer:
                 "rng": ckpt_mod.capture_rng_state(self.mask_gen),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "dataset_signature": self.data_signature,
+                "schedule": {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps},
                 "world_size": self.dist.world_size,
                 "metrics": {"loss": self.last_loss, "val_loss": self.last_val, "skipped_steps": self.skipped,
                             "elapsed_s": self._elapsed_before + self._t_active},
