@@ -49,9 +49,32 @@ RECIPES: dict[str, list[str]] = {
     "blr1.5e-3-ratio0.6": ["--blr", "1.5e-3", "--ratio", "0.6"],
     "blr1.5e-3-112px-ratio0.6": ["--blr", "1.5e-3", "--img-size", "112", "--ratio", "0.6"],
     "scratch-112px": [],
+    # Schedules planned to end with the time budget (the loop does so whenever --time-budget is
+    # given; --epochs 200 only bounds it): the budget, not an epoch count, decides the length.
+    "planned-blr1.5e-3-112px": ["--blr", "1.5e-3", "--img-size", "112", "--epochs", "200"],
+    "planned-sqrt-blr4e-4-112px": ["--lr-scaling", "sqrt", "--blr", "4e-4", "--img-size", "112", "--epochs", "200"],
+    "planned-sqrt-blr8e-4-112px": ["--lr-scaling", "sqrt", "--blr", "8e-4", "--img-size", "112", "--epochs", "200"],
+    "planned-sqrt-blr4e-4-112px-patch8": ["--lr-scaling", "sqrt", "--blr", "4e-4", "--img-size", "112",
+                                          "--patch-size", "8", "--epochs", "200"],
+    "planned-sqrt-blr4e-4-64px-patch8": ["--lr-scaling", "sqrt", "--blr", "4e-4", "--img-size", "64",
+                                         "--patch-size", "8", "--epochs", "400"],
+    "planned-simmim-sqrt-blr4e-4-112px": ["--method", "simmim", "--lr-scaling", "sqrt", "--blr", "4e-4",
+                                          "--img-size", "112", "--epochs", "200"],
+    "scratch-112px-patch8": [],
+    "scratch-64px-patch8": [],
 }
 #: scratch baselines probe a random encoder with these finetune flags
-SCRATCH_FLAGS = {"scratch": [], "scratch-112px": ["--img-size", "112"]}
+SCRATCH_FLAGS = {"scratch": [], "scratch-112px": ["--img-size", "112"],
+                 "scratch-112px-patch8": ["--img-size", "112", "--patch-size", "8"],
+                 "scratch-64px-patch8": ["--img-size", "64", "--patch-size", "8"]}
+
+
+def scratch_for(recipe: str) -> str:
+    """The random-encoder baseline with the recipe's input size and patch size."""
+    for size in ("64px-patch8", "112px-patch8", "112px"):
+        if size in recipe:
+            return f"scratch-{size}"
+    return "scratch"
 
 
 def cli(code: Path | None = None) -> list[str]:
@@ -113,7 +136,8 @@ def pretrain(name: str, args, env) -> dict:
     vals = [r for r in rows if r.get("val_loss")]
     info = {"recipe": name, "flags": RECIPES[name], "pretrain_steps": int(last["step"]),
             "final_loss": float(last["loss"]), "final_val_loss": float(vals[-1]["val_loss"]) if vals else None,
-            "lr_peak": cfg.get("lr") or float(cfg["blr"]) * int(cfg["batch_size"]) * int(cfg.get("accum_steps", 1)) / 256,
+            "lr_peak": float(log.read_text().split(" lr ")[1].split()[0].rstrip(",")) if " lr " in log.read_text()
+            else cfg.get("lr") or float(cfg["blr"]) * int(cfg["batch_size"]) * int(cfg.get("accum_steps", 1)) / 256,
             "lr_last": float(last["lr"]), "epochs_scheduled": cfg.get("epochs"),
             "img_size": cfg.get("img_size"), "train_s": float(last["elapsed_s"]),
             "pretrain_wall_s": round(wall, 1) if wall else None,
@@ -124,15 +148,16 @@ def pretrain(name: str, args, env) -> dict:
 
 
 def probe(name: str, source: list[str], task: str, data: Path, fraction: float, seed: int,
-          args, env, test_ids: list[str] | None) -> dict:
-    out = args.work / "runs" / name / "ft" / f"{task}-f{fraction:g}-s{seed}"
+          args, env, test_ids: list[str] | None, pool: str = "token") -> dict:
+    tail = "" if pool == "token" else f"-{pool}"
+    out = args.work / "runs" / name / "ft" / f"{task}-f{fraction:g}-s{seed}{tail}"
     mfile = out / "metrics.json"
     wall = None
     if not mfile.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = cli(args.code) + ["finetune", "--mode", "probe", "--data", str(data), "--out", str(out),
                        "--fraction", str(fraction), "--seed", str(seed), "--split-seed", "0",
-                       "--threads", str(args.threads), "--quiet"] + source
+                       "--threads", str(args.threads), "--pool", pool, "--quiet"] + source
         wall = round(run(cmd, out.parent / f"{out.name}.log", env), 1)
     m = json.loads(mfile.read_text())
     # the split is recorded in the checkpoint's meta.json, not in metrics.json
@@ -157,26 +182,35 @@ def screen(args) -> None:
              ("kermany", args.kermany, args.kermany_fractions, None)]
     done = {(r["recipe"], r["task"], r["fraction"], r["seed"]) for r in read_jsonl(args.jsonl)}
     for name in args.recipes:
-        if name in SCRATCH_FLAGS:
-            info = {"recipe": name, "flags": SCRATCH_FLAGS[name], "pretrain_steps": 0, "final_loss": None,
-                    "lr_peak": None}
-            source = ["--checkpoint", "scratch"] + SCRATCH_FLAGS[name]
-        else:
-            info = pretrain(name, args, env)
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: {info['pretrain_steps']} steps, "
-                  f"loss {info['final_loss']:.4f}, lr {info['lr_peak']:.3g}", flush=True)
-            source = ["--checkpoint", str(args.work / "runs" / name)]
-        for seed in args.seeds:
-            for task, data, fractions, ids in tasks:
-                for fraction in fractions:
-                    if (name, task, fraction, seed) in done:
-                        continue
-                    row = {**info, **probe(name, source, task, data, fraction, seed, args, env, ids)}
-                    print(f"[{time.strftime('%H:%M:%S')}]   {task} f={fraction:g} seed {seed}: "
-                          f"AUC {row['auc']:.4f} ({row['probe_wall_s']} s)", flush=True)
-                    with open(args.jsonl, "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                    done.add((name, task, fraction, seed))
+        for pool in args.pools:
+            _screen_recipe(name, pool, args, env, tasks, done)
+
+
+def _screen_recipe(name: str, pool: str, args, env, tasks, done) -> None:
+    """Pretrain one recipe (once) and probe it with one pooling; rows are named RECIPE+POOL
+    for pools other than the class token."""
+    label = name if pool == "token" else f"{name}+{pool}"
+    if name in SCRATCH_FLAGS:
+        info = {"recipe": name, "flags": SCRATCH_FLAGS[name], "pretrain_steps": 0, "final_loss": None,
+                "lr_peak": None}
+        source = ["--checkpoint", "scratch"] + SCRATCH_FLAGS[name]
+    else:
+        info = pretrain(name, args, env)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {info['pretrain_steps']} steps, "
+              f"loss {info['final_loss']:.4f}, lr {info['lr_peak']:.3g}", flush=True)
+        source = ["--checkpoint", str(args.work / "runs" / name)]
+    for seed in args.seeds:
+        for task, data, fractions, ids in tasks:
+            for fraction in fractions:
+                if (label, task, fraction, seed) in done:
+                    continue
+                row = {**info, "recipe": label, "pool": pool,
+                       **probe(name, source, task, data, fraction, seed, args, env, ids, pool)}
+                print(f"[{time.strftime('%H:%M:%S')}]   {task} f={fraction:g} seed {seed}: "
+                      f"AUC {row['auc']:.4f} ({row['probe_wall_s']} s)", flush=True)
+                with open(args.jsonl, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                done.add((label, task, fraction, seed))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -212,7 +246,7 @@ def report(rows: list[dict]) -> str:
             loss = f"{first['final_loss']:.4f}" if first.get("final_loss") is not None else "–"
             lr = f"{first['lr_peak']:.3g}" if first.get("lr_peak") else "–"
             cells = []
-            ref = "scratch-112px" if "112px" in name else "scratch"
+            ref = scratch_for(name) + (f"+{name.split('+')[1]}" if "+" in name else "")
             for f in fracs:
                 txt, _ = cell([r["auc"] for r in rr if r["fraction"] == f])
                 # gain: mean over the seeds both runs have of (recipe AUC - scratch AUC), paired by seed
@@ -242,6 +276,7 @@ def main() -> None:
                    "simmim-blr1.5e-3,blr1.5e-3-112px-ratio0.6,blr5e-3-warmup0.25-112px",
                    help=f"comma list of {', '.join(RECIPES)} (default: the 2026-12-02 screen)")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--pools", default="token", help="probe features, comma list of token,avg")
     p.add_argument("--fractions", default="0.01,0.1", help="covid19 label fractions")
     p.add_argument("--kermany-fractions", default="0.01,0.1")
     p.add_argument("--jsonl", type=Path, default=here / "results" / "recipe-screen-2026-12-02.jsonl")
@@ -252,6 +287,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown recipe(s): {unknown}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.pools = [x.strip() for x in args.pools.split(",") if x.strip()]
     args.fractions = [float(f) for f in args.fractions.split(",")]
     args.kermany_fractions = [float(f) for f in args.kermany_fractions.split(",")]
     if not args.report_only:

@@ -406,7 +406,7 @@ class _Trainer:
         Cut off by a time budget, a schedule planned in epochs stops with its learning rate
         still high, which wastes most of what was learned late.  From the measured (smoothed)
         step time the schedule is re-planned after every step to end with the budget (never
-        longer than ``epochs``); warm-up keeps its share of the schedule until it is over.
+        longer than ``epochs``); the warm-up is as long as asked, at most a quarter of it.
         """
         budget = self.cfg.time_budget_s
         if budget is None or self._step_s is None or self.step < _PLAN_AFTER_STEPS or self._step_s <= 0:
@@ -414,9 +414,9 @@ class _Trainer:
         left = max(0.0, budget - self._t_active)
         total = max(self.step, min(self.full_steps, self.step + int(left / self._step_s)))
         warmup = self.warmup_steps
-        if self.step < warmup:   # still warming up: the warm-up keeps its share of the new schedule
-            share = min(self.full_steps, round(self.cfg.warmup_epochs * self.plan.steps_per_epoch)) / self.full_steps
-            warmup = max(self.step + 1, int(round(share * total)))
+        if self.step < warmup:   # still warming up: as asked, but at most a quarter of a short schedule
+            asked = int(round(self.cfg.warmup_epochs * self.plan.steps_per_epoch))
+            warmup = max(self.step + 1, min(asked, total // 4))
         self._set_schedule(total, warmup)
 
     # ------------------------------------------------------------------ run
