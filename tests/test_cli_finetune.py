@@ -32,8 +32,10 @@ def test_registers_beside_the_existing_commands():
 def test_finetune_then_predict(tmp_path, capsys):
     torch.set_num_threads(1)
     rc = main(["finetune", "--checkpoint", "scratch", "--data", str(SAMPLE), "--out", str(tmp_path / "ft"),
-               "--mode", "full", "--epochs", "2", "--batch-size", "4", "--threads", "1", "--quiet", *ARCH])
+               "--mode", "full", "--pool", "token", "--epochs", "2", "--batch-size", "4", "--threads", "1", "--quiet",
+               *ARCH])
     assert rc == 0
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["pool"] == "token"
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     m = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert out["accuracy"] == m["accuracy"] and {"auc", "ap"} <= set(m) and m["split"] == "test"

@@ -122,7 +122,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
                               "device": args.device, **arch_values(args)}
     for k in ("masks", "epochs", "lr", "weight_decay", "layer_decay", "label_smoothing", "drop_path", "balance",
               "patience", "augment", "val_fraction", "test_fraction", "split_seed", "positive_class", "threads",
-              "max_steps"):
+              "max_steps", "pool"):
         if getattr(args, k) is not None:
             values[k] = getattr(args, k)
     if args.time_budget is not None:
