@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +215,54 @@ def test_full_finetuning_caches_decoded_images_without_changing_the_result(tmp_p
     assert [h["loss"] for h in cached.history] == [h["loss"] for h in plain.history]
     a, b = load_checkpoint(tmp_path / "plain").model_state(), load_checkpoint(tmp_path / "cached").model_state()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- external test set
+def _split_collection(root: Path) -> tuple[Path, Path]:
+    """The sample collection cut in two by patient: a labelled set and an 'external' one."""
+    rows = list(csv.DictReader(open(SAMPLE / "labels.csv")))
+    parts = {"labelled": [], "external": []}
+    by_class: dict[str, list[dict]] = {}
+    for r in rows:
+        by_class.setdefault(r["label"], []).append(r)
+    for members in by_class.values():
+        for k, r in enumerate(members):
+            parts["external" if k % 3 == 0 else "labelled"].append(r)
+    out = []
+    for name, members in parts.items():
+        d = root / name
+        (d / "images").mkdir(parents=True)
+        for r in members:
+            shutil.copy(SAMPLE / "images" / f"{r['id']}.png", d / "images" / f"{r['id']}.png")
+        with open(d / "labels.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(members)
+        out.append(d)
+    return out[0], out[1]
+
+
+def test_external_test_set_is_scored_never_trained_on(tmp_path):
+    labelled, external = _split_collection(tmp_path)
+    res = finetune(FinetuneConfig(data=str(labelled), test_data=str(external), checkpoint=None, mode="probe",
+                                  out=str(tmp_path / "ft"), epochs=5, batch_size=4, threads=1, **TINY_ARCH))
+    ext_ids = {p.stem for p in (external / "images").glob("*.png")}
+    assert res.external_metrics is not None and res.external_metrics["n"] == len(ext_ids)
+    assert set(res.predictions["external"]["ids"]) == ext_ids
+    ck = load_checkpoint(tmp_path / "ft", kind="finetune")
+    trained_on = set(ck.meta["splits"]["train"]) | set(ck.meta["splits"]["val"])
+    assert not trained_on & ext_ids
+    saved = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert saved["external"]["auc"] == res.external_metrics["auc"] and saved["n_external"] == len(ext_ids)
+    rows = list(csv.DictReader(open(tmp_path / "ft" / "predictions.csv")))
+    assert {r["split"] for r in rows} >= {"test", "external"}
+    assert {"p_COVID-19", "p_Other pneumonia"} <= set(rows[0])
+
+
+def test_an_external_set_with_other_classes_is_refused(tmp_path):
+    labelled, external = _split_collection(tmp_path)
+    text = (external / "labels.csv").read_text().replace("Other pneumonia", "Tuberculosis")
+    (external / "labels.csv").write_text(text)
+    with pytest.raises(ConfigError, match="Tuberculosis.*not among the training classes"):
+        finetune(FinetuneConfig(data=str(labelled), test_data=str(external), checkpoint=None, mode="probe",
+                                out=str(tmp_path / "ft"), epochs=1, batch_size=4, threads=1, **TINY_ARCH))

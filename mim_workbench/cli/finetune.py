@@ -71,6 +71,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, full mode (default 0.75)")
     p.add_argument("--label-smoothing", type=float, help="default 0 probe / 0.1 full")
     p.add_argument("--drop-path", type=float, help="full mode (default 0.1)")
+    p.add_argument("--test-data", metavar="PATH",
+                   help="an external labelled set (another hospital): scored as 'external', never trained on")
     p.add_argument("--pool", choices=("token", "avg"),
                    help="image feature: class token or mean of the patch tokens (default token probe, avg full)")
     p.add_argument("--balance", choices=("weights", "sampler", "none"), help="class imbalance (default weights)")
@@ -122,7 +124,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
                               "device": args.device, **arch_values(args)}
     for k in ("masks", "epochs", "lr", "weight_decay", "layer_decay", "label_smoothing", "drop_path", "balance",
               "patience", "augment", "val_fraction", "test_fraction", "split_seed", "positive_class", "threads",
-              "max_steps", "pool"):
+              "max_steps", "pool", "test_data"):
         if getattr(args, k) is not None:
             values[k] = getattr(args, k)
     if args.time_budget is not None:

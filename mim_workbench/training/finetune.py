@@ -97,6 +97,7 @@ class FinetuneConfig:
     test_fraction: float = 0.2
     split_seed: int = 0                    # the patient split (fixed across seeds of an evaluation)
     exclude_ids: list[str] = field(default_factory=list)
+    test_data: str | None = None           # an external labelled set (another hospital): scored, never trained on
     # architecture of a scratch encoder (ignored with a checkpoint, except img_size)
     model: str = "vit_tiny_patch16_224"
     img_size: tuple[int, int] | None = None   # None: the checkpoint's (224 from scratch)
@@ -233,6 +234,9 @@ class FinetuneResult:
     n_test: int
     history: list[dict[str, Any]] = field(default_factory=list)   # one row per epoch
     notes: list[str] = field(default_factory=list)
+    external_metrics: dict[str, Any] | None = None   # on ``test_data``, when given
+    #: per scored set ("test", "val", "external"): {"ids": [...], "labels": [n], "probs": [n, K]}
+    predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class FeatureCache:
@@ -293,6 +297,8 @@ class _Finetune:
         self.cache = feature_cache
         self.checkpoint: str | None = None
         self.notes: list[str] = []
+        self.external_metrics: dict[str, Any] | None = None
+        self.predictions: dict[str, dict[str, Any]] = {}
         self.run_dir = Path(cfg.out).expanduser()
         from ..models.checkpoint import list_checkpoints
 
@@ -313,7 +319,7 @@ class _Finetune:
     # ------------------------------------------------------------------ data
     def _setup_data(self) -> None:
         from ..io.datasets import discover, patient_split
-        from .labels import label_subset
+        from .labels import external_set, label_subset
 
         cfg = self.cfg
         index = discover(cfg.data, masks=cfg.masks)
@@ -344,6 +350,7 @@ class _Finetune:
                           f"test {len(self.test_samples)} images")
         if not self.val_samples:
             self.notes.append("no validation split: no early stopping, the last epoch is kept")
+        self.external_samples = external_set(cfg.test_data, classes) if cfg.test_data else []
 
     # ------------------------------------------------------------------ model
     def _setup_model(self) -> None:
@@ -449,10 +456,12 @@ class _Finetune:
             self.train_data = self._features(self.train_samples)
             self.val_data = self._features(self.val_samples) if self.val_samples else None
             self.test_data = self._features(self.test_samples) if self.test_samples else None
+            self.external_data = self._features(self.external_samples) if self.external_samples else None
         else:
             self.train_ds = self._dataset(self.train_samples, augment=bool(cfg.augment))
             self.val_data = self._dataset(self.val_samples, augment=False) if self.val_samples else None
             self.test_data = self._dataset(self.test_samples, augment=False) if self.test_samples else None
+            self.external_data = self._dataset(self.external_samples, augment=False) if self.external_samples else None
         setup_s = time.perf_counter() - t_setup
         self.plan = StepPlan(n=len(self.train_samples), batch_size=cfg.batch_size, accum_steps=1, seed=cfg.seed)
         self.spe = self.plan.steps_per_epoch
@@ -664,6 +673,7 @@ class _Finetune:
             best_epoch = history[-1]["epoch"] if history else None
         metrics, eval_split, val_metrics = self._final_metrics()
         self._write_history(history)
+        self._write_predictions()
         path = self._save_model(max(1, best_step), best_epoch, metrics, val_metrics)
         summary = {
             "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc"), "ap": metrics.get("ap"),
@@ -672,6 +682,7 @@ class _Finetune:
             "seed": cfg.seed, "n_train": len(self.train_samples), "n_val": len(self.val_samples),
             "n_test": len(self.test_samples), "best_epoch": best_epoch, "epochs_run": len(history),
             "reason": reason, "checkpoint": str(path), "encoder": self.loaded.describe(), "notes": self.notes,
+            "external": self.external_metrics, "n_external": len(self.external_samples),
         }
         (self.run_dir / "metrics.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n", encoding="utf-8")
         if reason in ("completed", "early_stopped"):
@@ -681,15 +692,18 @@ class _Finetune:
                               val_metrics=val_metrics, classes=self.classes, reason=reason, best_epoch=best_epoch,
                               epochs_run=len(history), n_train=len(self.train_samples),
                               n_val=len(self.val_samples), n_test=len(self.test_samples), history=history,
-                              notes=list(self.notes))
+                              notes=list(self.notes), external_metrics=self.external_metrics,
+                              predictions=dict(self.predictions))
 
     def _final_metrics(self) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
         """(metrics with their ``split``, that split's name, validation metrics or None) of the
         current weights: on the test split, else the validation split, else the training images."""
         self.model.eval()
-        val_metrics = self._score(self.val_data) if self.val_data is not None else None
+        val_metrics = self._score(self.val_data, "val") if self.val_data is not None else None
+        if self.external_data is not None:
+            self.external_metrics = self._score(self.external_data, "external")
         if self.test_data is not None:
-            metrics, eval_split = self._score(self.test_data), "test"
+            metrics, eval_split = self._score(self.test_data, "test"), "test"
         elif val_metrics is not None:
             metrics, eval_split = val_metrics, "val"
             self.notes.append("no test split: metrics are on the validation split (used for early stopping)")
@@ -754,11 +768,25 @@ class _Finetune:
         loss = float((w * nll).sum() / w.sum()) if w.sum() > 0 else float(nll.mean())
         return loss, float((probs.argmax(1) == labels).mean())
 
-    def _score(self, data: Any) -> dict[str, Any]:
+    def _score(self, data: Any, split: str | None = None) -> dict[str, Any]:
+        """Metrics of the current weights on ``data``; with ``split``, its per-image predictions are kept."""
         from .metrics_cls import classification_metrics
 
         probs, labels = self._predict(data)
+        if split is not None:
+            samples = {"val": self.val_samples, "test": self.test_samples, "external": self.external_samples}[split]
+            self.predictions[split] = {"ids": [s.id for s in samples], "labels": labels, "probs": probs}
         return classification_metrics(labels, probs, self.classes, positive=self.cfg.positive_class)
+
+    def _write_predictions(self) -> None:
+        """``predictions.csv``: one row per scored image (split, id, label, a probability per class)."""
+        cols = ["split", "id", "label"] + [f"p_{c}" for c in self.classes]
+        with open(self.run_dir / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(cols)
+            for split, rec in self.predictions.items():
+                for i, y, p in zip(rec["ids"], rec["labels"], rec["probs"]):
+                    w.writerow([split, i, self.classes[int(y)], *(f"{v:.6g}" for v in p)])
 
     def _write_history(self, history: list[dict[str, Any]]) -> None:
         cols = ["epoch", "step", "loss", "val_loss", "val_accuracy", "lr", "elapsed_s"]

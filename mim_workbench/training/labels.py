@@ -65,4 +65,23 @@ def balanced_indices(labels: Sequence[int], n: int, generator: torch.Generator) 
     return torch.multinomial(w, n, replacement=True, generator=generator)
 
 
-__all__ = ["TABLE_FRACTIONS", "balanced_indices", "class_counts", "class_weights", "label_subset"]
+def external_set(path: str, classes: Sequence[str]) -> list[Any]:
+    """The labelled images of an external test set (another hospital), checked against the
+    training ``classes``: each of its classes must be one the model knows, and it needs two."""
+    from ..io.datasets import discover
+
+    index = discover(path)
+    samples = [s for s in index.samples if s.label is not None]
+    found = sorted({str(s.label) for s in samples})
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise ConfigError(f"test_data={path!r}: class(es) {', '.join(unknown)} are not among the training classes "
+                          f"({', '.join(classes)}); an external test set uses the same class names")
+    if len(found) < 2:
+        raise ConfigError(f"test_data={path!r}: an external test set needs images of at least two classes, found "
+                          f"{len(found)} ({', '.join(found) or 'no labels'})")
+    return samples
+
+
+
+__all__ = ["TABLE_FRACTIONS", "balanced_indices", "class_counts", "class_weights", "external_set", "label_subset"]
