@@ -6,6 +6,8 @@ steps take about a second on a laptop CPU.
 
 from __future__ import annotations
 
+import csv
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,27 @@ def tiny_classifier(out: str | Path, data: str | Path = SAMPLE, *, epochs: int =
     result = finetune(FinetuneConfig(data=str(data), out=str(out), mode="probe", epochs=epochs, img_size=(64, 64),
                                      patch_size=8, embed_dim=32, depth=1, num_heads=2, device="cpu", threads=1))
     return str(result.checkpoint)
+
+
+def split_collection(root: Path) -> tuple[Path, Path]:
+    """The sample collection cut in two by patient: a labelled set and an 'external' one."""
+    rows = list(csv.DictReader(open(SAMPLE / "labels.csv")))
+    parts = {"labelled": [], "external": []}
+    by_class: dict[str, list[dict]] = {}
+    for r in rows:
+        by_class.setdefault(r["label"], []).append(r)
+    for members in by_class.values():
+        for k, r in enumerate(members):
+            parts["external" if k % 3 == 0 else "labelled"].append(r)
+    out = []
+    for name, members in parts.items():
+        d = root / name
+        (d / "images").mkdir(parents=True)
+        for r in members:
+            shutil.copy(SAMPLE / "images" / f"{r['id']}.png", d / "images" / f"{r['id']}.png")
+        with open(d / "labels.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(members)
+        out.append(d)
+    return out[0], out[1]

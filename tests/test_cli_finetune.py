@@ -17,8 +17,8 @@ ARCH = ["--img-size", "64", "--embed-dim", "64", "--depth", "2", "--num-heads", 
 
 
 def test_commands_are_add_functions():
-    assert [f.__name__ for f in FINETUNE_COMMANDS] == ["_add_finetune", "_add_predict", "_add_evaluate",
-                                                     "_add_dense_train", "_add_dense_predict"]
+    assert [f.__name__ for f in FINETUNE_COMMANDS] == ["_add_finetune", "_add_predict", "_add_dense_train",
+                                                     "_add_dense_predict"]
 
 
 def test_registers_beside_the_existing_commands():
@@ -71,17 +71,6 @@ def test_dense_train_and_predict(tmp_path, capsys):
                  "--out", str(tmp_path / "dpf")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "dpf" / "predictions.csv")))
     assert len(rows) == 12 and "fraction_lung" in rows[0]
-
-
-def test_evaluate_cli(tmp_path, capsys):
-    torch.set_num_threads(1)
-    rc = main(["evaluate", "--data", str(SAMPLE), "--out", str(tmp_path / "ev"), "--fractions", "0.5,1",
-               "--seeds", "1", "--budget-minutes", "0.02", "--variants", "scratch,mae", "--epochs", "5",
-               "--batch-size", "4", "--threads", "1", "--decoder-dim", "32", "--decoder-depth", "1",
-               "--decoder-heads", "2", "--quiet", *ARCH])
-    assert rc == 0
-    assert "## Macro AUC" in capsys.readouterr().out
-    assert (tmp_path / "ev" / "table.md").is_file() and (tmp_path / "ev" / "plot.png").is_file()
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _mim_tiny import SAMPLE, tiny
+from _mim_tiny import SAMPLE, split_collection, tiny
 
 from mim_workbench.errors import CheckpointError, ConfigError
 from mim_workbench.models import ModelConfig, build_model, export_encoder
@@ -218,32 +216,8 @@ def test_full_finetuning_caches_decoded_images_without_changing_the_result(tmp_p
 
 
 # ---------------------------------------------------------------- external test set
-def _split_collection(root: Path) -> tuple[Path, Path]:
-    """The sample collection cut in two by patient: a labelled set and an 'external' one."""
-    rows = list(csv.DictReader(open(SAMPLE / "labels.csv")))
-    parts = {"labelled": [], "external": []}
-    by_class: dict[str, list[dict]] = {}
-    for r in rows:
-        by_class.setdefault(r["label"], []).append(r)
-    for members in by_class.values():
-        for k, r in enumerate(members):
-            parts["external" if k % 3 == 0 else "labelled"].append(r)
-    out = []
-    for name, members in parts.items():
-        d = root / name
-        (d / "images").mkdir(parents=True)
-        for r in members:
-            shutil.copy(SAMPLE / "images" / f"{r['id']}.png", d / "images" / f"{r['id']}.png")
-        with open(d / "labels.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(members)
-        out.append(d)
-    return out[0], out[1]
-
-
 def test_external_test_set_is_scored_never_trained_on(tmp_path):
-    labelled, external = _split_collection(tmp_path)
+    labelled, external = split_collection(tmp_path)
     res = finetune(FinetuneConfig(data=str(labelled), test_data=str(external), checkpoint=None, mode="probe",
                                   out=str(tmp_path / "ft"), epochs=5, batch_size=4, threads=1, **TINY_ARCH))
     ext_ids = {p.stem for p in (external / "images").glob("*.png")}
@@ -260,7 +234,7 @@ def test_external_test_set_is_scored_never_trained_on(tmp_path):
 
 
 def test_an_external_set_with_other_classes_is_refused(tmp_path):
-    labelled, external = _split_collection(tmp_path)
+    labelled, external = split_collection(tmp_path)
     text = (external / "labels.csv").read_text().replace("Other pneumonia", "Tuberculosis")
     (external / "labels.csv").write_text(text)
     with pytest.raises(ConfigError, match="Tuberculosis.*not among the training classes"):

@@ -1,4 +1,4 @@
-"""CLI subcommands for downstream tasks: finetune, predict, evaluate, dense-train, dense-predict.
+"""CLI subcommands for downstream tasks: finetune, predict, dense-train, dense-predict.
 
 Each entry of COMMANDS is an ``_add_<name>(sub) -> runner`` as described in
 :mod:`mim_workbench.cli`.  ``--checkpoint`` accepts what ``load_checkpoint`` accepts
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
-from .args import (ANY_DEVICE_HELP, ARCH_HELP, CPU_DEVICE_HELP, PRETRAINING_DECODER_HELP, AddCommand, Runner,
+from .args import (ANY_DEVICE_HELP, ARCH_HELP, CPU_DEVICE_HELP, AddCommand, Runner,
                    add_arch, add_checkpoint, add_data, add_device, add_image_or_data, add_out, add_quiet,
                    add_threads, add_time_budget, arch_values)
 from .control import StopOnSignal
@@ -207,86 +207,6 @@ def _run_predict_tiled(args: argparse.Namespace, device: Any) -> int:
     return 0
 
 
-# ===================================================================== evaluate
-def _parse_fractions(text: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise ConfigError(f"--fractions {text!r}: give numbers in (0, 1] separated by commas") from None
-    return vals
-
-
-def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
-    p = sub.add_parser(
-        "evaluate", help="RGMIM-style table: scratch / MAE / region-guided pretraining x label fractions x seeds",
-        description="Pretrain each variant with the same time budget, then linear-probe or fine-tune it with each "
-                    "label fraction and seed; writes results.csv, table.csv, table.md, plot.png, summary.json.",
-    )
-    add_data(p, "labelled data set (with region masks for rgmim)", masks="region-mask folder", required=True)
-    add_out(p)
-    p.add_argument("--fractions", default="0.01,0.1,1.0", help="label fractions, comma separated")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per fraction (default 3)")
-    p.add_argument("--budget-minutes", type=float, default=10.0, help="pretraining minutes per variant")
-    p.add_argument("--mode", choices=("probe", "full"), default="probe")
-    p.add_argument("--variants", default="scratch,mae,rgmim", help="subset of scratch,mae,rgmim")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the mode's)")
-    p.add_argument("--batch-size", type=int, help="batch size of pretraining and fine-tuning")
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--pretrain-config", help="JSON/TOML file of extra pretraining settings")
-    p.add_argument("--checkpoints", help="reuse pretrained encoders instead of pretraining: mae=DIR,rgmim=DIR")
-    p.add_argument("--positive-class", help="positive class of binary AUC/AP (default the second class name)")
-    add_device(p)
-    add_threads(p)
-    add_arch(p.add_argument_group("architecture", "the encoder of every variant"), decoder=PRETRAINING_DECODER_HELP)
-    add_quiet(p)
-    return _run_evaluate
-
-
-def _given_checkpoints(text: str | None) -> dict[str, str]:
-    """``--checkpoints mae=DIR,rgmim=DIR`` as {variant: path}."""
-    given: dict[str, str] = {}
-    for item in (text or "").split(","):
-        if item.strip():
-            name, sep, path = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--checkpoints {text!r}: use variant=PATH pairs, comma separated")
-            given[name.strip()] = path.strip()
-    return given
-
-
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from ..training.config import read_config_file
-    from ..training.evaluate import EvaluateConfig, evaluate
-
-    pre = dict(read_config_file(args.pretrain_config)) if args.pretrain_config else {}
-    pre.update(arch_values(args))
-    ft: dict[str, Any] = {}
-    if args.batch_size is not None:
-        pre["batch_size"] = ft["batch_size"] = args.batch_size
-    if args.epochs is not None:
-        ft["epochs"] = args.epochs
-    if args.positive_class:
-        ft["positive_class"] = args.positive_class
-    cfg = EvaluateConfig(data=args.data, checkpoints=_given_checkpoints(args.checkpoints), masks=args.masks,
-                         out=args.out, fractions=_parse_fractions(args.fractions),
-                         seeds=args.seeds, budget_minutes=args.budget_minutes, mode=args.mode,
-                         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
-                         val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                         split_seed=args.split_seed, pretrain=pre, finetune=ft, device=args.device,
-                         threads=args.threads)
-
-    def log(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
-    with StopOnSignal() as control:
-        res = evaluate(cfg, log=log, control=control)
-    print(Path(res.files["table_md"]).read_text(encoding="utf-8"))
-    return 0
-
-
 # ===================================================================== dense
 _STROKE_SUFFIXES = ("", "_strokes", "_labels", "_label")
 _STROKE_EXTS = (".png", ".tif", ".tiff", ".npy")
@@ -410,4 +330,4 @@ def _run_dense_predict(args: argparse.Namespace) -> int:
                                            tile=args.tile, map_class=None))
 
 
-COMMANDS: list[AddCommand] = [_add_finetune, _add_predict, _add_evaluate, _add_dense_train, _add_dense_predict]
+COMMANDS: list[AddCommand] = [_add_finetune, _add_predict, _add_dense_train, _add_dense_predict]

@@ -239,8 +239,13 @@ class FinetuneResult:
     predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def _feature_key(sample: Any) -> str:
+    """Features are cached by image file: ids of two data sets (labelled, external) may clash."""
+    return str(sample.image)
+
+
 class FeatureCache:
-    """Frozen-encoder features by sample id, shared by probe runs on one encoder (evaluation).
+    """Frozen-encoder features by image file, shared by probe runs on one encoder (a study).
 
     ``key`` names the encoder; a run with another key empties the cache first.
     """
@@ -406,11 +411,13 @@ class _Finetune:
         """Pooled frozen-encoder features ``[n, D]`` and labels ``[n]`` (cached by sample id)."""
         from torch.utils.data import DataLoader
 
-        key = f"{self.loaded.source}|{self.model.pool}|{json.dumps(self.model_cfg.to_dict(), sort_keys=True)}"
+        # A random encoder is drawn from the run's seed: its features are that seed's only.
+        source = f"random seed {self.cfg.seed}" if self.loaded.kind == "random" else self.loaded.source
+        key = f"{source}|{self.model.pool}|{json.dumps(self.model_cfg.to_dict(), sort_keys=True)}"
         if self.cache is not None:
             self.cache.bind(key)
         store = self.cache.features if self.cache is not None else {}
-        todo = [i for i, s in enumerate(samples) if s.id not in store]
+        todo = [i for i, s in enumerate(samples) if _feature_key(s) not in store]
         if todo:
             ds = self._dataset([samples[i] for i in todo], augment=False)
             loader = DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers)
@@ -420,10 +427,10 @@ class _Finetune:
                 with self._autocast():
                     f = self.model.features(batch["image"].to(self.device)).float().cpu()
                 for row in f:
-                    store[samples[todo[pos]].id] = row
+                    store[_feature_key(samples[todo[pos]])] = row
                     pos += 1
         label_of = {c: k for k, c in enumerate(self.classes)}
-        feats = torch.stack([store[s.id] for s in samples]) if samples else torch.zeros(0, self.model.encoder.embed_dim)
+        feats = torch.stack([store[_feature_key(s)] for s in samples]) if samples else torch.zeros(0, self.model.encoder.embed_dim)
         labels = torch.tensor([label_of[str(s.label)] for s in samples], dtype=torch.int64)
         return feats, labels
 

@@ -83,4 +83,15 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Se
     return out
 
 
-__all__ = ["classification_metrics"]
+def pixel_auc(scores: list[np.ndarray], truths: list[np.ndarray]) -> float | None:
+    """ROC AUC over all pixels of several images (score maps vs bool masks); None if one class only."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.concatenate([np.asarray(t, dtype=bool).ravel() for t in truths])
+    s = np.concatenate([np.asarray(a, dtype=np.float32).ravel() for a in scores])
+    if y.all() or not y.any():
+        return None
+    return float(roc_auc_score(y, s))
+
+
+__all__ = ["pixel_auc", "classification_metrics"]
