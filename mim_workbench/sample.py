@@ -22,6 +22,11 @@ def sample_root() -> Path:
     return mim_workbench_sample_data.root()
 
 
+def paediatric_root() -> Path:
+    """The labelled paediatric sample set (Normal / Pneumonia, 48 images): a second task to try a study on."""
+    return sample_root() / "paediatric"
+
+
 def chest_xray(sample_id: str = CHEST_XRAY_ID) -> tuple[Path, Path]:
     """Paths of one sample chest X-ray and its lung mask."""
     root = sample_root()

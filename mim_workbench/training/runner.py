@@ -73,10 +73,10 @@ class TrainingProcess:
     """
 
     def __init__(self, config: dict[str, Any], task: str = "pretrain") -> None:
-        from .tasks import TASKS
+        from .tasks import TASKS, is_task
 
-        if task not in TASKS:
-            raise ValueError(f"task={task!r}: choose one of {', '.join(TASKS)}")
+        if not is_task(task):
+            raise ValueError(f"task={task!r}: choose one of {', '.join(TASKS)} or give module:function")
         cfg = dict(config)
         # a dense job keeps its training settings one level down
         settings = cfg.setdefault("config", {}) if task == "dense" else cfg

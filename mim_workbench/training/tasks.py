@@ -63,9 +63,21 @@ class DenseJob:
                            config=cfg, out=out, on_event=on_event, control=control)
 
 
+def is_task(task: str) -> bool:
+    """One of :data:`TASKS`, or ``"package.module:function"``: a job of a higher layer (a study)
+    that takes ``(config, on_event=, control=)``; the runner only needs its name."""
+    module, sep, func = task.partition(":")
+    return task in TASKS or (bool(sep) and module.startswith("mim_workbench.") and func.isidentifier())
+
+
 def run_task(task: str, config: dict[str, Any], on_event: EventHandler | None = None,
              control: Control | None = None) -> Any:
-    """Run the job ``task`` (one of :data:`TASKS`) described by ``config``."""
+    """Run the job ``task`` (see :func:`is_task`) described by ``config``."""
+    if ":" in task and is_task(task):
+        import importlib
+
+        module, _, func = task.partition(":")
+        return getattr(importlib.import_module(module), func)(config, on_event=on_event, control=control)
     if task == "pretrain":
         from .config import PretrainConfig
         from .pretrain_loop import pretrain
@@ -80,4 +92,4 @@ def run_task(task: str, config: dict[str, Any], on_event: EventHandler | None = 
     raise ConfigError(f"task={task!r}: choose one of {', '.join(TASKS)}")
 
 
-__all__ = ["TASKS", "DenseJob", "run_task"]
+__all__ = ["TASKS", "DenseJob", "is_task", "run_task"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mim_workbench.errors import MimError
 
-DOCKS = ("Workbench", "Pretrain", "Inspect", "Fine-tune")
+DOCKS = ("Workbench", "Pretrain", "Inspect", "Fine-tune", "Evaluate")
 
 
 class LaunchError(MimError):
