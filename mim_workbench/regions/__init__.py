@@ -9,14 +9,16 @@ arrays and dask arrays are accepted too. Every preset works at a reduced
 working size (longest side 256–1024 px) and resizes its mask back with a
 smooth boundary, so any resolution is fine and a 5000 px mammogram takes well
 under a second or two. Everything ships with the package: classical image
-processing plus, for the lungs, a 64×64 statistical atlas (``lung_atlas.npz``,
-built by ``benchmarks/build_lung_atlas.py`` from CC BY data); nothing is
-downloaded and no network weights are used.
+processing plus, for the lungs, a small learned model (``lungs_model.safetensors``,
+``benchmarks/train_lungs_model.py``) and a 64×64 statistical atlas
+(``lung_atlas.npz``, ``benchmarks/build_lung_atlas.py``), both built from
+permissively licensed data; nothing is downloaded.
 
 Presets (options are keyword arguments; unknown ones raise ConfigError):
 
-- ``lungs``: frontal chest X-ray lung fields (atlas registration + intensity
-  refinement), see :mod:`mim_workbench.regions.lungs`.
+- ``lungs``: frontal chest X-ray lung fields, by the shipped learned model, or
+  with ``method="atlas"`` by atlas registration + intensity refinement; see
+  :mod:`mim_workbench.regions.lungs_model`.
 - ``breast``: mammogram breast without background and burned-in labels;
   ``exclude_pectoral=True`` removes the pectoral muscle on MLO views.
 - ``teeth``: teeth on panoramic dental X-rays.
@@ -32,13 +34,13 @@ import numpy as np
 
 from mim_workbench.errors import ConfigError
 from mim_workbench.regions.breast import propose_breast
-from mim_workbench.regions.lungs import propose_lungs
+from mim_workbench.regions.lungs_model import propose_lungs_preset
 from mim_workbench.regions.morphology import dice
 from mim_workbench.regions.teeth import propose_teeth
 from mim_workbench.regions.tissue import propose_tissue
 
 PRESETS: dict[str, Callable[..., np.ndarray]] = {
-    "lungs": propose_lungs,
+    "lungs": propose_lungs_preset,
     "breast": propose_breast,
     "teeth": propose_teeth,
     "tissue": propose_tissue,

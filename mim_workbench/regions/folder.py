@@ -11,6 +11,8 @@ written with the same settings are kept, so an interrupted run continues where i
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -103,8 +105,19 @@ def settings_record(source: str, options: dict[str, Any]) -> dict[str, Any]:
         digest = hashlib.sha256(Path(source[len(MODEL_PREFIX):]).read_bytes()).hexdigest()[:20]
         return {"source": "model", "preset": _load_model(source).config.name, "model": source[len(MODEL_PREFIX):],
                 "options": {"sha256": digest}, "mim_workbench": __version__}
-    return {"source": "preset", "preset": source, "options": dict(sorted(options.items())),
-            "mim_workbench": __version__}
+    recorded = dict(sorted(options.items()))
+    if source == "lungs" and options.get("method", "model") == "model":
+        recorded["model_sha256"] = lungs_model_digest()   # a retrained model proposes other masks
+    return {"source": "preset", "preset": source, "options": recorded, "mim_workbench": __version__}
+
+
+@lru_cache(maxsize=1)
+def lungs_model_digest() -> str:
+    import hashlib
+
+    from mim_workbench.regions.lungs_model import MODEL_FILE
+
+    return hashlib.sha256(MODEL_FILE.read_bytes()).hexdigest()[:20]
 
 
 _MODELS: dict[str, Any] = {}
@@ -144,6 +157,8 @@ def _claim_folder(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
             for old in out.glob("*.png"):
                 old.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    for partial in out.glob(".*.png"):   # a mask being written when an earlier run was killed
+        partial.unlink(missing_ok=True)
     manifest.write_text(json.dumps(settings, indent=2) + "\n")
 
 
