@@ -118,6 +118,12 @@ def test_a_second_study_reuses_the_first_ones_encoders(study, sets, tmp_path):
                             encoders=str(out / "encoders")))
     summary = json.loads(Path(res.files["summary"]).read_text())
     assert summary["pretraining"]["mae"]["reused"]
+    # another split puts images in the test set that the first study's encoders were pretrained on
+    other = run_study(_config(sets, tmp_path / "third", variants=("scratch", "mae"), fractions=(1.0,), seeds=1,
+                              encoders=str(out / "encoders"), test_fraction=0.45))
+    mae = json.loads(Path(other.files["summary"]).read_text())["pretraining"]["mae"]
+    assert not mae["reused"] and Path(mae["run_dir"]).parent == out / "encoders"
+    assert Path(mae["run_dir"]).name.startswith(Path(summary["pretraining"]["mae"]["run_dir"]).name + "-x")
 
 
 def test_the_users_own_weights_are_probed_as_they_are_and_continued(study, sets, tmp_path):

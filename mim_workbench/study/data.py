@@ -24,7 +24,7 @@ class StudyData:
     splits: dict[str, list[Sample]]          # "train" / "val" / "test" of the labelled set
     pool: str                                # what pretraining reads
     pool_ids: list[str]                      # its images (ids as the pool's index names them)
-    pool_excluded: list[str]                 # pool ids left out: labelled test images
+    pool_excluded: list[str]                 # pool ids left out: labelled test and external images
     external: list[Sample]
     hashes: dict[str, str]                   # a digest of each set's file list (paths and sizes)
     notes: list[str] = field(default_factory=list)
@@ -57,13 +57,13 @@ def prepare_data(cfg: StudyConfig) -> StudyData:
         raise ConfigError(f"the pretraining pool (unlabeled): {exc}") from None
     if not pool:
         raise ConfigError(f"unlabeled={pool_root!r}: no images found for pretraining")
-    excluded = _shared_files(pool, splits["test"])
+    excluded = _shared_files(pool, splits["test"] + external)
     if len(excluded) == len(pool):
         raise ConfigError(f"unlabeled={pool_root!r}: every pool image is a labelled test image; "
                           "nothing is left to pretrain on")
     notes = list(index.notes)
     if excluded:
-        notes.append(f"{len(excluded)} pool image(s) are labelled test images and were not pretrained on")
+        notes.append(f"{len(excluded)} pool image(s) are test or external images and were not pretrained on")
     return StudyData(classes=classes, splits=splits, pool=str(pool_root), pool_ids=[s.id for s in pool],
                      pool_excluded=excluded, external=external,
                      hashes={"labelled": file_list_digest(labelled), "pool": file_list_digest(pool),

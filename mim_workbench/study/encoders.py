@@ -1,10 +1,12 @@
 """Each variant's encoder: pretrained on the pool under one budget, reused when already done.
 
 A pretrained encoder is kept in ``<encoders>/<variant>-<key>/`` where the key hashes
-everything that decides the result (the resolved pretraining settings, the pool's file list,
-the excluded test images and the budget).  A finished one (``encoder.json`` written) is
-reused by any later study with the same key; an interrupted one resumes from its checkpoint
-with what is left of its time budget.
+what decides the result (the resolved pretraining settings, the pool's file list and the
+budget).  A finished one (``encoder.json`` written) is reused by any later study with the
+same key whose test images it never saw: its excluded pool images must include the ones
+this study excludes.  That is how a second labelled task (another hospital's images, none
+of them in the pool) reuses the first study's encoders.  An interrupted run resumes from
+its checkpoint with what is left of its time budget.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from .data import StudyData
 
 #: settings of a pretraining run that do not change what it learns
 _NOT_IN_KEY = ("out", "resume", "device", "threads", "num_workers", "preview_every", "preview_size",
-               "checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "time_budget_s", "max_steps")
+               "checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "time_budget_s", "max_steps",
+               "exclude_ids")
 ARCH_KEYS = ("model", "img_size", "in_chans", "patch_size", "embed_dim", "depth", "num_heads")
 
 
@@ -77,12 +80,29 @@ def obtain_encoder(cfg: StudyConfig, data: StudyData, variant: Variant, root: Pa
         return Encoder(variant.name, variant.init, {"pretrained": False, "init": variant.init})
     values = pretrain_values(cfg, data, variant)
     budget = _budget(cfg, data, values)
-    run_dir = root / f"{re.sub(r'[^A-Za-z0-9_.+-]', '_', variant.name)}-{run_key(values, data, budget)}"
-    done = run_dir / "encoder.json"
-    if done.is_file():
-        info = json.loads(done.read_text(encoding="utf-8"))
-        return Encoder(variant.name, info["checkpoint"], {**info, "reused": True})
-    return _pretrain(variant, values, budget, run_dir, on_event=on_event, control=control)
+    # the epochs of a step budget follow from the pool's size: the steps are what was asked
+    key = run_key(values, data, {k: v for k, v in budget.items() if k != "epochs"})
+    base = root / f"{re.sub(r'[^A-Za-z0-9_.+-]', '_', variant.name)}-{key}"
+    needed = set(values["exclude_ids"])
+    # the plain folder, or (when it saw some of this study's test images) one per exclusion set
+    own = base.with_name(f"{base.name}-x{hashlib.sha256(json.dumps(sorted(needed)).encode()).hexdigest()[:8]}")
+    for run_dir in (base, own):
+        done = run_dir / "encoder.json"
+        if done.is_file():
+            info = json.loads(done.read_text(encoding="utf-8"))
+            if needed <= set(info.get("excluded") or ()):
+                return Encoder(variant.name, info["checkpoint"], {**info, "reused": True})
+        elif not run_dir.exists() or _same_exclusions(run_dir, needed):
+            return _pretrain(variant, values, budget, run_dir, on_event=on_event, control=control)
+    raise ConfigError(f"{own}: holds another pretraining run; remove it or choose another encoders folder")
+
+
+def _same_exclusions(run_dir: Path, needed: set[str]) -> bool:
+    """An unfinished run in ``run_dir`` was started for these excluded images (so it may resume)."""
+    try:
+        return set(json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["exclude_ids"]) == needed
+    except (OSError, ValueError, KeyError):
+        return True   # nothing usable was written: start over there
 
 
 def _budget(cfg: StudyConfig, data: StudyData, values: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +143,8 @@ def _pretrain(variant: Variant, values: dict[str, Any], budget: dict[str, Any], 
     info = {"variant": variant.name, "checkpoint": res.last_checkpoint, "steps": res.step, "reason": res.reason,
             "final_loss": res.final_loss, "wall_s": round(time.perf_counter() - t0, 1),
             "train_s": res.history[-1]["elapsed_s"] if res.history else None, "budget": budget,
-            "resumed": resumed, "run_dir": str(run_dir), "pretrained": True}
+            "resumed": resumed, "run_dir": str(run_dir), "pretrained": True,
+            "excluded": sorted(values["exclude_ids"])}
     (run_dir / "encoder.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return Encoder(variant.name, res.last_checkpoint, {**info, "reused": False})
 
