@@ -15,10 +15,10 @@ def test_defaults_are_cpu_sized_and_resolve_per_method():
     c = PretrainConfig()
     assert (c.model, c.img_size, c.batch_size) == ("vit_tiny_patch16_224", (224, 224), 16)
     assert (c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads) == (128, 4, 4)
-    assert c.betas == (0.9, 0.95) and c.weight_decay == 0.05 and c.blr == 1.5e-4
+    assert c.betas == (0.9, 0.95) and c.weight_decay == 0.05 and (c.blr, c.lr_scaling) == (4e-4, "sqrt")
     r = c.resolved()
     assert (r.strategy, r.ratio, r.clip_grad) == ("random", 0.75, None)
-    assert r.lr == pytest.approx(1.5e-4 * 16 / 256)
+    assert r.lr == pytest.approx(1e-4)   # 4e-4 * sqrt(16 / 256)
     s = PretrainConfig(method="simmim").resolved()
     assert (s.strategy, s.ratio, s.clip_grad) == ("block", 0.6, 5.0)
     m = PretrainConfig(method="miram", strategy="region", ratio=0.5).resolved()
@@ -26,7 +26,9 @@ def test_defaults_are_cpu_sized_and_resolve_per_method():
 
 
 def test_lr_scales_with_effective_batch_unless_given():
-    assert PretrainConfig(batch_size=32, accum_steps=4).absolute_lr() == pytest.approx(1.5e-4 * 128 / 256)
+    assert PretrainConfig(batch_size=32, accum_steps=4, lr_scaling="linear", blr=1.5e-4).absolute_lr() == \
+        pytest.approx(1.5e-4 * 128 / 256)
+    assert PretrainConfig(batch_size=64).absolute_lr() == pytest.approx(4e-4 * 0.5)
     assert PretrainConfig(batch_size=32, lr=1e-3).resolved().lr == 1e-3
     # Adam's square-root rule: a batch of 16 gets a quarter of blr, not a sixteenth.
     assert PretrainConfig(batch_size=16, blr=4e-4, lr_scaling="sqrt").absolute_lr() == pytest.approx(1e-4)

@@ -89,9 +89,9 @@ def _add_optimisation_flags(g: Flags) -> None:
     g.add_argument("--batch-size", type=int, help="global batch per step, split over processes (default 16)")
     g.add_argument("--accum-steps", type=int, help="gradient accumulation steps (default 1)")
     g.add_argument("--lr", type=float, help="absolute learning rate (default: blr scaled to the batch)")
-    g.add_argument("--blr", type=float, help="base learning rate for a batch of 256 (default 1.5e-4)")
+    g.add_argument("--blr", type=float, help="base learning rate for a batch of 256 (default 4e-4)")
     g.add_argument("--lr-scaling", choices=("linear", "sqrt"),
-                   help="how blr scales to batch x accum: linear (MAE) or sqrt (Adam, small batches)")
+                   help="how blr scales to batch x accum: sqrt (default; Adam, small batches) or linear (MAE)")
     g.add_argument("--min-lr", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup-epochs", type=float)

@@ -47,13 +47,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "decoder_num_heads": 16,
         "batch_size": 256,
         "blr": 1.5e-4,
+        "lr_scaling": "linear",
         "weight_decay": 0.05,
         "epochs": 40,
         "ratio": 0.75,
         "warmup_epochs": 5.0,
     },
-    # The dataclass defaults, by name, so the GUI can list it.
-    "cpu": {},
+    # What pays on a workstation CPU (benchmarks/results/recipe-screen-*.md): 112 px inputs
+    # (4x the steps of 224 px in the same time), a peak rate of 1e-4 at a batch of 16 (sqrt
+    # scaling), and a 20-minute budget with the schedule planned to end with it.
+    "cpu": {
+        "img_size": (112, 112),
+        "epochs": 400,
+        "time_budget_s": 1200.0,
+    },
     # Learns something visible on a laptop CPU within a minute (the demo's model): 64 px
     # inputs, 4 px patches (on coarser grids nothing beats filling holes with the mean), a
     # 2-block ViT, SimMIM (on a dozen images MAE memorises an average chest), half the
@@ -151,8 +158,8 @@ class PretrainConfig:
     epochs: int = 10
     batch_size: int = 16
     accum_steps: int = 1
-    blr: float = 1.5e-4
-    lr_scaling: str = "linear"             # how blr scales with the batch: "linear" (MAE) or "sqrt" (Adam's rule)
+    blr: float = 4e-4                      # for a batch of 256: 1e-4 at the default batch of 16
+    lr_scaling: str = "sqrt"               # how blr scales with the batch: "sqrt" (Adam's rule) or "linear" (MAE)
     lr: float | None = None
     min_lr: float = 0.0
     weight_decay: float = 0.05

@@ -25,8 +25,8 @@ from ._training_widgets import LossPlot, detected_devices, fmt_eta
 import napari  # the viewer annotation must resolve: napari injects it by type
 
 MODELS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
-# "custom": the fields as shown; a preset also sets what has no field (patch size, widths, lr)
-PRESET_CHOICES = ["custom", "quick-cpu", "rgmim-paper"]
+# "custom": the fields as shown; a preset also sets what has no field (patch size, widths, lr, time budget)
+PRESET_CHOICES = ["cpu", "custom", "quick-cpu", "rgmim-paper"]
 #: where region masking's masks come from: the data set's mask files, or a region preset
 REGION_SOURCES = ["dataset's masks", "propose: lungs", "propose: breast", "propose: teeth", "propose: tissue"]
 
@@ -51,7 +51,7 @@ class PretrainWidget(RunControls, Container):
         arm_from_env(napari_viewer)
         self.data = path_edit(label="Dataset folder", mode="d", value=str(sample_root()))
         self.out = path_edit(label="Run folder", mode="d", value=str(Path.home() / "mim-workbench-runs" / "run"))
-        self.preset = ComboBox(label="Preset", choices=PRESET_CHOICES, value="custom")
+        self.preset = ComboBox(label="Preset", choices=PRESET_CHOICES, value="cpu")
         self.method = ComboBox(label="Method", choices=["mae", "simmim", "miram"], value="mae")
         self.strategy = ComboBox(label="Masking", choices=["region", "random", "block"], value="region")
         self.regions = ComboBox(label="Regions from", choices=REGION_SOURCES, value=REGION_SOURCES[0],
@@ -62,7 +62,7 @@ class PretrainWidget(RunControls, Container):
         self.ratio = FloatSpinBox(label="Mask ratio", min=0.05, max=0.95, step=0.05, value=0.75)
         self.epochs = SpinBox(label="Epochs", min=1, max=10000, value=20)
         self.batch = SpinBox(label="Batch", min=1, max=4096, value=16)
-        self.blr = FloatSpinBox(label="Base lr", min=1e-6, max=1.0, step=1e-5, value=1.5e-4)
+        self.blr = FloatSpinBox(label="Base lr", min=1e-6, max=1.0, step=1e-5, value=4e-4)
         devices = detected_devices()
         self.device = ComboBox(label="Device", choices=devices, value="auto")
         self.resume_from = path_edit(label="Resume from", mode="r", value="",
@@ -88,6 +88,7 @@ class PretrainWidget(RunControls, Container):
         self._preview_name = "preview"
         self._set_running(False)
         self.native.destroyed.connect(self.job.shutdown)
+        self.apply_preset()   # the fields show the default preset's values
 
     # ------------------------------------------------------------------ settings → config
     def apply_preset(self, *_) -> None:
