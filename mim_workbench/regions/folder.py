@@ -240,12 +240,22 @@ def _records(jobs: list[Job], workers: int) -> Iterator[dict[str, Any]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_one_thread)
     try:
         yield from pool.map(_one_safe, jobs, chunksize=4)
     finally:
         # an interrupted run leaves no queued work behind: masks written so far are kept
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _one_thread() -> None:
+    """A worker process computes with one thread: the workers share the cores already, and a
+    learned model's torch threads on top of them made proposals several times slower."""
+    import os
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = "1"
 
 
 def _check_unique_stems(images: Sequence[Path]) -> None:

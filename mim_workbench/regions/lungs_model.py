@@ -19,6 +19,10 @@ import numpy as np
 from mim_workbench.errors import ConfigError
 
 MODEL_FILE = Path(__file__).with_name("lungs_model.safetensors")
+#: "auto" takes an image for inverted only when the model is this much surer of it that way:
+#: on 212 chest X-rays (two collections) it kept 211 of them the right way up and found 196
+#: of the same images inverted (with no margin: 204 and 204)
+_INVERTED_MARGIN = 0.01
 
 
 @lru_cache(maxsize=1)
@@ -35,8 +39,8 @@ def propose_lungs_preset(image: Any, *, method: str = "model", polarity: str = "
 
     ``method="model"``: the shipped learned model; ``polarity`` "normal" (lungs dark),
     "inverted" (a MONOCHROME1 film shown raw) or "auto": both are tried and the one the
-    model is surer of wins (its mean probability inside the proposed region; measured on
-    the sample X-rays 0.97-0.98 the right way up, 0.79-0.94 inverted).  ``method="atlas"``:
+    model is surer of wins (its mean probability inside the proposed region), the right way
+    up unless the other is clearly surer (``_INVERTED_MARGIN``).  ``method="atlas"``:
     atlas registration, with the options :func:`~.lungs.propose_lungs` lists.
     """
     if method == "atlas":
@@ -58,7 +62,8 @@ def propose_lungs_preset(image: Any, *, method: str = "model", polarity: str = "
     img = as_unit_array(image)
     model = shipped_lungs_model()
     if polarity == "auto":
-        polarity = max(("normal", "inverted"), key=lambda p: _confidence(model.probabilities(_oriented(img, p))))
+        normal, inverted = (_confidence(model.probabilities(_oriented(img, p))) for p in ("normal", "inverted"))
+        polarity = "inverted" if inverted > normal + _INVERTED_MARGIN else "normal"
     return model.propose(_oriented(img, polarity))
 
 

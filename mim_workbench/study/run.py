@@ -220,7 +220,7 @@ def _report(cfg: StudyConfig, data: StudyData, variants: list[Variant], encoders
     files = {k: str(out / n) for k, n in (("results", "results.csv"), ("table_md", "table.md"),
                                           ("plot", "plot.png"), ("summary", "summary.json"))}
     _write_csv(Path(files["results"]), rows)
-    header = _header(cfg, data)
+    header = _header(cfg, data, encoders)
     Path(files["table_md"]).write_text(rep.markdown(table, keys, ivs, cfg.fractions, names, title="Pretraining study",
                                                     header=header, verdict_text=text, notes=notes), encoding="utf-8")
     rep.plot(panels, names, Path(files["plot"]))
@@ -229,11 +229,16 @@ def _report(cfg: StudyConfig, data: StudyData, variants: list[Variant], encoders
     return StudyResult(out=str(out), rows=rows, table=table, files=files, verdict=text, notes=notes)
 
 
-def _header(cfg: StudyConfig, data: StudyData) -> str:
+def _header(cfg: StudyConfig, data: StudyData, encoders: dict[str, Encoder]) -> str:
     budget = (f"{cfg.budget_steps} steps" if cfg.budget_steps is not None else f"{cfg.budget_minutes:g} min")
     ext = f"; external set {cfg.test_data} ({len(data.external)} images)" if data.external else ""
-    return (f"Mode: {cfg.mode}; pretraining {budget} per variant on {cfg.unlabeled or cfg.data} "
-            f"({len(data.pool_ids) - len(data.pool_excluded)} images); labelled: {cfg.data}, test split "
+    # reused encoders were pretrained without the images their own study held out
+    sizes = sorted({len(data.pool_ids) - len(e.info.get("excluded", data.pool_excluded))
+                    for e in encoders.values() if e.info.get("pretrained")})
+    seen = " or ".join(str(n) for n in sizes) or str(len(data.pool_ids) - len(data.pool_excluded))
+    reused = sum(bool(e.info.get("reused")) for e in encoders.values())
+    return (f"Mode: {cfg.mode}; pretraining {budget} per variant on {cfg.unlabeled or cfg.data} ({seen} images"
+            + (f"; {reused} encoder(s) reused" if reused else "") + f"); labelled: {cfg.data}, test split "
             f"{len(data.test)} images (by patient, split seed {cfg.split_seed}){ext}; {cfg.seeds} seed(s).")
 
 
