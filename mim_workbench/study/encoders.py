@@ -124,8 +124,8 @@ def _pretrain(variant: Variant, values: dict[str, Any], budget: dict[str, Any], 
     from ..training.pretrain_loop import pretrain
 
     run = {**values, "out": str(run_dir)}
-    if "steps" in budget:
-        run.update(epochs=budget["epochs"], max_steps=budget["steps"])
+    if "steps" in budget:   # the steps decide, not a preset's time budget
+        run.update(epochs=budget["epochs"], max_steps=budget["steps"], time_budget_s=None)
     else:
         run.update(epochs=max(int(values.get("epochs") or 0), 1000), time_budget_s=budget["seconds"])
     resumed = False

@@ -104,7 +104,7 @@ def _run_self_check(viewer, screenshot: Path | None, timeout_s: float) -> int:
 def open_workbench(viewer, paths: list[str] | None = None) -> dict:
     """Dock the workbench and load ``paths`` (or the sample chest X-ray with its lung mask).
 
-    Returns the dock widgets by name: Workbench, Pretrain, Inspect, Fine-tune. Raises
+    Returns the dock widgets by name: Workbench, Pretrain, Inspect, Fine-tune, Evaluate. Raises
     :class:`LaunchError` naming the dock that failed to load, or the path that failed to open.
     """
     for p in paths or []:
