@@ -4,8 +4,9 @@ The model (``lungs_model.safetensors``, 250 kB, a :class:`~.learned.RegionNet` t
 ``benchmarks/train_lungs_model.py`` on permissively licensed chest X-rays with human lung
 masks; sources in ``ATLAS_SOURCES.md``) is the default: on a collection it never saw it
 scores a mean Dice of 0.77 where the atlas scores 0.69, and it is four times faster
-(``benchmarks/results/lungs-model-2026-12-02.md``, ``regions-travel-lungs-model-2026-12-02.json``).  ``method="atlas"`` keeps the classical
-atlas registration (:mod:`.lungs`), which needs no neural network.
+(``benchmarks/results/lungs-model-2026-12-02.md`` and
+``regions-travel-lungs-model-2026-12-02.json``).  ``method="atlas"`` keeps the classical atlas
+registration (:mod:`.lungs`), which needs no neural network.
 """
 
 from __future__ import annotations
