@@ -89,8 +89,9 @@ class BackgroundRun:
 class RunControls:
     """Start / Pause / Stop behaviour shared by the training docks.
 
-    A dock mixing this in has ``job`` (a :class:`BackgroundRun`), ``pause`` (a button),
-    ``status`` (a label), ``plot`` (a loss plot) and ``_set_running(bool)``.
+    A dock mixing this in has ``job`` (a :class:`BackgroundRun`), ``start``, ``pause`` and
+    ``stop`` (buttons), ``status`` (a label), ``plot`` (a loss plot) and ``_settings()``: the
+    widgets a running job must not change.
     """
 
     stop_message = "stopping…"
@@ -131,6 +132,15 @@ class RunControls:
 
     def _render_progress(self, event: Any) -> None:
         raise NotImplementedError
+
+    def _settings(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def _set_running(self, running: bool) -> None:
+        """While a job runs Pause and Stop are on; Start and every setting are off."""
+        self.pause.enabled = self.stop.enabled = running
+        for w in (self.start, *self._settings()):
+            w.enabled = not running
 
     def _launch(self, task: str, config: dict[str, Any]) -> None:
         self.plot.clear()

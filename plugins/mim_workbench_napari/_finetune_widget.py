@@ -226,12 +226,9 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         return "finetune", cfg.to_dict(), out
 
     # ------------------------------------------------------------------ control
-    def _set_running(self, running: bool) -> None:
-        self.start.enabled = self.resume_run.enabled = not running
-        self.pause.enabled = self.stop.enabled = running
-        for w in (self.task, self.labels_from, self.data, self.encoder, self.mode, self.epochs, self.steps,
-                  self.out, self.device, self.classes):
-            w.enabled = not running
+    def _settings(self) -> tuple:
+        return (self.resume_run, self.task, self.labels_from, self.data, self.encoder, self.mode, self.epochs,
+                self.steps, self.out, self.device, self.classes)
 
     def start_training(self) -> None:
         from napari.utils.notifications import show_error

@@ -122,13 +122,9 @@ class PretrainWidget(RunControls, Container):
         return PretrainConfig.from_dict(values).to_dict()
 
     # ------------------------------------------------------------------ control
-    def _set_running(self, running: bool) -> None:
-        self.start.enabled = not running
-        self.pause.enabled = running
-        self.stop.enabled = running
-        for w in (self.data, self.out, self.preset, self.method, self.strategy, self.regions, self.model, self.img_size, self.ratio,
-                  self.epochs, self.batch, self.blr, self.device, self.resume_from):
-            w.enabled = not running
+    def _settings(self) -> tuple:
+        return (self.data, self.out, self.preset, self.method, self.strategy, self.regions, self.model,
+                self.img_size, self.ratio, self.epochs, self.batch, self.blr, self.device, self.resume_from)
 
     def start_training(self) -> None:
         from napari.utils.notifications import show_error
