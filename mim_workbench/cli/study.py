@@ -7,17 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
 from .args import (PRETRAINING_DECODER_HELP, AddCommand, Runner, add_arch, add_device, add_out, add_quiet,
                    add_threads, arch_values)
 from .control import StopOnSignal
-
-
-def _parse_fractions(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise ConfigError(f"--fractions {text!r}: give numbers in (0, 1] separated by commas") from None
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
@@ -65,6 +57,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
 
 def _study_config(args: argparse.Namespace) -> Any:
     from ..study import StudyConfig
+    from ..study.config import parse_fractions
     from ..training.config import read_config_file
 
     pre: dict[str, Any] = {"preset": args.preset}
@@ -81,7 +74,7 @@ def _study_config(args: argparse.Namespace) -> Any:
         data=args.data, unlabeled=args.unlabeled, test_data=args.test_data, masks=args.masks,
         region_preset=args.region_preset, region_model=args.region_model, out=args.out,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
-        fractions=_parse_fractions(args.fractions), seeds=args.seeds, mode=args.mode,
+        fractions=parse_fractions(args.fractions, "--fractions"), seeds=args.seeds, mode=args.mode,
         budget_minutes=args.budget_minutes, budget_steps=args.budget_steps, pretrain=pre, finetune=ft,
         encoders=args.encoders, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         split_seed=args.split_seed, device=args.device, threads=args.threads)

@@ -73,6 +73,15 @@ def parse_variants(names: tuple[str, ...]) -> list[Variant]:
     return out
 
 
+def parse_fractions(text: str, name: str = "label fractions") -> tuple[float, ...]:
+    """``"0.01, 0.1, 1"`` as label fractions; ConfigError naming the setting (``name``) and the
+    text when it is not numbers."""
+    try:
+        return tuple(float(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise ConfigError(f"{name} {text!r}: give numbers in (0, 1] separated by commas") from None
+
+
 @dataclass
 class StudyConfig:
     data: str | None = None                  # labelled set
@@ -136,4 +145,4 @@ class StudyConfig:
         return cls(**values)
 
 
-__all__ = ["METHODS", "StudyConfig", "Variant", "parse_variants"]
+__all__ = ["METHODS", "StudyConfig", "Variant", "parse_fractions", "parse_variants"]

@@ -25,6 +25,7 @@ class StudyData:
     pool: str                                # what pretraining reads
     pool_ids: list[str]                      # its images (ids as the pool's index names them)
     pool_excluded: list[str]                 # pool ids left out: labelled test and external images
+    pool_masks: int                          # pool images with a region mask
     external: list[Sample]
     hashes: dict[str, str]                   # a digest of each set's file list (paths and sizes)
     notes: list[str] = field(default_factory=list)
@@ -65,7 +66,7 @@ def prepare_data(cfg: StudyConfig) -> StudyData:
     if excluded:
         notes.append(f"{len(excluded)} pool image(s) are test or external images and were not pretrained on")
     return StudyData(classes=classes, splits=splits, pool=str(pool_root), pool_ids=[s.id for s in pool],
-                     pool_excluded=excluded, external=external,
+                     pool_excluded=excluded, pool_masks=sum(s.mask is not None for s in pool), external=external,
                      hashes={"labelled": file_list_digest(labelled), "pool": file_list_digest(pool),
                              "external": file_list_digest(external) if external else None},
                      notes=notes)

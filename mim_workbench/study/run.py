@@ -110,16 +110,12 @@ def _claim_out(cfg: StudyConfig) -> Path:
 
 def _usable_variants(cfg: StudyConfig, data: StudyData) -> tuple[list[Variant], list[str]]:
     """The variants these data can serve; rgmim needs a source of region masks."""
-    from ..io.datasets import discover
-
     variants, notes = cfg.variant_list(), []
-    regions = bool(cfg.region_preset or cfg.region_model)
-    if not regions and any(v.pretrain and v.pretrain.get("strategy") == "region" for v in variants):
-        regions = any(s.mask is not None for s in discover(data.pool, masks=cfg.masks).samples)
-        if not regions:
-            variants = [v for v in variants if not (v.pretrain and v.pretrain.get("strategy") == "region")]
-            notes.append("rgmim left out: the pool has no region masks; give --masks DIR, --region-preset or "
-                         "--region-model")
+    region = [v for v in variants if v.pretrain and v.pretrain.get("strategy") == "region"]
+    if region and not (cfg.region_preset or cfg.region_model or data.pool_masks):
+        variants = [v for v in variants if v not in region]
+        notes.append("rgmim left out: the pool has no region masks; give --masks DIR, --region-preset or "
+                     "--region-model")
     return variants, notes
 
 

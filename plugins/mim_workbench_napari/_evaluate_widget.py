@@ -105,18 +105,14 @@ class EvaluateWidget(RunControls, Container):
 
     def config_dict(self) -> dict[str, Any]:
         """The StudyConfig the fields describe (checked: a wrong value raises ConfigError)."""
-        from mim_workbench.errors import ConfigError
         from mim_workbench.study import StudyConfig
+        from mim_workbench.study.config import parse_fractions
 
         def path(widget: Any) -> str | None:
             text = str(widget.value)
             return None if text in ("", ".") else text
 
-        try:
-            fractions = tuple(float(t) for t in self.fractions.value.replace(" ", "").split(",") if t)
-        except ValueError:
-            raise ConfigError(f"label fractions {self.fractions.value!r}: give numbers in (0, 1] separated by "
-                              "commas") from None
+        fractions = parse_fractions(self.fractions.value)
         values: dict[str, Any] = dict(
             data=path(self.data), unlabeled=path(self.pool), test_data=path(self.external), out=path(self.out),
             variants=tuple(self.variants.value or ()), fractions=fractions, seeds=int(self.seeds.value),
@@ -129,13 +125,9 @@ class EvaluateWidget(RunControls, Container):
         return StudyConfig(**values).to_dict()
 
     # ------------------------------------------------------------------ control
-    def _set_running(self, running: bool) -> None:
-        self.start.enabled = not running
-        self.pause.enabled = running
-        self.stop.enabled = running
-        for w in (self.pool, self.data, self.external, self.variants, self.regions, self.masks, self.fractions,
-                  self.seeds, self.mode, self.minutes, self.out, self.device):
-            w.enabled = not running
+    def _settings(self) -> tuple[Any, ...]:
+        return (self.pool, self.data, self.external, self.variants, self.regions, self.masks, self.fractions,
+                self.seeds, self.mode, self.minutes, self.out, self.device)
 
     def start_study(self) -> None:
         from napari.utils.notifications import show_error
