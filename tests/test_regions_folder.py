@@ -138,12 +138,15 @@ def test_cli_run_killed_midway_continues(tmp_path, sample_root):
                               "--out", str(out), "--sheet", "none", "--quiet", "--workers", "1"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while len(list(out.glob("*.png"))) < 3 and time.monotonic() < deadline and child.poll() is None:
+    def written() -> list[Path]:   # finished masks: a mask being written is a hidden temporary file
+        return [p for p in out.glob("*.png") if not p.name.startswith(".")]
+
+    while len(written()) < 3 and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
     # one process, so that no worker outlives the kill and goes on writing masks
-    masks = [p for p in out.glob("*.png") if not p.name.startswith(".")]
+    masks = written()
     kept = {p.name: p.stat().st_mtime_ns for p in masks}
     assert 3 <= len(kept) < 12
     # a kill lands between masks or inside one's write: never a half-written mask under its name
