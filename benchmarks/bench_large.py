@@ -68,7 +68,7 @@ proc = psutil.Process()
 pyr = open_pyramid(PATH)
 region = propose_region_large(pyr, "breast")
 torch.manual_seed(0)
-model = build_model(ModelConfig(model=MODEL, img_size=(224, 224), method="mae")).eval()
+model = build_model(ModelConfig.from_dict(dict(model=MODEL, img_size=(224, 224), method="mae"))).eval()
 with torch.no_grad():   # warm-up: allocator pools and kernels are part of "the model is loaded"
     x = torch.rand(BATCH, 1, 224, 224)
     model(x, model.make_mask("random", BATCH, 0.75))

@@ -35,9 +35,9 @@ CONFIGS = {
 
 
 def run(amp: str, name: str, steps: int, data: str, out: str, val_every: int) -> dict:
-    cfg = PretrainConfig(data=data, out=out, amp=amp, device="cpu", epochs=max(1, steps), max_steps=steps,
+    cfg = PretrainConfig.from_dict(dict(data=data, out=out, amp=amp, device="cpu", epochs=max(1, steps), max_steps=steps,
                          warmup_epochs=1.0, preview_every=0, checkpoint_every=100_000, val_every=val_every,
-                         seed=0, augment=True, cache=True, **CONFIGS[name])
+                         seed=0, augment=True, cache=True, **CONFIGS[name]))
     t = time.perf_counter()
     res = pretrain(cfg)
     wall = time.perf_counter() - t

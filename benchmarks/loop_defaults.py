@@ -45,10 +45,10 @@ def main() -> None:
             for name, settings in VARIANTS.items():
                 shutil.rmtree(work / "cache", ignore_errors=True)   # every run starts cold
                 seen: list = []
-                result = pretrain(PretrainConfig(
+                result = pretrain(PretrainConfig.from_dict(dict(
                     data=str(root / "images"), masks=str(root / "masks"), out=str(work / f"{name}-{r}"),
                     img_size=224, batch_size=16, max_steps=args.steps, epochs=1000, preview_every=0,
-                    val_fraction=0.0, checkpoint_interval_s=3600, strategy="region", method="mae", **settings),
+                    val_fraction=0.0, checkpoint_interval_s=3600, strategy="region", method="mae", **settings)),
                     on_event=seen.append)
                 started = next(e for e in seen if isinstance(e, ev.Started))
                 elapsed = [row["elapsed_s"] for row in result.history]

@@ -33,7 +33,7 @@ def pretrain_until_killed(config: dict[str, Any], fault: str | None, progress: A
         if step_delay and isinstance(e, ev.Progress):
             time.sleep(step_delay)
 
-    pretrain(PretrainConfig(**config), on_event=on_event)
+    pretrain(PretrainConfig.from_dict(config), on_event=on_event)
 
 
 def autosave_forever(cache_dir: str, key: str, shape: tuple[int, int], fault: str | None, progress: Any) -> None:

@@ -54,8 +54,8 @@ def tiny_classifier(out: str | Path, data: str | Path = SAMPLE, *, epochs: int =
     """A linear probe on a tiny scratch encoder (64 px, patch 8) of ``data``: its checkpoint."""
     from mim_workbench.training.finetune import FinetuneConfig, finetune
 
-    result = finetune(FinetuneConfig(data=str(data), out=str(out), mode="probe", epochs=epochs, img_size=(64, 64),
-                                     patch_size=8, embed_dim=32, depth=1, num_heads=2, device="cpu", threads=1))
+    result = finetune(FinetuneConfig.from_dict(dict(data=str(data), out=str(out), mode="probe", epochs=epochs, img_size=(64, 64),
+                                     patch_size=8, embed_dim=32, depth=1, num_heads=2, device="cpu", threads=1)))
     return str(result.checkpoint)
 
 

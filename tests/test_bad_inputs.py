@@ -71,7 +71,7 @@ def test_images_smaller_than_a_patch_cannot_be_reconstructed(bad_dir, name):
     from mim_workbench.inference.reconstruct import reconstruct
     from mim_workbench.models import ModelConfig, build_model
 
-    model = build_model(ModelConfig(**TINY_MODEL))
+    model = build_model(ModelConfig.from_dict(TINY_MODEL))
     with pytest.raises(errors.ReaderError, match=r"smaller than one 16 px patch; nothing to mask") as info:
         reconstruct(model, bad_dir / name)
     assert info.value.path == str(bad_dir / name)
@@ -120,7 +120,7 @@ def test_datasets_and_labels(bad_dir, case):
 def test_region_strategy_refuses_masks_that_match_no_image(bad_dir, tmp_path):
     from mim_workbench.training.pretrain_loop import pretrain
 
-    cfg = PretrainConfig(**tiny(tmp_path / "run", data=str(bad_dir / "ds_mask_no_overlap"), masks=None,
+    cfg = PretrainConfig.from_dict(tiny(tmp_path / "run", data=str(bad_dir / "ds_mask_no_overlap"), masks=None,
                                 strategy="region"))
     with pytest.raises(errors.ConfigError, match="needs region masks"):
         pretrain(cfg)
@@ -139,7 +139,7 @@ def test_pretrain_on_a_folder_with_broken_files(bad_dir, tmp_path):
     for i in range(3):
         (data / f"good{i}.png").write_bytes((bad_dir / "png_named.tif").read_bytes())
     seen: list = []
-    result = pretrain(PretrainConfig(**tiny(tmp_path / "run", data=str(data), masks=None, max_steps=1)),
+    result = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", data=str(data), masks=None, max_steps=1)),
                       on_event=seen.append)
     assert result.step == 1
     notes = " ".join(next(e for e in seen if isinstance(e, ev.Started)).notes)
@@ -150,7 +150,7 @@ def test_pretrain_on_a_folder_with_broken_files(bad_dir, tmp_path):
         f.unlink()
     (data / "png_named.tif").unlink()
     with pytest.raises(errors.ReaderError, match=r"no_pixels\.dcm: image header .* but no pixel data"):
-        pretrain(PretrainConfig(**tiny(tmp_path / "run2", data=str(data), masks=None, max_steps=1,
+        pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run2", data=str(data), masks=None, max_steps=1,
                                         val_fraction=0.0)))
 
 
@@ -166,7 +166,7 @@ def test_pretraining_goes_on_past_a_file_that_fails_to_decode(bad_dir, tmp_path)
         (data / f"good{i}.png").write_bytes((bad_dir / "png_named.tif").read_bytes())
     (data / "no_pixels.dcm").write_bytes((bad_dir / "no_pixels.dcm").read_bytes())
     seen: list = []
-    cfg = PretrainConfig(**tiny(tmp_path / "run", data=str(data), masks=None, strategy="random", epochs=3,
+    cfg = PretrainConfig.from_dict(tiny(tmp_path / "run", data=str(data), masks=None, strategy="random", epochs=3,
                                 batch_size=2, val_fraction=0.0, preview_every=2))
     result = pretrain(cfg, on_event=seen.append)
     progress = [e for e in seen if isinstance(e, ev.Progress)]

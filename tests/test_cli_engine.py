@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory):
 def test_pretrain_writes_a_run(run_dir, capsys):
     assert (run_dir / "latest").read_text().strip() == "ckpt-2"
     cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["strategy"] == "region" and cfg["img_size"] == [64, 64] and cfg["max_steps"] == 2
+    assert cfg["strategy"] == "region" and cfg["encoder"]["img_size"] == [64, 64] and cfg["max_steps"] == 2
 
 
 def test_reconstruct_writes_pictures_and_metrics(run_dir, tmp_path, capsys):
@@ -87,7 +87,7 @@ def test_config_file_then_flags(tmp_path):
     args = parser.parse_args(["pretrain", "--config", str(f), "--epochs", "7", "--img-size", "96x128",
                               "--time-budget", "5", "--checkpoint-every", "10", "--no-augment", "--out", "o"])
     cfg = pretrain_config_from_args(args)
-    assert (cfg.data, cfg.epochs, cfg.method, cfg.img_size) == ("a", 7, "simmim", (96, 128))
+    assert (cfg.data, cfg.epochs, cfg.method, cfg.encoder.img_size) == ("a", 7, "simmim", (96, 128))
     assert (cfg.time_budget_s, cfg.checkpoint_every, cfg.augment, cfg.out) == (5.0, 10, False, "o")
 
 

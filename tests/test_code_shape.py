@@ -116,7 +116,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 #: the core's layers, bottom first: a package imports only from layers below its own
 #: (docs/architecture.md); the entry points at the top may import each other
-LAYERS = [("errors", "faults"), ("io",), ("masking",), ("models",), ("regions",), ("training",), ("inference",),
+LAYERS = [("errors", "faults", "display"), ("io",), ("masking",), ("models",), ("regions",), ("training",), ("inference",),
           ("bench", "cli", "demo", "sample", "study")]
 
 

@@ -54,7 +54,7 @@ def ctx():
 def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     """Final weights of the same run, never interrupted."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    pretrain(PretrainConfig(**tiny(out, **RUN)))
+    pretrain(PretrainConfig.from_dict(tiny(out, **RUN)))
     return ck.load_checkpoint(out).model_state()
 
 

@@ -39,7 +39,7 @@ def test_two_process_torchrun_matches_single_process(tmp_path):
     _torchrun_pretrain(settings, tmp_path / "ddp")
     ddp_losses = json.loads((tmp_path / "ddp" / "losses.json").read_text())
 
-    single = pretrain(PretrainConfig(**{**settings, "out": str(tmp_path / "one")}))
+    single = pretrain(PretrainConfig.from_dict({**settings, "out": str(tmp_path / "one")}))
     one_losses = [row["loss"] for row in single.history]
     assert len(ddp_losses) == len(one_losses) == 3
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(one_losses), rtol=0, atol=1e-5)

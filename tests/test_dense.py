@@ -27,7 +27,7 @@ from mim_workbench.training.dense import predict_dense, read_strokes, train_dens
 from mim_workbench.training.metrics_cls import pixel_auc
 from mim_workbench.training.strokes import simulate_strokes, stroke_summary
 
-TINY = ModelConfig(img_size=(64, 64), embed_dim=64, depth=2, num_heads=2)
+TINY = ModelConfig.from_dict(dict(img_size=(64, 64), embed_dim=64, depth=2, num_heads=2))
 
 
 def synthetic_panoramic(seed: int, shape: tuple[int, int] = (160, 320)) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ class _S:
 def pretrained(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("pre")
-    res = pretrain(PretrainConfig(**tiny(out, max_steps=4, threads=1)))
+    res = pretrain(PretrainConfig.from_dict(tiny(out, max_steps=4, threads=1)))
     return res.last_checkpoint
 
 
@@ -76,7 +76,7 @@ def test_class_weights_and_balanced_sampling():
 
 
 def test_layer_decay_groups():
-    enc = create_encoder(ModelConfig(**TINY_ARCH))
+    enc = create_encoder(ModelConfig.from_dict(TINY_ARCH))
     model = Classifier(enc, 3, "full")
     assert layer_id("pos_embed", 2) == 0 and layer_id("patch_embed.proj.weight", 2) == 0
     assert layer_id("blocks.1.mlp.fc1.weight", 2) == 2 and layer_id("norm.weight", 2) == 3
@@ -114,11 +114,11 @@ def test_metrics_binary_multiclass_and_missing_classes():
 def test_classifier_modes():
     torch.manual_seed(0)
     x = torch.rand(2, 1, 64, 64)
-    full = Classifier(create_encoder(ModelConfig(**TINY_ARCH)), 3, "full").eval()
+    full = Classifier(create_encoder(ModelConfig.from_dict(TINY_ARCH)), 3, "full").eval()
     torch.nn.init.normal_(full.head.weight)
     # Average pooling: the image logits are exactly the mean of the per-patch logits.
     assert torch.allclose(full(x), full.patch_logits(x).mean(dim=(2, 3)), atol=1e-5)
-    probe = Classifier(create_encoder(ModelConfig(**TINY_ARCH)), 2, "probe")
+    probe = Classifier(create_encoder(ModelConfig.from_dict(TINY_ARCH)), 2, "probe")
     probe.train()
     assert not probe.encoder.training and probe.pool == "token"
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
@@ -142,7 +142,7 @@ def test_finetune_probe_from_pretrain_checkpoint(pretrained, tmp_path):
     saved = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert saved["accuracy"] == res.metrics["accuracy"] and saved["encoder"]["kind"] == "checkpoint"
     ck = load_checkpoint(tmp_path / "ft", kind="finetune")
-    assert ck.meta["classes"] == res.classes and ck.meta["mode"] == "probe" and ck.model_config["embed_dim"] == 64
+    assert ck.meta["classes"] == res.classes and ck.meta["mode"] == "probe" and ck.model_config["encoder"]["embed_dim"] == 64
     assert (tmp_path / "ft" / "history.csv").is_file()
     # Patient-level splits: no patient in two splits.
     sp = ck.meta["splits"]
@@ -170,8 +170,8 @@ def test_finetune_full_fraction_export_and_stop(pretrained, tmp_path):
             return False
 
     events: list = []
-    res = finetune(FinetuneConfig(data=str(SAMPLE), checkpoint="scratch", mode="probe", out=str(tmp_path / "stop"),
-                                  epochs=50, batch_size=4, threads=1, **TINY_ARCH),
+    res = finetune(FinetuneConfig.from_dict(dict(data=str(SAMPLE), checkpoint="scratch", mode="probe", out=str(tmp_path / "stop"),
+                                  epochs=50, batch_size=4, threads=1, **TINY_ARCH)),
                    on_event=events.append, control=StopAfter())
     assert res.reason == "stopped" and res.checkpoint and isinstance(events[-1], ev.Finished)
 
@@ -180,16 +180,16 @@ def test_finetune_early_stopping_and_feature_cache(tmp_path):
     cache = FeatureCache()
     kw = dict(data=str(SAMPLE), checkpoint=None, mode="probe", epochs=200, batch_size=4, threads=1, patience=2,
               lr=0.5, **TINY_ARCH)
-    a = finetune(FinetuneConfig(out=str(tmp_path / "a"), **kw), feature_cache=cache)
+    a = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path / "a"), **kw)), feature_cache=cache)
     assert a.reason == "early_stopped" and a.epochs_run < 200
     assert len(cache.features) == 12 - 0 and cache.key is not None
-    b = finetune(FinetuneConfig(out=str(tmp_path / "b"), **kw), feature_cache=cache)
+    b = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path / "b"), **kw)), feature_cache=cache)
     assert b.metrics["accuracy"] == a.metrics["accuracy"]   # same seed, same cached features
 
 
 def test_finetune_errors(tmp_path, pretrained):
     with pytest.raises(ConfigError, match="two classes"):
-        finetune(FinetuneConfig(data=str(SAMPLE / "images"), checkpoint=None, out=str(tmp_path / "x"), **TINY_ARCH))
+        finetune(FinetuneConfig.from_dict(dict(data=str(SAMPLE / "images"), checkpoint=None, out=str(tmp_path / "x"), **TINY_ARCH)))
     with pytest.raises(CheckpointError):
         finetune(FinetuneConfig(data=str(SAMPLE), checkpoint=str(tmp_path / "nope"), out=str(tmp_path / "y")))
     with pytest.raises(ConfigError):
@@ -198,17 +198,17 @@ def test_finetune_errors(tmp_path, pretrained):
         FinetuneConfig(fraction=0)
     failed: list = []
     with pytest.raises(ConfigError):
-        finetune(FinetuneConfig(data=str(SAMPLE), checkpoint=None, out=str(tmp_path / "z"), batch_size=1,
-                                **TINY_ARCH), on_event=failed.append)
+        finetune(FinetuneConfig.from_dict(dict(data=str(SAMPLE), checkpoint=None, out=str(tmp_path / "z"), batch_size=1,
+                                **TINY_ARCH)), on_event=failed.append)
     assert isinstance(failed[-1], ev.Failed)
 
 
 def test_full_finetuning_caches_decoded_images_without_changing_the_result(tmp_path, monkeypatch):
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
     kw = dict(data=str(SAMPLE), checkpoint="scratch", mode="full", epochs=2, batch_size=4, threads=1, **TINY_ARCH)
-    plain = finetune(FinetuneConfig(out=str(tmp_path / "plain"), cache=False, **kw))
+    plain = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path / "plain"), cache=False, **kw)))
     assert not (tmp_path / "cache").exists()
-    cached = finetune(FinetuneConfig(out=str(tmp_path / "cached"), **kw))        # cache=None: the data fit
+    cached = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path / "cached"), **kw)))        # cache=None: the data fit
     assert len(list((tmp_path / "cache" / "decoded").rglob("entry.json"))) >= plain.n_train
     assert [h["loss"] for h in cached.history] == [h["loss"] for h in plain.history]
     a, b = load_checkpoint(tmp_path / "plain").model_state(), load_checkpoint(tmp_path / "cached").model_state()
@@ -218,8 +218,8 @@ def test_full_finetuning_caches_decoded_images_without_changing_the_result(tmp_p
 # ---------------------------------------------------------------- external test set
 def test_external_test_set_is_scored_never_trained_on(tmp_path):
     labelled, external = split_collection(tmp_path)
-    res = finetune(FinetuneConfig(data=str(labelled), test_data=str(external), checkpoint=None, mode="probe",
-                                  out=str(tmp_path / "ft"), epochs=5, batch_size=4, threads=1, **TINY_ARCH))
+    res = finetune(FinetuneConfig.from_dict(dict(data=str(labelled), test_data=str(external), checkpoint=None, mode="probe",
+                                  out=str(tmp_path / "ft"), epochs=5, batch_size=4, threads=1, **TINY_ARCH)))
     ext_ids = {p.stem for p in (external / "images").glob("*.png")}
     assert res.external_metrics is not None and res.external_metrics["n"] == len(ext_ids)
     assert set(res.predictions["external"]["ids"]) == ext_ids
@@ -238,5 +238,5 @@ def test_an_external_set_with_other_classes_is_refused(tmp_path):
     text = (external / "labels.csv").read_text().replace("Other pneumonia", "Tuberculosis")
     (external / "labels.csv").write_text(text)
     with pytest.raises(ConfigError, match="Tuberculosis.*not among the training classes"):
-        finetune(FinetuneConfig(data=str(labelled), test_data=str(external), checkpoint=None, mode="probe",
-                                out=str(tmp_path / "ft"), epochs=1, batch_size=4, threads=1, **TINY_ARCH))
+        finetune(FinetuneConfig.from_dict(dict(data=str(labelled), test_data=str(external), checkpoint=None, mode="probe",
+                                out=str(tmp_path / "ft"), epochs=1, batch_size=4, threads=1, **TINY_ARCH)))

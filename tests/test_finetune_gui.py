@@ -84,9 +84,9 @@ def test_a_stopped_classifier_run_resumes_from_the_dock(make_napari_viewer, qtbo
     from mim_workbench_napari._finetune_widget import TASK_CLASSIFY, TASK_DENSE, FinetuneWidget
 
     run = tmp_path / "ft"
-    first = finetune(FinetuneConfig(data=str(sample_root), out=str(run), checkpoint="scratch", mode="probe",
+    first = finetune(FinetuneConfig.from_dict(dict(data=str(sample_root), out=str(run), checkpoint="scratch", mode="probe",
                                     epochs=4, max_steps=2, batch_size=4, threads=1, device="cpu", img_size=64,
-                                    embed_dim=64, depth=2, num_heads=2))
+                                    embed_dim=64, depth=2, num_heads=2)))
     assert first.reason == "max_steps" and (run / STATE_FILE).is_file()
     viewer = make_napari_viewer()
     w = FinetuneWidget(viewer)
@@ -251,8 +251,8 @@ def test_large_image_dense_prediction_streams_multiscale_labels(make_napari_view
     strokes = np.zeros((128, 128), np.uint8)
     strokes[20:110:6, 70:120] = 1
     strokes[20:110:6, 8:58] = 2
-    head = train_dense([small], [strokes], model_config=ModelConfig(img_size=(64, 64), patch_size=8, embed_dim=32,
-                                                                   depth=1, num_heads=2),
+    head = train_dense([small], [strokes], model_config=ModelConfig.from_dict(dict(img_size=(64, 64), patch_size=8, embed_dim=32,
+                                                                   depth=1, num_heads=2)),
                        classes=["bright", "dark"], steps=10, batch_size=4, crop=48, out=tmp_path / "dense")
     viewer = make_napari_viewer()
     w = FinetuneWidget(viewer)

@@ -40,7 +40,7 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
-    res = finetune(FinetuneConfig(out=str(out), **FULL))
+    res = finetune(FinetuneConfig.from_dict(dict(out=str(out), **FULL)))
     assert res.reason == "completed" and not (out / STATE_FILE).exists(), "a finished plan leaves nothing to resume"
     return res, out
 
@@ -59,9 +59,9 @@ def _assert_same_run(res, out, ref, ref_out) -> None:
 def test_run_stopped_by_max_steps_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
     ref, ref_out = uninterrupted
     spe = ref.history[0]["step"]
-    first = finetune(FinetuneConfig(out=str(tmp_path), **{**FULL, "max_steps": 2 * spe}))
+    first = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), **{**FULL, "max_steps": 2 * spe})))
     assert first.reason == "max_steps" and (tmp_path / STATE_FILE).is_file()
-    res = finetune(FinetuneConfig(out=str(tmp_path), resume=True, **FULL))
+    res = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), resume=True, **FULL)))
     assert res.reason == "completed" and not (tmp_path / STATE_FILE).exists()
     assert any("resumed at epoch 3" in n for n in res.notes)
     _assert_same_run(res, tmp_path, ref, ref_out)
@@ -72,26 +72,26 @@ def test_run_stopped_by_max_steps_resumes_to_the_uninterrupted_result(uninterrup
 def test_run_stopped_mid_epoch_redoes_that_epoch_from_its_start(uninterrupted, tmp_path):
     ref, ref_out = uninterrupted
     spe = ref.history[0]["step"]
-    first = finetune(FinetuneConfig(out=str(tmp_path), **FULL), control=_StopAt(spe + 2))   # inside epoch 2
+    first = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), **FULL)), control=_StopAt(spe + 2))   # inside epoch 2
     assert first.reason == "stopped" and len(first.history) == 1
-    res = finetune(FinetuneConfig(out=str(tmp_path), resume=True, **FULL))
+    res = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), resume=True, **FULL)))
     _assert_same_run(res, tmp_path, ref, ref_out)
 
 
 def test_resume_refuses_changed_settings_data_or_nothing_to_continue(uninterrupted, tmp_path):
     ref, ref_out = uninterrupted
     with pytest.raises(ConfigError, match="does not exist: this run has no epoch to continue"):
-        finetune(FinetuneConfig(out=str(ref_out), resume=True, **FULL))
-    finetune(FinetuneConfig(out=str(tmp_path), **{**FULL, "max_steps": ref.history[0]["step"]}))
+        finetune(FinetuneConfig.from_dict(dict(out=str(ref_out), resume=True, **FULL)))
+    finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), **{**FULL, "max_steps": ref.history[0]["step"]})))
     with pytest.raises(ConfigError, match=r"other settings \(lr=.* -> 0\.01\)"):
-        finetune(FinetuneConfig(out=str(tmp_path), resume=True, **{**FULL, "lr": 0.01}))
+        finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), resume=True, **{**FULL, "lr": 0.01})))
     with pytest.raises(ConfigError, match="max_steps=1: raise or unset it"):
-        finetune(FinetuneConfig(out=str(tmp_path), resume=True, **{**FULL, "max_steps": 1}))
+        finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), resume=True, **{**FULL, "max_steps": 1})))
     with pytest.raises(ConfigError, match="already holds a run"):
-        finetune(FinetuneConfig(out=str(tmp_path), **FULL))
+        finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), **FULL)))
     (tmp_path / STATE_FILE).write_bytes(b"not a state file")
     with pytest.raises(CheckpointError, match=r"resume: cannot read .*resume\.safetensors"):
-        finetune(FinetuneConfig(out=str(tmp_path), resume=True, **FULL))
+        finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), resume=True, **FULL)))
 
 
 def test_cli_resume_continues_with_the_runs_own_settings(tmp_path, capsys):
@@ -115,15 +115,15 @@ def test_cli_resume_continues_with_the_runs_own_settings(tmp_path, capsys):
 
 def test_probe_resumes_exactly_and_keeps_its_frozen_encoder_out_of_the_state(tmp_path):
     probe = {**FULL, "mode": "probe", "epochs": 3, "batch_size": 2}
-    ref = finetune(FinetuneConfig(out=str(tmp_path / "whole"), **probe))
+    ref = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path / "whole"), **probe)))
     spe = ref.history[0]["step"]
-    finetune(FinetuneConfig(out=str(tmp_path / "part"), **{**probe, "max_steps": spe}))
+    finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path / "part"), **{**probe, "max_steps": spe})))
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "part" / STATE_FILE), framework="pt") as fh:
         model_keys = [k for k in fh.keys() if k.startswith("model.")]
     assert model_keys and not any(k.startswith("model.encoder.") for k in model_keys)
-    res = finetune(FinetuneConfig(out=str(tmp_path / "part"), resume=True, **probe))
+    res = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path / "part"), resume=True, **probe)))
     _assert_same_run(res, tmp_path / "part", ref, tmp_path / "whole")
 
 
@@ -132,9 +132,9 @@ def test_state_is_written_at_the_first_epoch_end_then_at_most_every_interval(uni
 
     ref, _ = uninterrupted
     spe = ref.history[0]["step"]
-    finetune(FinetuneConfig(out=str(tmp_path), **{**FULL, "max_steps": 3 * spe, "checkpoint_interval_s": 3600}))
+    finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), **{**FULL, "max_steps": 3 * spe, "checkpoint_interval_s": 3600})))
     with safe_open(str(tmp_path / STATE_FILE), framework="pt") as fh:
         saved = json.loads(fh.metadata()["state"])
     assert saved["loop"]["epoch"] == 1, "epochs 2 and 3 fell within the interval"
-    res = finetune(FinetuneConfig(out=str(tmp_path), resume=True, **FULL))   # the interval may change
+    res = finetune(FinetuneConfig.from_dict(dict(out=str(tmp_path), resume=True, **FULL)))   # the interval may change
     assert any("resumed at epoch 2" in n for n in res.notes)

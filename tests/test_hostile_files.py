@@ -43,7 +43,7 @@ class _Payload:
 @pytest.fixture
 def trojans(tmp_path) -> tuple[dict[str, Path], Path]:
     marker = tmp_path / "PWNED"
-    model = build_model(ModelConfig(**TINY_MODEL))
+    model = build_model(ModelConfig.from_dict(TINY_MODEL))
     state = {**model.encoder.state_dict(), "evil": _Payload(marker)}
     files = {}
     for suffix in SUFFIXES:
@@ -67,15 +67,15 @@ def _refused(call, marker: Path) -> str:
 
 def test_malicious_pickles_are_refused_by_every_entry_point(trojans, tmp_path, capsys):
     files, marker = trojans
-    enc = build_model(ModelConfig(**TINY_MODEL)).encoder
+    enc = build_model(ModelConfig.from_dict(TINY_MODEL)).encoder
     run = tmp_path / "run"
-    pretrain(PretrainConfig(**tiny(run, max_steps=1)))       # a genuine run, to point commands at
+    pretrain(PretrainConfig.from_dict(tiny(run, max_steps=1)))       # a genuine run, to point commands at
     for suffix, path in files.items():
         msg = _refused(lambda: load_encoder_weights(enc, path), marker)
         assert str(path) in msg and ("weights_only" in msg or "unsupported weights format" in msg)
         _refused(lambda: ck.load_checkpoint(path).model_state(), marker)
         _refused(lambda: pretrain(PretrainConfig(resume=str(path))), marker)
-        _refused(lambda: pretrain(PretrainConfig(**tiny(tmp_path / f"init{suffix}", init=str(path)))), marker)
+        _refused(lambda: pretrain(PretrainConfig.from_dict(tiny(tmp_path / f"init{suffix}", init=str(path)))), marker)
         _refused(lambda: load_encoder(path), marker)
         _refused(lambda: load_encoder(path, model_config=TINY_MODEL), marker)
         image = Path(__file__).resolve().parents[1] / "sample_data" / "images"
@@ -106,7 +106,7 @@ def test_checkpoint_metadata_is_schema_checked(tmp_path):
     import json
 
     run = tmp_path / "run"
-    pretrain(PretrainConfig(**tiny(run, max_steps=1)))
+    pretrain(PretrainConfig.from_dict(tiny(run, max_steps=1)))
     meta_path = ck.load_checkpoint(run).path / ck.META_FILE
     good = json.loads(meta_path.read_text())
     for key, value in (("step", "1"), ("epoch", [0]), ("config", "x"), ("model_config", 3), ("sampler", 1),

@@ -16,7 +16,7 @@ def tiny_checkpoint(tmp_path_factory):
     from mim_workbench.training.pretrain_loop import pretrain
 
     out = tmp_path_factory.mktemp("run")
-    result = pretrain(PretrainConfig(**tiny(out, max_steps=4)))
+    result = pretrain(PretrainConfig.from_dict(tiny(out, max_steps=4)))
     return result.last_checkpoint
 
 

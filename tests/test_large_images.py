@@ -225,9 +225,9 @@ def test_crop_based_pretraining_run_and_tiled_cli(large_dir, mammo, cache_env, t
     from mim_workbench.training.config import PretrainConfig
 
     root = _crop_data(large_dir, mammo)
-    cfg = PretrainConfig(data=str(root / "images"), masks=str(root / "masks"), out=str(tmp_path / "run"),
+    cfg = PretrainConfig.from_dict(dict(data=str(root / "images"), masks=str(root / "masks"), out=str(tmp_path / "run"),
                          **TINY_MODEL, method="miram", strategy="region", crop_level=2, crops_per_image=8,
-                         batch_size=4, epochs=1, threads=2, preview_every=1, val_fraction=0.0, seed=0)
+                         batch_size=4, epochs=1, threads=2, preview_every=1, val_fraction=0.0, seed=0))
     events: list = []
     res = pretrain(cfg, on_event=events.append)
     assert res.reason == "completed" and res.step == 2 and np.isfinite(res.final_loss)
@@ -255,8 +255,8 @@ def test_tiled_reconstruction_of_the_whole_mammogram_streams_into_zarr(mammo, ca
     from mim_workbench.models import ModelConfig, build_model
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(img_size=(256, 256), patch_size=32, embed_dim=32, depth=1, num_heads=2,
-                                    decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2))
+    model = build_model(ModelConfig.from_dict(dict(img_size=(256, 256), patch_size=32, embed_dim=32, depth=1, num_heads=2,
+                                    decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)))
     pyr = open_pyramid(mammo)
     bands = []
     res = reconstruct_tiled(model, pyr, out=tmp_path / "maps.zarr", level=0, overlap=0.125, batch_size=32,
@@ -299,8 +299,8 @@ def test_tiled_prediction_maps_classifier_and_dense_head_cli(mammo, cache_env, t
 
     torch.set_num_threads(2)
     arch = {"img_size": 64, "embed_dim": 64, "depth": 2, "num_heads": 2}
-    cls = finetune(FinetuneConfig(data=str(SAMPLE), checkpoint=None, mode="full", out=str(tmp_path / "cls"),
-                                  epochs=1, batch_size=4, threads=2, **arch)).checkpoint
+    cls = finetune(FinetuneConfig.from_dict(dict(data=str(SAMPLE), checkpoint=None, mode="full", out=str(tmp_path / "cls"),
+                                  epochs=1, batch_size=4, threads=2, **arch))).checkpoint
     out = tmp_path / "pred_cls"
     assert main(["predict", "--checkpoint", str(cls), "--image", str(mammo), "--tiled", "--level", "2",
                  "--batch-size", "32", "--out", str(out)]) == 0
@@ -325,7 +325,7 @@ def test_tiled_prediction_maps_classifier_and_dense_head_cli(mammo, cache_env, t
     img = pyr.read_level(2)
     breast = np.asarray(propose_region_large(pyr, "breast").at_level(pyr, 2)) > 0
     strokes = simulate_strokes({"breast": breast, "background": ~breast}, fraction=0.01, seed=0)
-    head = train_dense([img], [strokes], model_config=ModelConfig(**arch), classes=["breast", "background"],
+    head = train_dense([img], [strokes], model_config=ModelConfig.from_dict(arch), classes=["breast", "background"],
                        steps=30, batch_size=4, crop=48, out=tmp_path / "dense")
     bands = []
     res = predict_tiled(head, pyr, out=tmp_path / "dense.zarr", level=2, batch_size=4, on_band=bands.append)

@@ -39,7 +39,7 @@ def tiny_checkpoint(tmp_path_factory):
     from mim_workbench.training.pretrain_loop import pretrain
 
     out = tmp_path_factory.mktemp("run")
-    return pretrain(PretrainConfig(**tiny(out, max_steps=2))).last_checkpoint
+    return pretrain(PretrainConfig.from_dict(tiny(out, max_steps=2))).last_checkpoint
 
 
 def _phantom(shape: tuple[int, int]) -> np.ndarray:

@@ -30,7 +30,7 @@ def test_legacy_pretrain_settings_file_parses_to_the_same_run():
     values = json.loads((LEGACY / "pretrain" / "config.json").read_text())
     cfg = PretrainConfig.from_file(LEGACY / "pretrain" / "config.json")
     assert cfg.method == "mae" and cfg.strategy == "random" and cfg.ratio == 0.75
-    assert cfg.embed_dim == values["embed_dim"] == 32 and cfg.depth == 1 and tuple(cfg.img_size) == (64, 64)
+    assert cfg.encoder.embed_dim == values["embed_dim"] == 32 and cfg.encoder.depth == 1 and cfg.encoder.img_size == (64, 64)
     assert cfg.decoder_embed_dim == 16 and cfg.batch_size == 4 and cfg.max_steps == 2
 
 
@@ -70,3 +70,18 @@ def test_legacy_pretrain_checkpoint_fine_tunes_and_its_probe_predicts(tmp_path, 
         probs = np.asarray(pred.probs)
         assert probs.shape == (2,) and abs(float(probs.sum()) - 1.0) < 1e-5
     assert torch.get_num_threads() == 1
+
+
+def test_fine_tuning_stopped_by_a_flat_settings_version_resumes(tmp_path, monkeypatch, sample_root):
+    from mim_workbench.training.finetune import FinetuneConfig, finetune
+
+    # The stopped run names its data and folder relatively: rebuild that layout here.
+    (tmp_path / "sample_data").symlink_to(sample_root, target_is_directory=True)
+    shutil.copytree(LEGACY / "finetune-stopped", tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    values = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert "embed_dim" in values and "encoder" not in values      # written in the flat spelling
+    cfg = FinetuneConfig.from_dict({**values, "resume": True, "max_steps": None})
+    assert cfg.encoder.embed_dim == 32 and cfg.img_size == (64, 64)
+    res = finetune(cfg)
+    assert res.reason == "completed" and any("resumed at epoch 3" in n for n in res.notes)

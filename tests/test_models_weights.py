@@ -34,7 +34,7 @@ def test_timm_rgb_checkpoint_into_grey_model_sums_channels_and_resamples_pos(tmp
     src = timm_vit(3, 32)  # classifier head included, 2x2 grid
     path = tmp_path / "timm_rgb.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    model = build_model(ModelConfig(**TINY, in_chans=1))
+    model = build_model(ModelConfig.from_dict(dict(**TINY, in_chans=1)))
     report = load_encoder_weights(model.encoder, path)
     sd = src.state_dict()
     torch.testing.assert_close(model.encoder.patch_embed.proj.weight,
@@ -58,7 +58,7 @@ def test_grey_checkpoint_into_rgb_model_repeats_channels(tmp_path):
     src = timm_vit(1, (64, 96), num_classes=0)
     path = tmp_path / "grey.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    model = build_model(ModelConfig(**TINY, in_chans=3), init=path)
+    model = build_model(ModelConfig.from_dict(dict(**TINY, in_chans=3)), init=path)
     assert any("1->3" in a for a in model.init_report.adapted)
     w = src.state_dict()["patch_embed.proj.weight"]
     torch.testing.assert_close(model.encoder.patch_embed.proj.weight, w.repeat(1, 3, 1, 1) / 3)
@@ -66,7 +66,7 @@ def test_grey_checkpoint_into_rgb_model_repeats_channels(tmp_path):
 
 
 def test_export_loads_strictly_into_timm(tmp_path):
-    model = build_model(ModelConfig(**TINY, in_chans=1, method="miram"))
+    model = build_model(ModelConfig.from_dict(dict(**TINY, in_chans=1, method="miram")))
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(torch.randn_like(p) * 0.01)  # not just the initialisation
@@ -87,9 +87,9 @@ def test_export_loads_strictly_into_timm(tmp_path):
 
 
 def test_export_reloads_at_another_size_with_resampled_pos(tmp_path):
-    model = build_model(ModelConfig(**TINY))
+    model = build_model(ModelConfig.from_dict(TINY))
     path = export_encoder(model, tmp_path / "enc.safetensors")
-    bigger = build_model(ModelConfig(**{**TINY, "img_size": (96, 128)}))
+    bigger = build_model(ModelConfig.from_dict({**TINY, "img_size": (96, 128)}))
     report = load_encoder_weights(bigger, path)  # a MIM model works too (its .encoder is used)
     assert any("4x6 -> 6x8" in a for a in report.adapted)  # old grid from the export's metadata
     assert bigger.encoder.pos_embed.shape == (1, 1 + 48, 64)
@@ -104,24 +104,24 @@ def test_legacy_pth_mae_style_checkpoint(tmp_path):
     sd["module.mask_token"] = torch.zeros(1, 1, 32)
     path = tmp_path / "mae.pth"
     torch.save({"model": sd, "epoch": 3}, path)
-    model = build_model(ModelConfig(**TINY))
+    model = build_model(ModelConfig.from_dict(TINY))
     report = load_encoder_weights(model.encoder, path)
     assert set(report.unexpected) == {"decoder_embed.weight", "mask_token"}
     torch.testing.assert_close(model.encoder.norm.weight, src.norm.weight)
 
 
 def test_full_model_state_dict_uses_encoder_part(tmp_path):
-    trained = build_model(ModelConfig(**TINY))
+    trained = build_model(ModelConfig.from_dict(TINY))
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(path))
-    fresh = build_model(ModelConfig(**TINY, method="simmim"))
+    fresh = build_model(ModelConfig.from_dict(dict(**TINY, method="simmim")))
     report = load_encoder_weights(fresh.encoder, tmp_path)  # a checkpoint folder works too
     assert not report.unexpected and any("encoder.*" in a for a in report.adapted)
     torch.testing.assert_close(fresh.encoder.patch_embed.proj.weight, trained.encoder.patch_embed.proj.weight)
 
 
 def test_bad_weight_files_raise_checkpoint_error(tmp_path):
-    enc = build_model(ModelConfig(**TINY)).encoder
+    enc = build_model(ModelConfig.from_dict(TINY)).encoder
     with pytest.raises(CheckpointError, match="not found"):
         load_encoder_weights(enc, tmp_path / "missing.safetensors")
     (tmp_path / "w.npz").write_bytes(b"x")
@@ -147,6 +147,6 @@ def test_pickled_objects_are_refused(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"model": Evil()}, path)
-    enc = build_model(ModelConfig(**TINY)).encoder
+    enc = build_model(ModelConfig.from_dict(TINY)).encoder
     with pytest.raises(CheckpointError, match="weights_only"):
         load_encoder_weights(enc, path)

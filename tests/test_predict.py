@@ -30,8 +30,8 @@ def classifiers(tmp_path_factory):
     root = tmp_path_factory.mktemp("cls")
     out = {}
     for mode in ("probe", "full"):
-        res = finetune(FinetuneConfig(data=str(SAMPLE), checkpoint=None, mode=mode, out=str(root / mode),
-                                      epochs=2, batch_size=4, threads=1, **ARCH))
+        res = finetune(FinetuneConfig.from_dict(dict(data=str(SAMPLE), checkpoint=None, mode=mode, out=str(root / mode),
+                                      epochs=2, batch_size=4, threads=1, **ARCH)))
         out[mode] = res.checkpoint
     return out
 
@@ -73,8 +73,8 @@ def test_predict_outputs_json_csv_tiff_png(classifiers, tmp_path):
 
 
 def test_a_probe_on_mean_pooled_features_is_rebuilt_as_trained(tmp_path):
-    res = finetune(FinetuneConfig(data=str(SAMPLE), checkpoint=None, mode="probe", pool="avg", out=str(tmp_path / "p"),
-                                  epochs=2, batch_size=4, threads=1, **ARCH))
+    res = finetune(FinetuneConfig.from_dict(dict(data=str(SAMPLE), checkpoint=None, mode="probe", pool="avg", out=str(tmp_path / "p"),
+                                  epochs=2, batch_size=4, threads=1, **ARCH)))
     pred = load_predictor(res.checkpoint)
     assert pred.model.pool == "avg"
     x = torch.rand(1, 1, 64, 64)
@@ -86,7 +86,7 @@ def test_predict_dense_checkpoint_and_wrong_kind(tmp_path):
     img = read_image(IMAGE).data
     lungs = read_image(SAMPLE / "masks" / "cxr0059.png").data > 0.5
     lab = simulate_strokes({"lung": lungs}, fraction=0.02, seed=0)
-    head = train_dense([img], [lab], model_config=ModelConfig(**ARCH), classes=["lung", "outside"], steps=4,
+    head = train_dense([img], [lab], model_config=ModelConfig.from_dict(ARCH), classes=["lung", "outside"], steps=4,
                        batch_size=2, crop=32, out=tmp_path / "dense")
     pred = predict(head.checkpoint, IMAGE)
     assert isinstance(pred, DensePrediction) and pred.probs.shape == (2,) + img.shape
@@ -102,6 +102,6 @@ def test_predict_dense_checkpoint_and_wrong_kind(tmp_path):
     from mim_workbench.training.config import PretrainConfig
     from mim_workbench.training.pretrain_loop import pretrain
 
-    pre = pretrain(PretrainConfig(**tiny(tmp_path / "pre", max_steps=1, threads=1)))
+    pre = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "pre", max_steps=1, threads=1)))
     with pytest.raises(CheckpointError, match="pretrain"):
         load_predictor(pre.last_checkpoint)

@@ -21,8 +21,8 @@ MASK = SAMPLE_MASKS / "cxr0058.png"
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = ModelConfig(img_size=(64, 64), embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
-                      decoder_depth=1, decoder_num_heads=2)
+    cfg = ModelConfig.from_dict(dict(img_size=(64, 64), embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
+                      decoder_depth=1, decoder_num_heads=2))
     return build_model(cfg).eval()
 
 

@@ -29,14 +29,14 @@ def test_region_preset_proposes_once_then_reuses(unmasked, tmp_path, one_thread)
     events: list = []
     cfg = tiny(tmp_path / "run1", data=str(unmasked), masks=None, strategy="region", region_preset="lungs",
                max_steps=2, val_fraction=0.0, threads=1)
-    result = pretrain(PretrainConfig(**cfg), on_event=events.append)
+    result = pretrain(PretrainConfig.from_dict(cfg), on_event=events.append)
     assert result.step == 2
     preparing = [e for e in events if isinstance(e, Preparing)]
     assert preparing and preparing[-1].done == preparing[-1].total == 6 and "lungs" in preparing[-1].stage
     notes = next(e for e in events if isinstance(e, Started)).notes
     assert any("lungs preset for 6 image(s) (6 new, 0 from the cache); 0 flagged" in n for n in notes), notes
     events.clear()
-    pretrain(PretrainConfig(**{**cfg, "out": str(tmp_path / "run2")}), on_event=events.append)
+    pretrain(PretrainConfig.from_dict({**cfg, "out": str(tmp_path / "run2")}), on_event=events.append)
     notes = next(e for e in events if isinstance(e, Started)).notes
     assert any("(0 new, 6 from the cache)" in n for n in notes), notes
 

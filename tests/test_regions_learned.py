@@ -150,11 +150,11 @@ def test_pretraining_with_a_learned_region_model(lungs_model, tmp_path, sample_r
         shutil.copy(p, data / p.name)
     model = lungs_model.save(tmp_path / "lungs.safetensors")
     events: list = []
-    result = pretrain(PretrainConfig(**tiny(tmp_path / "run", data=str(data), masks=None, strategy="region",
+    result = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", data=str(data), masks=None, strategy="region",
                                             region_model=str(model), max_steps=2, val_fraction=0.0, threads=1)),
                       on_event=events.append)
     assert result.step == 2
     notes = next(e for e in events if isinstance(e, Started)).notes
     assert any("the model lungs.safetensors for 4 image(s)" in n for n in notes), notes
     with pytest.raises(ConfigError, match="not both"):
-        PretrainConfig(data="x", out="y", strategy="region", region_preset="lungs", region_model=str(model))
+        PretrainConfig.from_dict(dict(data="x", out="y", strategy="region", region_preset="lungs", region_model=str(model)))

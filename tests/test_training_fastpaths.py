@@ -63,7 +63,7 @@ def test_loop_picks_bf16_for_auto_by_encoder_width(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: (True, "AMX-BF16"))
     for width, heads, amp in ((64, 2, "off"), (192, 3, "bf16")):
         seen: list = []
-        pretrain(PretrainConfig(**tiny(tmp_path / str(width), device="cpu", amp="auto", max_steps=1,
+        pretrain(PretrainConfig.from_dict(tiny(tmp_path / str(width), device="cpu", amp="auto", max_steps=1,
                                        embed_dim=width, num_heads=heads)), on_event=seen.append)
         started = next(e for e in seen if isinstance(e, ev.Started))
         assert started.amp == amp, (width, started.amp)
@@ -102,7 +102,7 @@ def test_cpu_bf16_support_reports_what_it_found():
 def test_loop_falls_back_to_fp32_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "cpu_bf16_support", lambda: (False, "no AVX512-BF16/AMX-BF16 instructions"))
     seen: list = []
-    pretrain(PretrainConfig(**tiny(tmp_path / "r", device="cpu", amp="bf16", max_steps=1)), on_event=seen.append)
+    pretrain(PretrainConfig.from_dict(tiny(tmp_path / "r", device="cpu", amp="bf16", max_steps=1)), on_event=seen.append)
     started = seen[0]
     assert started.amp == "off" and any("amp=bf16 ignored" in n for n in started.notes)
 
@@ -113,7 +113,7 @@ def test_loop_bf16_loss_close_to_fp32(tmp_path):
     runs = {}
     for amp in ("off", "bf16"):
         seen: list = []
-        res = pretrain(PretrainConfig(**tiny(tmp_path / amp, device="cpu", amp=amp, max_steps=4)),
+        res = pretrain(PretrainConfig.from_dict(tiny(tmp_path / amp, device="cpu", amp=amp, max_steps=4)),
                        on_event=seen.append)
         assert seen[0].amp == amp
         runs[amp] = res
@@ -205,7 +205,7 @@ def test_load_optimizer_state_keeps_fused_and_matches_foreach():
 
 
 def test_resumed_run_uses_the_fused_kernel(tmp_path, monkeypatch):
-    first = pretrain(PretrainConfig(**tiny(tmp_path / "run", device="cpu", amp="off", max_steps=2)))
+    first = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", device="cpu", amp="off", max_steps=2)))
     assert first.step == 2
     from mim_workbench.models import checkpoint as ckpt_mod
 
@@ -221,7 +221,7 @@ def test_resumed_run_uses_the_fused_kernel(tmp_path, monkeypatch):
     built = []
     real_build = pretrain_mod.build_optimizer
     monkeypatch.setattr(pretrain_mod, "build_optimizer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
-    res = pretrain(PretrainConfig(**tiny(tmp_path / "run", device="cpu", amp="off", max_steps=3,
+    res = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", device="cpu", amp="off", max_steps=3,
                                          resume=str(tmp_path / "run"))))
     assert res.step == 3 and math.isfinite(res.final_loss)
     assert built and all(g["fused"] is True for g in built[-1].param_groups)
@@ -259,7 +259,7 @@ def test_grad_norm_still_logged(tmp_path):
     """metrics.csv and the history carry a finite grad norm every step, clipped run or not."""
     for clip in (None, 0.5):
         out = tmp_path / f"clip-{clip}"
-        res = pretrain(PretrainConfig(**tiny(out, device="cpu", amp="off", max_steps=3, clip_grad=clip)))
+        res = pretrain(PretrainConfig.from_dict(tiny(out, device="cpu", amp="off", max_steps=3, clip_grad=clip)))
         norms = [r["grad_norm"] for r in res.history]
         assert len(norms) == 3 and all(math.isfinite(n) and n > 0 for n in norms)
         rows = read_metrics(out / "metrics.csv")
@@ -279,7 +279,7 @@ def test_nonfinite_gradient_step_is_still_skipped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretrain_mod, "grad_norm_", poisoned)
     seen: list = []
-    res = pretrain(PretrainConfig(**tiny(tmp_path / "r", device="cpu", amp="off", max_steps=3)), on_event=seen.append)
+    res = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "r", device="cpu", amp="off", max_steps=3)), on_event=seen.append)
     assert res.skipped_steps == 1
     msgs = [e.message for e in seen if isinstance(e, ev.Progress)]
     assert msgs[1] and "non-finite" in msgs[1]
@@ -327,7 +327,7 @@ def test_reading_numbers_one_step_late_changes_nothing(tmp_path, monkeypatch, po
         monkeypatch.setattr(pretrain_mod._Trainer, "_defer_numbers", lambda self, d=deferred: d)
         seen: list = []
         # 3 steps per epoch: step 5 ends the run mid-epoch, its numbers still unread
-        res = pretrain(PretrainConfig(**tiny(tmp_path / str(deferred), device="cpu", amp="off", max_steps=5,
+        res = pretrain(PretrainConfig.from_dict(tiny(tmp_path / str(deferred), device="cpu", amp="off", max_steps=5,
                                              clip_grad=0.5)), on_event=seen.append)
         runs[deferred] = (res, [e for e in seen if isinstance(e, ev.Progress)], tmp_path / str(deferred))
     (a, pa, da), (b, pb, db) = runs[False], runs[True]
@@ -351,7 +351,7 @@ def test_reading_numbers_one_step_late_changes_nothing(tmp_path, monkeypatch, po
 # ---------------------------------------------------------------------------- torch.compile (opt-in)
 def test_compile_flag_plumbing(tmp_path):
     assert PretrainConfig().compile is False
-    cfg = PretrainConfig(**tiny(tmp_path / "r", compile=True))
+    cfg = PretrainConfig.from_dict(tiny(tmp_path / "r", compile=True))
     assert cfg.compile is True and PretrainConfig.from_dict(cfg.to_dict()).compile is True
     from mim_workbench.errors import ConfigError
 
@@ -421,9 +421,9 @@ def test_loop_compile_failure_trains_eagerly_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", _Boom)
     seen: list = []
     with pytest.warns(RuntimeWarning):
-        res = pretrain(PretrainConfig(**tiny(tmp_path / "c", device="cpu", amp="off", max_steps=3, compile=True)),
+        res = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "c", device="cpu", amp="off", max_steps=3, compile=True)),
                        on_event=seen.append)
-    plain = pretrain(PretrainConfig(**tiny(tmp_path / "p", device="cpu", amp="off", max_steps=3)))
+    plain = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "p", device="cpu", amp="off", max_steps=3)))
     assert [r["loss"] for r in res.history] == [r["loss"] for r in plain.history]
     msgs = [e.message for e in seen if isinstance(e, ev.Progress)]
     assert msgs[0] and "torch.compile failed" in msgs[0] and not any(msgs[1:])
@@ -476,7 +476,7 @@ def test_compile_step_does_not_skew_images_per_s(tmp_path, monkeypatch):
     """The compiling first step is left out of the smoothed step time (images/s, ETA)."""
     monkeypatch.setattr(torch, "compile", _SlowFirstCall)
     seen: list = []
-    pretrain(PretrainConfig(**tiny(tmp_path / "c", device="cpu", amp="off", max_steps=3, compile=True)),
+    pretrain(PretrainConfig.from_dict(tiny(tmp_path / "c", device="cpu", amp="off", max_steps=3, compile=True)),
              on_event=seen.append)
     ips = [e.images_per_s for e in seen if isinstance(e, ev.Progress)]
     assert ips[1] > 2 * ips[0], ips

@@ -43,7 +43,7 @@ def _nan_after(monkeypatch, first_bad_call: int) -> None:
 def test_k_non_finite_steps_in_a_row_stop_the_run_with_a_message(tmp_path, monkeypatch):
     _nan_after(monkeypatch, 3)
     seen: list = []
-    cfg = PretrainConfig(**tiny(tmp_path / "run", epochs=20, checkpoint_every=2, max_nonfinite_steps=4))
+    cfg = PretrainConfig.from_dict(tiny(tmp_path / "run", epochs=20, checkpoint_every=2, max_nonfinite_steps=4))
     with pytest.raises(TrainingError, match=r"not finite for 4 steps in a row \(steps 3-6") as info:
         pretrain(cfg, on_event=seen.append)
     assert "blr" in str(info.value) and "ckpt-4" in str(info.value)
@@ -61,7 +61,7 @@ def test_k_non_finite_steps_in_a_row_stop_the_run_with_a_message(tmp_path, monke
 
 def test_isolated_non_finite_steps_do_not_stop_the_run(tmp_path, monkeypatch):
     _nan_after(monkeypatch, 10_000)   # never: the counter must reset on good steps
-    result = pretrain(PretrainConfig(**tiny(tmp_path / "run", epochs=1, max_nonfinite_steps=1)))
+    result = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", epochs=1, max_nonfinite_steps=1)))
     assert result.reason == "completed" and result.skipped_steps == 0
 
 
@@ -81,7 +81,7 @@ def test_out_of_memory_is_reported_with_a_suggestion(tmp_path, monkeypatch):
     monkeypatch.setattr(MAEModel, "forward", oom)
     seen: list = []
     with pytest.raises(ConfigError) as info:
-        pretrain(PretrainConfig(**tiny(tmp_path / "run", epochs=1)), on_event=seen.append)
+        pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", epochs=1)), on_event=seen.append)
     message = str(info.value)
     assert "out of memory" in message and "batch_size=4" in message
     assert "lower the batch size" in message and "accum_steps" in message
@@ -105,7 +105,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     run = tmp_path / "run"
     seen: list = []
     with pytest.raises(CheckpointWriteError) as info:
-        pretrain(PretrainConfig(**tiny(run, epochs=5, checkpoint_every=2)), on_event=seen.append)
+        pretrain(PretrainConfig.from_dict(tiny(run, epochs=5, checkpoint_every=2)), on_event=seen.append)
     message = str(info.value)
     assert str(run / "ckpt-4") in message and "No space left on device" in message
     assert f"previous checkpoint {run / 'ckpt-2'} is intact" in message
@@ -128,12 +128,12 @@ def test_full_disk_on_the_first_checkpoint_says_there_is_none(tmp_path, monkeypa
 
     monkeypatch.setattr(st, "save_file", no_space)
     with pytest.raises(CheckpointWriteError, match="no earlier checkpoint"):
-        pretrain(PretrainConfig(**tiny(tmp_path / "run", max_steps=1)))
+        pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", max_steps=1)))
 
 
 def test_resume_writes_beside_the_checkpoint_not_where_its_config_says(tmp_path):
     """A shared or moved run directory: its stored ``out`` (here ``../escaped``) is ignored."""
-    pretrain(PretrainConfig(**tiny(tmp_path / "orig", max_steps=2, epochs=3)))
+    pretrain(PretrainConfig.from_dict(tiny(tmp_path / "orig", max_steps=2, epochs=3)))
     moved = tmp_path / "inbox" / "run"
     shutil.copytree(tmp_path / "orig", moved)
     shutil.rmtree(tmp_path / "orig")
@@ -147,7 +147,7 @@ def test_resume_writes_beside_the_checkpoint_not_where_its_config_says(tmp_path)
 
 
 def test_resume_from_a_checkpoint_with_a_bad_stored_config_names_the_key(tmp_path):
-    pretrain(PretrainConfig(**tiny(tmp_path / "run", max_steps=1)))
+    pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", max_steps=1)))
     meta_path = ck.load_checkpoint(tmp_path / "run").path / "meta.json"
     for key, value, expect in (("batch_size", "4", "batch_size='4'"), ("evil_key", 1, "evil_key")):
         meta = json.loads(meta_path.read_text())

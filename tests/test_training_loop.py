@@ -22,7 +22,7 @@ from mim_workbench.training.pretrain_loop import pretrain
 
 def _run(out, control=None, **overrides):
     seen: list = []
-    result = pretrain(PretrainConfig(**tiny(out, **overrides)), on_event=seen.append, control=control)
+    result = pretrain(PretrainConfig.from_dict(tiny(out, **overrides)), on_event=seen.append, control=control)
     return result, seen
 
 
@@ -61,7 +61,7 @@ def test_events_run_dir_and_metrics(tmp_path):
     assert meta["kind"] == "pretrain" and meta["sampler"] == {
         "epoch": 1, "position": 0, "seed": 0, "n_train": started.n_train, "steps_per_epoch": 3}
     assert {"torch", "numpy", "python", "mask_generator"} <= set(meta["rng"])
-    assert meta["model_config"]["embed_dim"] == 64 and len(meta["dataset_signature"]) == 32
+    assert meta["model_config"]["encoder"]["embed_dim"] == 64 and len(meta["dataset_signature"]) == 32
 
 
 class _StopAfter:
@@ -87,7 +87,7 @@ def test_stop_request_saves_a_checkpoint_then_finishes(tmp_path):
         ctl.on_event(e)
         seen.append(e)
 
-    result = pretrain(PretrainConfig(**tiny(tmp_path / "run", epochs=5)), on_event=handler, control=ctl)
+    result = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", epochs=5)), on_event=handler, control=ctl)
     assert result.reason == "stopped" and result.step == 2
     assert isinstance(seen[-1], ev.Finished) and seen[-1].reason == "stopped"
     assert isinstance(seen[-2], ev.CheckpointSaved) and seen[-2].step == 2
@@ -100,7 +100,7 @@ def test_pause_holds_the_loop_until_resumed(tmp_path):
     ctl.request_pause()
     done: dict = {}
     t = threading.Thread(target=lambda: done.setdefault("r", pretrain(
-        PretrainConfig(**tiny(tmp_path / "run", epochs=1, max_steps=1)), control=ctl)))
+        PretrainConfig.from_dict(tiny(tmp_path / "run", epochs=1, max_steps=1)), control=ctl)))
     t.start()
     time.sleep(1.0)
     assert "r" not in done and not list_checkpoints(tmp_path / "run")
@@ -163,10 +163,10 @@ def test_non_finite_loss_skips_the_step_and_reports_it(tmp_path, monkeypatch):
 def test_failures_emit_failed_and_raise_mim_errors(tmp_path):
     seen: list = []
     with pytest.raises(MimError):
-        pretrain(PretrainConfig(**tiny(tmp_path / "run", data=str(tmp_path / "nothing"))), on_event=seen.append)
+        pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", data=str(tmp_path / "nothing"))), on_event=seen.append)
     assert isinstance(seen[-1], ev.Failed) and seen[-1].message
     with pytest.raises(ConfigError, match="region masks"):
-        pretrain(PretrainConfig(**tiny(tmp_path / "r2", masks=None, strategy="region")))
+        pretrain(PretrainConfig.from_dict(tiny(tmp_path / "r2", masks=None, strategy="region")))
     with pytest.raises(ConfigError, match="--data"):
         pretrain(PretrainConfig(out=str(tmp_path / "r3")))
 
@@ -183,7 +183,23 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "run").step == result.step
 
 
-def test_time_budget_plans_the_schedule_to_end_with_it(tmp_path):
+class _StepClock:
+    """The loop's clock, advancing 50 ms a reading: steps take the same time however busy the machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.05
+        return self.now
+
+    monotonic = staticmethod(time.monotonic)
+
+
+def test_time_budget_plans_the_schedule_to_end_with_it(tmp_path, monkeypatch):
+    from mim_workbench.training import pretrain_loop
+
+    monkeypatch.setattr(pretrain_loop, "time", _StepClock())
     result, seen = _run(tmp_path / "run", epochs=200, time_budget_s=3.0, warmup_epochs=2.0, min_lr=0.0)
     started = seen[0]
     lrs = [e.lr for e in seen if isinstance(e, ev.Progress)]
@@ -234,7 +250,7 @@ def test_decoded_image_cache_is_on_when_the_data_fit_its_cap(tmp_path, monkeypat
         if cap is not None:
             monkeypatch.setattr(cache_mod, "DEFAULT_MAX_BYTES", cap)
         seen: list = []
-        pretrain(PretrainConfig(**tiny(tmp_path / name, max_steps=2, cache=cache)), on_event=seen.append)
+        pretrain(PretrainConfig.from_dict(tiny(tmp_path / name, max_steps=2, cache=cache)), on_event=seen.append)
         notes = " ".join(next(e for e in seen if isinstance(e, ev.Started)).notes)
         if name == "auto":
             assert len(entries(root / "decoded")) >= 8, "every decoded sample was kept"

@@ -35,12 +35,12 @@ STEPS = 420
 @pytest.mark.timeout(240)
 def test_masked_mse_beats_visible_mean_fill_on_held_back_xrays(tmp_path, monkeypatch):
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
-    cfg = PretrainConfig(
+    cfg = PretrainConfig.from_dict(dict(
         data=str(SAMPLE), out=str(tmp_path / "run"), method="simmim", strategy="random", ratio=0.75,
         img_size=64, patch_size=4, embed_dim=64, depth=2, num_heads=4,
         batch_size=8, epochs=400, lr=3e-3, warmup_epochs=5, val_fraction=VAL, val_every=100,
         max_steps=STEPS, threads=1, preview_every=0, checkpoint_every=100_000, cache=True, seed=SEED,
-    )
+    ))
     # A fixed number of steps (not a time budget) keeps the result the same on a busy machine;
     # about 35 s on 2 idle cores, within a 2-minute allowance on a slower one.
     result = pretrain(cfg)

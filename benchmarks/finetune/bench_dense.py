@@ -47,17 +47,17 @@ ckpt_file = OUT / "pretrain.json"
 if ckpt_file.exists():
     pre = json.loads(ckpt_file.read_text())
 else:
-    cal = pretrain(PretrainConfig(data=str(tiles), out=str(OUT / "cal"), **{k: v for k, v in ARCH.items()},
+    cal = pretrain(PretrainConfig.from_dict(dict(data=str(tiles), out=str(OUT / "cal"), **{k: v for k, v in ARCH.items()},
                                   decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, batch_size=32,
-                                  epochs=1000, max_steps=3, val_fraction=0.0, val_every=0, preview_every=0, threads=2))
+                                  epochs=1000, max_steps=3, val_fraction=0.0, val_every=0, preview_every=0, threads=2)))
     el = [r["elapsed_s"] for r in cal.history]
     step_s = (el[-1] - el[0]) / 2
     spe = math.ceil(n_tiles / 32)
     epochs = max(1, int(BUDGET_MIN * 60 / step_s / spe))
     t0 = time.time()
-    res = pretrain(PretrainConfig(data=str(tiles), out=str(pre_dir), **ARCH, decoder_embed_dim=64, decoder_depth=2,
+    res = pretrain(PretrainConfig.from_dict(dict(data=str(tiles), out=str(pre_dir), **ARCH, decoder_embed_dim=64, decoder_depth=2,
                                   decoder_num_heads=4, batch_size=32, epochs=epochs, time_budget_s=BUDGET_MIN * 60,
-                                  val_fraction=0.0, val_every=0, preview_every=0, threads=2, keep_checkpoints=1))
+                                  val_fraction=0.0, val_every=0, preview_every=0, threads=2, keep_checkpoints=1)))
     pre = {"checkpoint": res.last_checkpoint, "steps": res.step, "epochs_planned": epochs, "reason": res.reason,
            "loss_first": res.history[0]["loss"], "loss_last": res.final_loss, "wall_s": time.time() - t0,
            "train_s": res.history[-1]["elapsed_s"], "tiles": n_tiles}
@@ -83,7 +83,7 @@ for name, c in configs.items():
         strokes = [simulate_strokes({"caries": m}, fraction=0.02, width=3, seed=100 * seed + k) for k, (_, m) in enumerate(train)]
         c2 = dict(c); ck = c2.pop("checkpoint")
         t0 = time.time()
-        head = train_dense([im for im, _ in train], strokes, checkpoint=ck, model_config=ModelConfig(**ARCH),
+        head = train_dense([im for im, _ in train], strokes, checkpoint=ck, model_config=ModelConfig.from_dict(ARCH),
                            config=DenseConfig(classes=["caries", "other"], scale=0.5, steps=300, seed=seed, threads=2, **c2))
         secs.append(time.time() - t0)
         p = np.concatenate([head.predict(im).prob("caries").ravel() for im, _ in test])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models import ModelConfig
+from ..models.config import EncoderConfig
 
 #: The reference configuration: ViT-Tiny/16 at 224 px, decoder 128 x 4 x 4 heads.
 REFERENCE_CONFIG: dict[str, Any] = {
@@ -109,10 +110,12 @@ def model_config(config: Mapping[str, Any]) -> ModelConfig:
     """The :class:`~mim_workbench.models.ModelConfig` a bench config describes; ConfigError as :func:`check_config`."""
     cfg = check_config(config)
     p = int(cfg["patch_size"])
+    encoder = EncoderConfig(
+        model=BASE_MODEL, img_size=img_hw(cfg), in_chans=int(cfg["in_chans"]), patch_size=p,
+        embed_dim=int(cfg["embed_dim"]), depth=int(cfg["depth"]), num_heads=int(cfg["num_heads"]),
+        mlp_ratio=float(cfg["mlp_ratio"]))
     return ModelConfig(
-        model=BASE_MODEL, img_size=img_hw(cfg), in_chans=int(cfg["in_chans"]), method=cfg["method"],
-        patch_size=p, embed_dim=int(cfg["embed_dim"]), depth=int(cfg["depth"]), num_heads=int(cfg["num_heads"]),
-        mlp_ratio=float(cfg["mlp_ratio"]), decoder_embed_dim=int(cfg["decoder_embed_dim"]),
+        encoder=encoder, method=cfg["method"], decoder_embed_dim=int(cfg["decoder_embed_dim"]),
         decoder_depth=int(cfg["decoder_depth"]), decoder_num_heads=int(cfg["decoder_num_heads"]),
         norm_pix_loss=bool(cfg["norm_pix_loss"]), mask_patch_size=mask_patch_size(p),
         miram_scale=MIRAM_SCALE,

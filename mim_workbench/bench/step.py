@@ -87,11 +87,11 @@ class BenchStep:
         gh, gw = self.model.grid
         if region is None:
             if self._region_px is None or self._region_px.shape[0] != batch_size:
-                self._region_px = default_region(self.model_config.img_size).expand(batch_size, -1, -1).contiguous()
+                self._region_px = default_region(self.model_config.encoder.img_size).expand(batch_size, -1, -1).contiguous()
             region = self._region_px
         if region.dim() == 2:                      # one mask for the whole batch
             region = region.expand(batch_size, -1, -1)
-        if tuple(region.shape[-2:]) == tuple(self.model_config.img_size) and region.dim() == 3:
+        if tuple(region.shape[-2:]) == tuple(self.model_config.encoder.img_size) and region.dim() == 3:
             return patch_coverage(region.float(), p)
         if tuple(region.shape) in ((batch_size, gh, gw), (batch_size, gh * gw)):
             return region.float()

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from ..display import has_display
 from ..errors import MimError
 from .args import AddCommand, Runner, add_device, add_out
 
@@ -51,14 +51,10 @@ def _add_gui(sub: argparse._SubParsersAction) -> Runner:
     return _run_gui
 
 
-def _has_display() -> bool:
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
-
-
 def _run_gui(args: argparse.Namespace) -> int:
     if args.screenshot and not args.self_check:
         raise MimError("--screenshot goes with --self-check")
-    if not _has_display() and not args.self_check:
+    if not has_display() and not args.self_check:
         print("mim-workbench gui: no display found (DISPLAY is unset); running the headless demo instead "
               f"(pictures go to {args.demo_out}/)", file=sys.stderr)
         return _run_demo(argparse.Namespace(out=args.demo_out, seconds=args.demo_seconds, device="auto"))

@@ -272,12 +272,8 @@ def _add_dense_train(sub: argparse._SubParsersAction) -> Runner:
 def _random_model_config(args: argparse.Namespace) -> Any:
     """The ModelConfig of the architecture flags, for ``--checkpoint random``."""
     from ..models import ModelConfig
-    from ..training.config import parse_img_size
 
-    arch = arch_values(args)
-    if "img_size" in arch:
-        arch["img_size"] = parse_img_size(arch["img_size"])
-    return ModelConfig(**arch)
+    return ModelConfig.from_dict(arch_values(args))
 
 
 def _run_dense_train(args: argparse.Namespace) -> int:

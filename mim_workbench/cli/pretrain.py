@@ -120,10 +120,11 @@ def _add_run_flags(g: Flags) -> None:
 
 def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
     """The PretrainConfig of ``--config`` (if any) overlaid with the flags given (those not None)."""
+    from ..models.config import ENCODER_FIELDS, nest_encoder_fields
     from ..training.config import PretrainConfig, read_config_file
 
     values: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = nest_encoder_fields({str(k).replace("-", "_"): v for k, v in values.items()})
     skip = {"command", "config", "quiet"}
     for dest, value in vars(args).items():
         if dest in skip or value is None:
@@ -131,7 +132,8 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
         field = _PRETRAIN_FIELD.get(dest, dest)
         if field == "checkpoint_every" and str(value).isdigit():
             value = int(value)
-        values[field] = value
+        # a flag overrides the file's value, wherever the file put it
+        (values.setdefault("encoder", {}) if field in ENCODER_FIELDS else values)[field] = value
     return PretrainConfig.from_dict(values)
 
 

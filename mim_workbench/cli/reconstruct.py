@@ -115,7 +115,7 @@ def _run_export(args: argparse.Namespace) -> int:
         out = out / "encoder.safetensors"
     path = export_encoder(model, out)
     print(str(path))
-    print(f"mim-workbench export: encoder of {ckpt.path} (step {ckpt.step}, {model.cfg.model}) -> {path}",
+    print(f"mim-workbench export: encoder of {ckpt.path} (step {ckpt.step}, {model.cfg.encoder.model}) -> {path}",
           file=sys.stderr)
     return 0
 

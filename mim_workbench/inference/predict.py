@@ -157,9 +157,9 @@ class Predictor:
             raise ConfigError(f"map={map!r}: choose one of {', '.join(MAP_KINDS)}")
         kind = map if map != "auto" else ("patch_logits" if self.model.pool == "avg" else "rollout")
         src = as_unit_array(image)
-        H, W = self.model_config.img_size
+        H, W = self.model_config.encoder.img_size
         canvas, lb = letterbox(src, (H, W), order=1)
-        x = torch.from_numpy(to_channels(canvas, self.model_config.in_chans)).float()[None].to(self.device)
+        x = torch.from_numpy(to_channels(canvas, self.model_config.encoder.in_chans)).float()[None].to(self.device)
         probs = self.model(x).float().softmax(-1)[0].cpu().numpy()
         k = int(np.argmax(probs))
         if kind == "patch_logits":

@@ -213,7 +213,7 @@ def _model_inputs(src: np.ndarray, model: MIMModel,
     """(image ``[1, C, H, W]``, MIRAM's fine image or None, content mask ``[H, W]``, letterbox)."""
     from ..io import letterbox
 
-    H, W = model.cfg.img_size
+    H, W = model.cfg.encoder.img_size
     canvas, lb = letterbox(src, (H, W), order=1)
     content = np.zeros((H, W), dtype=bool)
     (r0, c0), (ch, cw) = lb.offset, lb.content_shape
@@ -234,7 +234,7 @@ def _draw_mask(model: MIMModel, train_cfg: dict[str, Any], strategy: str, ratio:
     notes: list[str] = []
     region = None
     if region_mask is not None:
-        canvas = _region_canvas(region_mask, source_shape, tuple(model.cfg.img_size))
+        canvas = _region_canvas(region_mask, source_shape, tuple(model.cfg.encoder.img_size))
         region = torch.from_numpy(canvas.astype(np.float32))[None]
     if strategy == "region" and region is None:
         notes.append("strategy region needs a region mask; none given, masked at random instead")

@@ -127,13 +127,13 @@ def _dense_plan(head: DenseHead, low: np.ndarray, shape: tuple[int, int], tile: 
 def _classifier_plan(pred: Predictor, low: np.ndarray, cls: str | None, tile: int | None) -> _MapPlan:
     """One map of ``cls``'s patch logits (default: the class predicted for the whole image ``low``)."""
     classes = list(pred.classes)
-    th, tw = (int(v) for v in pred.model_config.img_size)
+    th, tw = (int(v) for v in pred.model_config.encoder.img_size)
     if cls is not None and cls not in classes:
         raise ConfigError(f"class {cls!r}: the classifier knows {', '.join(classes)}")
     whole = pred(low, map="patch_logits")         # the image as the classifier was trained to see it
     k = classes.index(cls) if cls is not None else whole.index
     maps = {"map": f"patch logit of {classes[k]}"}
-    in_chans, dev = int(pred.model_config.in_chans), pred.device
+    in_chans, dev = int(pred.model_config.encoder.in_chans), pred.device
 
     def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], None]:
         x = tiles_to_tensor(tiles, in_chans, dev)
@@ -184,7 +184,7 @@ def iter_predict_tiled(
 
     pred = _predictor(checkpoint_or_predictor, device)
     dense = isinstance(pred, DenseHead)
-    pyr = open_level(image, level, keep_color=int(pred.model_config.in_chans) == 3)
+    pyr = open_level(image, level, keep_color=int(pred.model_config.encoder.in_chans) == 3)
     H, W = pyr.level_shape(level)
     low = pyr.read_level(pyr.level_for_max_side(GLOBAL_MAX_SIDE))
     classes = list(pred.classes)

@@ -105,7 +105,7 @@ class _ReconstructTiles:
     def __init__(self, model: MIMModel, pyr: Pyramid, level: int, masking: _Masking, tally: _Tally) -> None:
         self.model, self.pyr, self.level, self.masking, self.tally = model, pyr, level, masking, tally
         self.device = next(model.parameters()).device
-        self.tile = tuple(model.cfg.img_size)
+        self.tile = tuple(model.cfg.encoder.img_size)
         self.shape = pyr.level_shape(level)
 
     def __call__(self, tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -164,7 +164,7 @@ class _ReconstructTiles:
 def _create_maps(out: str | os.PathLike, model: MIMModel, pyr: Pyramid, level: int, masking: _Masking,
                  overlap: float) -> TiledOutput:
     """The empty output group, its attributes saying how the maps are made."""
-    th, tw = model.cfg.img_size
+    th, tw = model.cfg.encoder.img_size
     return create_output(out, OUTPUTS, pyr.level_shape(level), scale=pyr.scale(level), attrs={
         "source": pyr.meta.source, "level": level, "strategy": masking.strategy, "ratio": masking.ratio,
         "seed": masking.seed, "overlap": overlap, "tile": [th, tw], "method": model.cfg.method,

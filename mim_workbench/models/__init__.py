@@ -2,7 +2,7 @@
 
 Typical use::
 
-    cfg = ModelConfig(model="vit_tiny_patch16_224", img_size=(224, 224), in_chans=1, method="mae")
+    cfg = ModelConfig(encoder=EncoderConfig("vit_tiny_patch16_224", img_size=(224, 224), in_chans=1), method="mae")
     model = build_model(cfg)
     mask = model.make_mask("random", batch_size, 0.75, generator=g)   # BoolTensor [B, L]
     out = model(images, mask)                   # out.loss, out.losses
@@ -12,7 +12,7 @@ Typical use::
 
 from .base import MIMModel, MIMOutput
 from .build import MODEL_CLASSES, build_model
-from .config import METHODS, ModelConfig
+from .config import METHODS, EncoderConfig, ModelConfig
 from .mae import MAEModel
 from .miram import MIRAMModel
 from .render import Rendered, render
@@ -27,6 +27,7 @@ from .weights import (
 
 __all__ = [
     "METHODS",
+    "EncoderConfig",
     "MODEL_CLASSES",
     "LoadReport",
     "MAEModel",

@@ -71,7 +71,7 @@ class MIMModel(nn.Module):
         self.encoder = encoder
         self.patch_size: int = patch_size_of(encoder)
         self.grid: tuple[int, int] = grid_of(encoder)
-        self.in_chans: int = cfg.in_chans
+        self.in_chans: int = cfg.encoder.in_chans
         self.num_patches: int = self.grid[0] * self.grid[1]
         self.init_report = None  # LoadReport when build_model(init=...) loaded weights
 
@@ -100,7 +100,7 @@ class MIMModel(nn.Module):
         ``region`` may be per-patch coverage ``[B, gh, gw]`` or a pixel mask
         ``[B, H, W]`` at the training size (converted with :func:`patch_coverage`).
         """
-        if region is not None and tuple(region.shape[-2:]) == tuple(self.cfg.img_size) \
+        if region is not None and tuple(region.shape[-2:]) == tuple(self.cfg.encoder.img_size) \
                 and tuple(region.shape[-2:]) != self.grid:
             region = patch_coverage(region, self.patch_size)
         return make_mask(strategy, batch_size, self.grid, ratio, region=region, generator=generator,
@@ -121,7 +121,7 @@ class MIMModel(nn.Module):
 
     # ----------------------------------------------------------------- helpers
     def _check(self, images: torch.Tensor, mask: torch.Tensor) -> None:
-        H, W = self.cfg.img_size
+        H, W = self.cfg.encoder.img_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (self.in_chans, H, W):
             raise ConfigError(
                 f"images must be [B, {self.in_chans}, {H}, {W}] for this model, got {tuple(images.shape)}"

@@ -21,7 +21,7 @@ MODEL_CLASSES: dict[str, type[MIMModel]] = {
 
 
 def build_model(cfg: ModelConfig | dict[str, Any], init: str | Path | None = None) -> MIMModel:
-    """Build the model for ``cfg.method`` around ``timm.create_model(cfg.model)`` (never downloads).
+    """Build the model for ``cfg.method`` around ``timm.create_model(cfg.encoder.model)`` (never downloads).
 
     The encoder gets MAE's initialisation (sin-cos ``pos_embed``, xavier linears);
     ``init`` then overwrites it from a local weights file (our export, a checkpoint,

@@ -227,7 +227,7 @@ class DenseHead:
         th, tw = self.img_size
         p = self.patch_size
         cfg = self.config
-        in_chans = self.model_config.in_chans
+        in_chans = self.model_config.encoder.in_chans
         if cfg.mode == "letterbox":
             canvas, lb = letterbox(src, (th, tw), order=1)
             content = lb.content_shape

@@ -48,44 +48,45 @@ def sincos_2d(dim: int, grid: tuple[int, int], *, prefix: int = 0) -> torch.Tens
 
 # --------------------------------------------------------------------- creation
 def create_encoder(cfg: ModelConfig) -> VisionTransformer:
-    """``timm.create_model(cfg.model, pretrained=False, ...)`` with the config's size and overrides.
+    """``timm.create_model(cfg.encoder.model, pretrained=False, ...)`` with the config's size and overrides.
 
     Never downloads weights.  The classifier is removed (``num_classes=0``) and the
     model's own ``global_pool`` is kept, so the state dict matches
     ``timm.create_model(name, num_classes=0, in_chans=..., img_size=...)`` key for key.
     """
-    if not timm.is_model(cfg.model):
-        close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:8]
+    arch = cfg.encoder
+    if not timm.is_model(arch.model):
+        close = timm.list_models(f"*{arch.model.split('_')[0]}*")[:8]
         hint = f" (e.g. {', '.join(close)})" if close else ""
-        raise ConfigError(f"unknown timm model {cfg.model!r}{hint}")
+        raise ConfigError(f"unknown timm model {arch.model!r}{hint}")
     try:
         enc = timm.create_model(
-            cfg.model,
+            arch.model,
             pretrained=False,
-            img_size=cfg.img_size,
-            in_chans=cfg.in_chans,
+            img_size=arch.img_size,
+            in_chans=arch.in_chans,
             num_classes=0,
             dynamic_img_size=False,
             drop_path_rate=cfg.drop_path_rate,
-            **cfg.timm_overrides(),
+            **arch.timm_overrides(),
         )
     except (TypeError, AssertionError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"timm could not build {cfg.model!r} with these settings: {exc}") from exc
+        raise ConfigError(f"timm could not build {arch.model!r} with these settings: {exc}") from exc
     if not isinstance(enc, VisionTransformer):
         raise ConfigError(
-            f"model {cfg.model!r} is a {type(enc).__name__}, not a timm VisionTransformer "
+            f"model {arch.model!r} is a {type(enc).__name__}, not a timm VisionTransformer "
             "(use a vit_* / deit_* model)"
         )
     n_prefix = int(enc.cls_token is not None) + (enc.reg_token.shape[1] if enc.reg_token is not None else 0)
     if n_prefix != enc.num_prefix_tokens or getattr(enc, "dist_token", None) is not None:
         raise ConfigError(
-            f"model {cfg.model!r} has extra prefix tokens (e.g. a distillation token) that MIM "
+            f"model {arch.model!r} has extra prefix tokens (e.g. a distillation token) that MIM "
             "pretraining does not handle; use a plain vit_* model"
         )
     patch = patch_size_of(enc)
-    check_img_size(cfg.img_size, patch)
+    check_img_size(arch.img_size, patch)
     if enc.pos_embed is None:
-        raise ConfigError(f"model {cfg.model!r} has no absolute position embedding; MIM needs one")
+        raise ConfigError(f"model {arch.model!r} has no absolute position embedding; MIM needs one")
     return enc
 
 

@@ -29,7 +29,7 @@ class MAEModel(MIMModel):
 
     def __init__(self, cfg: ModelConfig, encoder: VisionTransformer) -> None:
         super().__init__(cfg, encoder)
-        p, C = self.patch_size, cfg.in_chans
+        p, C = self.patch_size, cfg.encoder.in_chans
         self.decoder = MAEDecoder(
             encoder.embed_dim, self.grid, encoder.num_prefix_tokens,
             dim=cfg.decoder_embed_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_num_heads,
@@ -48,7 +48,7 @@ class MAEModel(MIMModel):
 
     def _target(self, patches: torch.Tensor, target: torch.Tensor | None, ids_masked: torch.Tensor):
         if target is not None:
-            if target.shape != (patches.shape[0], self.in_chans, *self.cfg.img_size):
+            if target.shape != (patches.shape[0], self.in_chans, *self.cfg.encoder.img_size):
                 raise ConfigError(f"target must have the images' shape, got {tuple(target.shape)}")
             patches = patchify(target, self.patch_size)
         return gather_patches(patches, ids_masked)                               # [B, M, C*p*p]

@@ -35,13 +35,13 @@ class MIRAMModel(MAEModel):
         super().__init__(cfg, encoder)
         self.scale = cfg.miram_scale
         self.fine_patch_size = self.scale * self.patch_size
-        Dd, C = cfg.decoder_embed_dim, cfg.in_chans
+        Dd, C = cfg.decoder_embed_dim, cfg.encoder.in_chans
         self.fine_head = FineHead(Dd, self.fine_patch_size ** 2 * C)
         self.fine_stats_head = StatsHead(Dd, C) if cfg.norm_pix_loss else None
 
     @property
     def fine_size(self) -> tuple[int, int]:
-        H, W = self.cfg.img_size
+        H, W = self.cfg.encoder.img_size
         return self.scale * H, self.scale * W
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, fine: torch.Tensor | None = None, *,

@@ -34,7 +34,7 @@ class SimMIMModel(MIMModel):
             )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.head = PixelShuffleHead(encoder.embed_dim, self.patch_size, cfg.in_chans)
+        self.head = PixelShuffleHead(encoder.embed_dim, self.patch_size, cfg.encoder.in_chans)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, fine: torch.Tensor | None = None, *,
                 target: torch.Tensor | None = None) -> MIMOutput:

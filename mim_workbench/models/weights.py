@@ -258,8 +258,8 @@ def export_metadata(model: nn.Module) -> dict[str, str]:
     enc: VisionTransformer = getattr(model, "encoder", model)
     cfg = getattr(model, "cfg", None)
     if cfg is not None:
-        name = cfg.model
-        overrides = cfg.timm_overrides()
+        name = cfg.encoder.model
+        overrides = cfg.encoder.timm_overrides()
         method = cfg.method
     else:
         name = (getattr(enc, "pretrained_cfg", None) or {}).get("architecture") or type(enc).__name__

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..models.config import EncoderConfig
 from ..training.control import Control
 from .config import StudyConfig
 from .data import StudyData
@@ -56,7 +57,7 @@ def cell_dir(root: Path, variant: str, fraction: float, seed: int) -> Path:
     return root / "runs" / variant.replace("/", "_").replace(":", "_") / f"f{fraction:g}-s{seed}"
 
 
-def finetune_values(cfg: StudyConfig, enc: Encoder, arch: dict[str, Any], fraction: float, seed: int,
+def finetune_values(cfg: StudyConfig, enc: Encoder, arch: EncoderConfig, fraction: float, seed: int,
                     out: Path) -> dict[str, Any]:
     """FinetuneConfig fields of one cell: every variant is scored on the same split."""
     values = {"data": cfg.data, "test_data": cfg.test_data, "mode": cfg.mode, "fraction": fraction, "seed": seed,
@@ -64,13 +65,13 @@ def finetune_values(cfg: StudyConfig, enc: Encoder, arch: dict[str, Any], fracti
               "device": cfg.device, "threads": cfg.threads, "checkpoint": enc.source, "out": str(out),
               **cfg.finetune}
     if enc.source is None:   # scratch: the same architecture as the pretrained variants
-        values.update(arch)
+        values["encoder"] = arch.to_dict()
     else:
-        values["img_size"] = arch.get("img_size")
+        values["img_size"] = list(arch.img_size)
     return values
 
 
-def run_cell(cfg: StudyConfig, data: StudyData, enc: Encoder, arch: dict[str, Any], fraction: float, seed: int,
+def run_cell(cfg: StudyConfig, data: StudyData, enc: Encoder, arch: EncoderConfig, fraction: float, seed: int,
              root: Path, *, features: Any, control: Control, cache: Any) -> Cell:
     """Run (or read back) one cell; ``features(seed)`` gives the k-NN feature table of this encoder."""
     out = cell_dir(root, enc.variant, fraction, seed)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..models.config import EncoderConfig
 from ..training.control import Control
 from .config import StudyConfig, Variant
 from .data import StudyData
@@ -31,7 +32,6 @@ from .data import StudyData
 _NOT_IN_KEY = ("out", "resume", "device", "threads", "num_workers", "preview_every", "preview_size",
                "checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "time_budget_s", "max_steps",
                "exclude_ids")
-ARCH_KEYS = ("model", "img_size", "in_chans", "patch_size", "embed_dim", "depth", "num_heads")
 
 
 @dataclass
@@ -56,18 +56,21 @@ def pretrain_values(cfg: StudyConfig, data: StudyData, variant: Variant) -> dict
     return values
 
 
-def architecture(cfg: StudyConfig) -> dict[str, Any]:
+def architecture(cfg: StudyConfig) -> EncoderConfig:
     """The encoder architecture every variant shares (scratch is built with it)."""
     from ..training.config import PretrainConfig
 
-    d = PretrainConfig.from_dict(dict(cfg.pretrain)).to_dict()
-    return {k: d[k] for k in ARCH_KEYS if d.get(k) is not None}
+    return PretrainConfig.from_dict(dict(cfg.pretrain)).encoder
 
 
 def run_key(values: dict[str, Any], data: StudyData, budget: dict[str, Any]) -> str:
     from ..training.config import PretrainConfig
 
     resolved = PretrainConfig.from_dict(values).resolved().to_dict()
+    # the flat spelling, without an unset mlp_ratio: the keys of encoders cached before the
+    # encoder's settings were nested (and mlp_ratio was one of them) still match
+    resolved = {**{k: v for k, v in resolved.pop("encoder").items() if not (k == "mlp_ratio" and v is None)},
+                **resolved}
     kept = {k: v for k, v in resolved.items() if k not in _NOT_IN_KEY}
     blob = json.dumps({"settings": kept, "pool": data.hashes["pool"], "budget": budget}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -149,4 +152,4 @@ def _pretrain(variant: Variant, values: dict[str, Any], budget: dict[str, Any], 
     return Encoder(variant.name, res.last_checkpoint, {**info, "reused": False})
 
 
-__all__ = ["ARCH_KEYS", "Encoder", "architecture", "obtain_encoder", "pretrain_values", "run_key"]
+__all__ = ["Encoder", "architecture", "obtain_encoder", "pretrain_values", "run_key"]

@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.config import EncoderConfig
+
 
 @torch.no_grad()
-def encoder_features(source: str | None, arch: dict[str, Any], samples: list[Any], *, pool: str,
+def encoder_features(source: str | None, arch: EncoderConfig, samples: list[Any], *, pool: str,
                      seed: int = 0, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
     """``[n, D]`` pooled features of ``samples`` from the encoder ``source`` names (a random
     encoder drawn from ``seed`` when None), at the architecture's input size."""
@@ -22,11 +24,11 @@ def encoder_features(source: str | None, arch: dict[str, Any], samples: list[Any
     from ..training.mim_dataset import MIMDataset
 
     torch.manual_seed(seed)
-    given = ModelConfig.from_dict(dict(arch)) if is_random_source(source) else None
-    loaded = load_encoder(source, model_config=given, img_size=arch.get("img_size"))
+    given = ModelConfig(encoder=arch) if is_random_source(source) else None
+    loaded = load_encoder(source, model_config=given, img_size=arch.img_size)
     model = Classifier(loaded.encoder, 2, "probe", pool=pool).to(device).eval()
     mc = loaded.model_config
-    ds = MIMDataset(samples, img_size=tuple(mc.img_size), in_chans=mc.in_chans, augment=False, seed=seed)
+    ds = MIMDataset(samples, img_size=mc.encoder.img_size, in_chans=mc.encoder.in_chans, augment=False, seed=seed)
     feats = [model.features(b["image"].to(device)).float().cpu() for b in DataLoader(ds, batch_size=batch_size)]
     return torch.cat(feats).numpy() if feats else np.zeros((0, loaded.encoder.embed_dim), np.float32)
 

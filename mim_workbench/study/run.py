@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..models.config import EncoderConfig
 from ..training.control import Control, NullControl
 from .cells import METRICS, Cell, positive_index, run_cell
 from .config import StudyConfig, Variant
@@ -144,7 +145,7 @@ def _encoders(cfg: StudyConfig, data: StudyData, variants: list[Variant], out: P
 
 
 def _cells(cfg: StudyConfig, data: StudyData, variants: list[Variant], encoders: dict[str, Encoder],
-           arch: dict[str, Any], out: Path, clock: _Clock, control: Control) -> list[Cell]:
+           arch: EncoderConfig, out: Path, clock: _Clock, control: Control) -> list[Cell]:
     from ..training.finetune import FeatureCache
 
     cells: list[Cell] = []
@@ -169,7 +170,7 @@ def _cells(cfg: StudyConfig, data: StudyData, variants: list[Variant], encoders:
     return cells
 
 
-def _feature_table(cfg: StudyConfig, data: StudyData, enc: Encoder, arch: dict[str, Any]):
+def _feature_table(cfg: StudyConfig, data: StudyData, enc: Encoder, arch: EncoderConfig):
     """``features(seed)`` -> {image path: feature} of every labelled and external image, computed
     once (per seed for a random encoder, whose draw the seed decides)."""
     from .knn import encoder_features

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import ConfigError, check_known_keys
+from ..models.config import EncoderConfig, nest_encoder_fields
 from .schema import check_field_types
 
 METHODS = ("mae", "simmim", "miram")
@@ -40,8 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rgmim-paper": {
         "method": "mae",
         "strategy": "region",
-        "model": "vit_base_patch16_224",
-        "img_size": (224, 224),
+        "encoder": {"model": "vit_base_patch16_224", "img_size": (224, 224)},
         "decoder_embed_dim": 512,
         "decoder_depth": 8,
         "decoder_num_heads": 16,
@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (4x the steps of 224 px in the same time), a peak rate of 1e-4 at a batch of 16 (sqrt
     # scaling), and a 20-minute budget with the schedule planned to end with it.
     "cpu": {
-        "img_size": (112, 112),
+        "encoder": {"img_size": (112, 112)},
         "epochs": 400,
         "time_budget_s": 1200.0,
     },
@@ -69,11 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "method": "simmim",
         "strategy": "region",
         "ratio": 0.5,
-        "img_size": (64, 64),
-        "patch_size": 4,
-        "embed_dim": 64,
-        "depth": 2,
-        "num_heads": 4,
+        "encoder": {"img_size": (64, 64), "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4},
         "batch_size": 8,
         "lr": 3e-3,
         "warmup_epochs": 5.0,
@@ -141,13 +137,7 @@ class PretrainConfig:
     ratio: float | None = None             # None: 0.75 (mae, miram), 0.6 (simmim)
     mask_options: dict[str, Any] = field(default_factory=dict)   # e.g. mask_patch_size, min_overlap, ratio_of
     # model
-    model: str = "vit_tiny_patch16_224"
-    img_size: tuple[int, int] = (224, 224)
-    in_chans: int = 1
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder_embed_dim: int = 128
     decoder_depth: int = 4
     decoder_num_heads: int = 4
@@ -185,7 +175,7 @@ class PretrainConfig:
     preset: str | None = None
 
     def __post_init__(self) -> None:
-        self.img_size = parse_img_size(self.img_size)
+        self.encoder = EncoderConfig.from_dict(self.encoder)
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)  # type: ignore[assignment]
         for name in ("data", "masks", "region_model", "out", "init", "resume"):
@@ -220,11 +210,11 @@ class PretrainConfig:
 
     def _check_counts(self) -> None:
         """Integer settings: sizes, step counts and intervals."""
-        for name in ("epochs", "batch_size", "accum_steps", "in_chans"):
+        for name in ("epochs", "batch_size", "accum_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 _bad(self, name, "must be a positive integer")
-        for name in ("threads", "max_steps", "embed_dim", "depth", "num_heads", "patch_size"):
+        for name in ("threads", "max_steps"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 _bad(self, name, "must be a positive integer or unset")
@@ -318,7 +308,7 @@ class PretrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (tuples become lists)."""
         out = dataclasses.asdict(self)
-        out["img_size"] = list(self.img_size)
+        out["encoder"] = self.encoder.to_dict()
         out["betas"] = list(self.betas)
         return out
 
@@ -333,19 +323,22 @@ class PretrainConfig:
         """Build from a mapping; ``preset`` is applied first, explicit keys win.
 
         Unknown keys raise ConfigError listing all of them.  Dashes in keys are read
-        as underscores so a file may use the CLI spelling (``batch-size``).
+        as underscores so a file may use the CLI spelling (``batch-size``).  The encoder's
+        settings may be nested under ``encoder`` or given flat (``img_size``, as the CLI and
+        files written before the nesting do).
         """
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a mapping of settings, got {type(values).__name__}")
-        values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        values = nest_encoder_fields({str(k).replace("-", "_"): v for k, v in values.items()})
         check_known_keys(cls, values, "config key")
-        merged: dict[str, Any] = {}
         preset = values.get("preset")
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ConfigError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
-            merged.update(PRESETS[preset])
+        if preset is not None and preset not in PRESETS:
+            raise ConfigError(f"preset={preset!r}: choose one of {', '.join(PRESETS)}")
+        merged = nest_encoder_fields(PRESETS[preset]) if preset is not None else {}
+        encoder = {**EncoderConfig.from_dict(merged.get("encoder", {})).to_dict(),
+                   **_encoder_mapping(values.get("encoder", {}))}
         merged.update(values)
+        merged["encoder"] = encoder
         try:
             return cls(**merged)
         except TypeError as exc:  # wrong value types that the dataclass itself rejects
@@ -359,6 +352,15 @@ class PretrainConfig:
     @classmethod
     def preset_config(cls, name: str, **overrides: Any) -> PretrainConfig:
         return cls.from_dict({"preset": name, **overrides})
+
+
+def _encoder_mapping(value: Any) -> dict[str, Any]:
+    """The encoder settings given as a mapping or an EncoderConfig, as a dict."""
+    if isinstance(value, EncoderConfig):
+        return value.to_dict()
+    if not isinstance(value, dict):
+        raise ConfigError(f"encoder={value!r}: must be a mapping of encoder settings")
+    return dict(value)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -390,22 +392,3 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if set(data) == {"pretrain"} and isinstance(data["pretrain"], dict):
         data = data["pretrain"]
     return data
-
-
-def parse_img_size(value: Any) -> tuple[int, int]:
-    """``224``, ``"224"``, ``"256x320"``, ``[256, 320]`` -> ``(H, W)``."""
-    try:
-        if isinstance(value, str):
-            parts = value.lower().replace("×", "x").split("x")
-            nums = [int(p) for p in parts]
-        elif isinstance(value, (int,)) and not isinstance(value, bool):
-            nums = [value]
-        else:
-            nums = [int(v) for v in value]
-    except (TypeError, ValueError):
-        raise ConfigError(f"img_size={value!r}: use N or HxW (e.g. 224 or 256x320)") from None
-    if len(nums) == 1:
-        nums = nums * 2
-    if len(nums) != 2 or min(nums) < 1:
-        raise ConfigError(f"img_size={value!r}: use N or HxW with positive sizes")
-    return nums[0], nums[1]

@@ -225,8 +225,8 @@ def pretrain_crop_datasets(cfg: Any, train: Sequence[Sample], val: Sequence[Samp
 
     Crops are ``img_size``; validation and preview crops are fixed (no flips, epoch 0).
     """
-    common = dict(crop_size=tuple(cfg.img_size), level=cfg.crop_level, spacing=cfg.crop_spacing,
-                  in_chans=cfg.in_chans, fine_scale=fine_scale, region_fraction=cfg.crop_region_fraction,
+    common = dict(crop_size=cfg.encoder.img_size, level=cfg.crop_level, spacing=cfg.crop_spacing,
+                  in_chans=cfg.encoder.in_chans, fine_scale=fine_scale, region_fraction=cfg.crop_region_fraction,
                   seed=cfg.seed)
     train_ds = CropDataset(train, crops_per_image=cfg.crops_per_image, augment=cfg.augment, **common)
     val_ds = CropDataset(val, crops_per_image=max(1, cfg.crops_per_image // 4), **common) if val else None

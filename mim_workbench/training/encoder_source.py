@@ -61,7 +61,7 @@ def _as_model_config(value: ModelConfig | dict[str, Any] | None) -> ModelConfig 
 def _override(base: ModelConfig, *, img_size: Any = None, drop_path_rate: float | None = None) -> ModelConfig:
     changes: dict[str, Any] = {}
     if img_size is not None:
-        changes["img_size"] = img_size
+        changes["encoder"] = dataclasses.replace(base.encoder, img_size=img_size)
     if drop_path_rate is not None:
         changes["drop_path_rate"] = float(drop_path_rate)
     return dataclasses.replace(base, **changes) if changes else base

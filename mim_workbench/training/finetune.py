@@ -70,6 +70,7 @@ from .control import Control, NullControl
 from .events import CheckpointSaved, EventHandler, Failed, Finished, Progress, Started, null_handler
 from ..models.checkpoint import restore_rng_state
 from ..models.classifier import FINETUNE_KIND
+from ..models.config import ENCODER_FIELDS, EncoderConfig, ModelConfig, nest_encoder_fields, parse_img_size
 from .finetune_state import LoopState, load_state, remove_state, restore_loop, save_state
 
 BALANCE = ("weights", "sampler", "none")
@@ -98,14 +99,8 @@ class FinetuneConfig:
     split_seed: int = 0                    # the patient split (fixed across seeds of an evaluation)
     exclude_ids: list[str] = field(default_factory=list)
     test_data: str | None = None           # an external labelled set (another hospital): scored, never trained on
-    # architecture of a scratch encoder (ignored with a checkpoint, except img_size)
-    model: str = "vit_tiny_patch16_224"
-    img_size: tuple[int, int] | None = None   # None: the checkpoint's (224 from scratch)
-    in_chans: int = 1
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)   # a scratch encoder's; a checkpoint brings its own
+    img_size: tuple[int, int] | None = None   # input size (position embeddings resampled); None: the encoder's
     # optimisation (None: mode default)
     epochs: int | None = None
     batch_size: int = 16
@@ -135,8 +130,7 @@ class FinetuneConfig:
     checkpoint_interval_s: float = 60.0    # resume state at epoch ends no more often than this (0 = every epoch)
 
     def __post_init__(self) -> None:
-        from .config import parse_img_size
-
+        self.encoder = EncoderConfig.from_dict(self.encoder)
         if self.img_size is not None:
             self.img_size = parse_img_size(self.img_size)
         for name in ("data", "masks", "out", "checkpoint"):
@@ -166,11 +160,11 @@ class FinetuneConfig:
             bad("test_fraction", "val_fraction + test_fraction must be below 1")
         if self.balance not in BALANCE:
             bad("balance", f"choose one of {', '.join(BALANCE)}")
-        for name in ("batch_size", "in_chans"):
+        for name in ("batch_size",):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(name, "must be a positive integer")
-        for name in ("epochs", "threads", "max_steps", "patch_size", "embed_dim", "depth", "num_heads"):
+        for name in ("epochs", "threads", "max_steps"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 bad(name, "must be a positive integer or unset")
@@ -194,23 +188,27 @@ class FinetuneConfig:
         return dataclasses.replace(self, **{k: (getattr(self, k) if getattr(self, k) is not None else v)
                                             for k, v in d.items()})
 
-    def model_config(self):
-        """The ModelConfig of a scratch encoder (and the override source for img_size)."""
-        from ..models import ModelConfig
-
-        return ModelConfig(model=self.model, img_size=self.img_size or (224, 224), in_chans=self.in_chans,
-                           patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-                           num_heads=self.num_heads)
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig of a scratch encoder at the run's input size."""
+        encoder = self.encoder
+        if self.img_size is not None:
+            encoder = dataclasses.replace(encoder, img_size=self.img_size)
+        return ModelConfig(encoder=encoder)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists, the encoder nested)."""
         d = dataclasses.asdict(self)
         if self.img_size is not None:
             d["img_size"] = list(self.img_size)
+        d["encoder"] = self.encoder.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """Build from a mapping (dashes read as underscores; the scratch architecture nested under
+        ``encoder`` or given flat, except ``img_size``, which is the run's input size)."""
         values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        values = nest_encoder_fields(values, tuple(k for k in ENCODER_FIELDS if k != "img_size"))
         check_known_keys(cls, values, "finetune setting")
         try:
             return cls(**values)
@@ -378,8 +376,8 @@ class _Finetune:
 
         samples = self.train_samples + self.val_samples + self.test_samples
         self.decode_cache, note = cache_for(
-            False if self.use_features else cfg.cache, len(samples), tuple(self.model_cfg.img_size),
-            channels=3 if self.model_cfg.in_chans == 3 else 1, fine_scale=None,
+            False if self.use_features else cfg.cache, len(samples), self.model_cfg.encoder.img_size,
+            channels=3 if self.model_cfg.encoder.in_chans == 3 else 1, fine_scale=None,
             region=any(s.mask is not None for s in samples))
         if note:
             self.notes.append(note)
@@ -387,7 +385,7 @@ class _Finetune:
     def _dataset(self, samples: list[Any], augment: bool):
         from .mim_dataset import MIMDataset
 
-        return MIMDataset(samples, img_size=tuple(self.model_cfg.img_size), in_chans=self.model_cfg.in_chans,
+        return MIMDataset(samples, img_size=self.model_cfg.encoder.img_size, in_chans=self.model_cfg.encoder.in_chans,
                           augment=augment, seed=self.cfg.seed, classes=self.classes, cache=self.decode_cache)
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
@@ -500,7 +498,8 @@ class _Finetune:
         cfg = self.cfg
         if not cfg.resume:
             return LoopState()
-        payload = load_state(self.run_dir, cfg.to_dict(), [s.id for s in self.train_samples])
+        payload = load_state(self.run_dir, cfg.to_dict(), [s.id for s in self.train_samples],
+                             read_settings=lambda saved: FinetuneConfig.from_dict(saved).to_dict())
         st = restore_loop(payload)
         self.model.load_state_dict(payload["model"], strict=cfg.mode == "full")
         load_optimizer_state(optimizer, payload["optimizer"])

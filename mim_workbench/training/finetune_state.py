@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,13 @@ def save_state(run_dir: str | Path, loop: LoopState, *, config: dict[str, Any], 
     return path
 
 
-def load_state(run_dir: str | Path, config: dict[str, Any], train_ids: list[str]) -> dict[str, Any]:
+def load_state(run_dir: str | Path, config: dict[str, Any], train_ids: list[str], *,
+               read_settings: Callable[[dict[str, Any]], dict[str, Any]] = dict) -> dict[str, Any]:
     """The saved state of ``run_dir`` (``model``, ``best_state``, ``optimizer``, ``scaler``,
     ``rng``, ``loop``), checked against the continuing run's settings and data.
+
+    ``read_settings`` brings the saved settings into the spelling of ``config`` (a state
+    written by an earlier version spells them otherwise).
 
     Raises ConfigError naming what differs (a setting, the training images) or that
     there is nothing to continue, CheckpointError when the file cannot be read.
@@ -105,7 +110,7 @@ def load_state(run_dir: str | Path, config: dict[str, Any], train_ids: list[str]
         raise CheckpointError(f"resume: cannot read {str(path)!r}: {exc}") from exc
     if not isinstance(header, dict) or header.get("format") != STATE_FORMAT:
         raise CheckpointError(f"resume: {str(path)!r} is not a fine-tuning state this version writes")
-    saved = header["config"]
+    saved = read_settings(header["config"])
     changed = sorted(k for k in set(saved) | set(config) if k not in RUN_CONTROL and saved.get(k) != config.get(k))
     if changed:
         what = ", ".join(f"{k}={saved.get(k)!r} -> {config.get(k)!r}" for k in changed)

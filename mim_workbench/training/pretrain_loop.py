@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError, MimError, TrainingError
+from ..models import ModelConfig
 from ..models import checkpoint as ckpt_mod
+from ..models.config import ENCODER_FIELDS
 from .config import RUN_CONTROL_FIELDS, PretrainConfig, require_data_and_out
 from .control import Control, NullControl
 from .events import (
@@ -108,9 +110,8 @@ def merge_resume_config(given: PretrainConfig, saved: PretrainConfig) -> Pretrai
     must match the checkpoint; a differing value that is not the default is an
     error rather than being silently ignored.
     """
-    default = PretrainConfig()
-    values = saved.to_dict()
-    g, d = given.to_dict(), default.to_dict()
+    values = _flat_settings(saved)
+    g, d = _flat_settings(given), _flat_settings(PretrainConfig())
     conflicts = []
     for name, gv in g.items():
         if name in ("resume", "preset"):
@@ -128,13 +129,18 @@ def merge_resume_config(given: PretrainConfig, saved: PretrainConfig) -> Pretrai
     return PretrainConfig.from_dict(values)
 
 
-def model_config_for(cfg: PretrainConfig):
-    """The models.ModelConfig of a (resolved) PretrainConfig."""
-    from ..models import ModelConfig
+def _flat_settings(cfg: PretrainConfig) -> dict[str, Any]:
+    """``cfg.to_dict()`` with the encoder's fields beside the others, so each is compared by name."""
+    values = cfg.to_dict()
+    return {**values.pop("encoder"), **values}
 
+
+def model_config_for(cfg: PretrainConfig) -> ModelConfig:
+    """The models.ModelConfig of a (resolved) PretrainConfig."""
+    options = dict(cfg.model_options)
+    arch = {k: options.pop(k) for k in ENCODER_FIELDS if k in options}
     values: dict[str, Any] = {
-        "model": cfg.model, "img_size": tuple(cfg.img_size), "in_chans": cfg.in_chans, "method": cfg.method,
-        "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
+        "encoder": {**cfg.encoder.to_dict(), **arch}, "method": cfg.method,
         "decoder_embed_dim": cfg.decoder_embed_dim, "decoder_depth": cfg.decoder_depth,
         "decoder_num_heads": cfg.decoder_num_heads,
     }
@@ -142,7 +148,7 @@ def model_config_for(cfg: PretrainConfig):
         values["norm_pix_loss"] = cfg.norm_pix_loss
     if "mask_patch_size" in cfg.mask_options:  # SimMIM's cell size lives in the model config too
         values["mask_patch_size"] = cfg.mask_options["mask_patch_size"]
-    values.update(cfg.model_options)
+    values.update(options)
     try:
         return ModelConfig.from_dict(values)
     except ConfigError as exc:
@@ -252,7 +258,7 @@ class _Trainer:
             )
         fine_scale = int(self.model_cfg.miram_scale) if cfg.method == "miram" else None
         cache = self._make_cache(cfg, fine_scale)
-        common = dict(img_size=tuple(cfg.img_size), in_chans=cfg.in_chans, fine_scale=fine_scale,
+        common = dict(img_size=cfg.encoder.img_size, in_chans=cfg.encoder.in_chans, fine_scale=fine_scale,
                       seed=cfg.seed, cache=cache, substitute_unreadable=True)
         if cfg.crop_level is not None or cfg.crop_spacing is not None:  # large images: pyramid crops
             from .crop_dataset import pretrain_crop_datasets
@@ -293,7 +299,7 @@ class _Trainer:
         from ..io.cache import cache_for
 
         samples = self.train_samples + self.val_samples
-        cache, note = cache_for(cfg.cache, len(samples), cfg.img_size, channels=3 if cfg.in_chans == 3 else 1,
+        cache, note = cache_for(cfg.cache, len(samples), cfg.encoder.img_size, channels=3 if cfg.encoder.in_chans == 3 else 1,
                                 fine_scale=fine_scale, region=any(s.mask is not None for s in samples))
         if note:
             self.notes.append(note)

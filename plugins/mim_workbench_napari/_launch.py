@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from mim_workbench.display import has_display
 from mim_workbench.errors import MimError
 
 DOCKS = ("Workbench", "Pretrain", "Inspect", "Fine-tune", "Evaluate")
@@ -14,13 +15,6 @@ DOCKS = ("Workbench", "Pretrain", "Inspect", "Fine-tune", "Evaluate")
 
 class LaunchError(MimError):
     """The window cannot open here; the message says what is missing."""
-
-
-def has_display() -> bool:
-    """A display server is named (always true on macOS and Windows)."""
-    if sys.platform in ("darwin", "win32"):
-        return True
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def check_display() -> None:

@@ -96,13 +96,16 @@ class PretrainWidget(RunControls, Container):
         from mim_workbench.training.config import PRESETS
 
         values = PRESETS.get(self.preset.value, {})
-        fields = {"method": self.method, "strategy": self.strategy, "model": self.model, "ratio": self.ratio,
+        encoder = values.get("encoder", {})
+        fields = {"method": self.method, "strategy": self.strategy, "ratio": self.ratio,
                   "epochs": self.epochs, "batch_size": self.batch, "blr": self.blr}
         for key, widget in fields.items():
             if key in values:
                 widget.value = values[key]
-        if "img_size" in values:
-            self.img_size.value = int(values["img_size"][0])
+        if "model" in encoder:
+            self.model.value = encoder["model"]
+        if "img_size" in encoder:
+            self.img_size.value = int(encoder["img_size"][0])
 
     def config_dict(self) -> dict:
         from mim_workbench.training import PretrainConfig
