@@ -83,8 +83,8 @@ def test_a_map_being_written_stops_at_its_next_band_and_goes_when_closed(monkeyp
         finally:
             closed.append(True)
 
-    bands = maps.stream(out, writer())
-    assert [next(bands), next(bands)] == [0, 1]
+    bands = maps.stream(out, lambda stats: writer())
+    assert [next(bands)[0], next(bands)[0]] == [0, 1]
     maps.show("img", out)
     maps.clear()                    # the dock or the viewer closes while band 2 is being written
     assert list(bands) == [], "no band is handed on after closing"
@@ -93,7 +93,7 @@ def test_a_map_being_written_stops_at_its_next_band_and_goes_when_closed(monkeyp
 
     finished = ScratchMaps("predict")
     done = finished.new()
-    assert list(finished.stream(done, iter([0, 1]))) == [0, 1]
+    assert [band for band, _ in finished.stream(done, lambda stats: iter([0, 1]))] == [0, 1]
 
 
 def test_closing_mid_prediction_cuts_the_tiled_prediction_short(make_napari_viewer, qtbot, tmp_path, monkeypatch,

@@ -163,12 +163,9 @@ class InspectWidget(Container):
                 chosen = "random"  # trained region-guided, but this image has no region yet
             # the level the model was pretrained on (crop-based runs), as far as this pyramid goes
             level = min(max(0, int(config.get("crop_level") or 0)), len(pyr.levels) - 1)
-            stats: dict = {}
-            bands = iter_reconstruct_tiled(model, pyr, out=out, level=level, region_mask=region,
-                                           strategy=chosen, ratio=ratio, seed=seed, stats=stats)
-            for band in self.maps.stream(out, bands):
-                yield band, stats["output"]
-            return None if self.maps.closed else stats
+            return (yield from self.maps.stream(out, lambda stats: iter_reconstruct_tiled(
+                model, pyr, out=out, level=level, region_mask=region, strategy=chosen, ratio=ratio, seed=seed,
+                stats=stats)))
 
         self.metrics.value = "reconstructing tile by tile…"
         self.progress.value = 0

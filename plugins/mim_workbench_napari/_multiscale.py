@@ -9,7 +9,7 @@ from DICOM ``ImagerPixelSpacing``/``PixelSpacing`` or TIFF resolution).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,21 +140,29 @@ class ScratchMaps:
             _remove(path)
         self.shown.clear()
 
-    def stream(self, out: Path, bands: Iterator[Any]) -> Iterator[Any]:
-        """``bands`` (a tiled writer filling ``out``) until the maps are cleared; then the
-        writer is closed at its next band and ``out`` removed, so closing the viewer
-        mid-prediction neither waits for the whole image nor leaves a partial map."""
+    def stream(self, out: Path, tiled: Callable[[dict[str, Any]], Iterator[Any]]
+               ) -> Generator[tuple[Any, Any], None, dict[str, Any] | None]:
+        """Run the tiled writer ``tiled(stats)`` filling ``out``: yields ``(band, output)`` (the
+        map being written) until the maps are cleared, and returns the writer's ``stats``.
+
+        Once cleared, the writer is closed at its next band, ``out`` removed and None
+        returned, so closing the viewer mid-prediction neither waits for the whole image
+        nor leaves a partial map.
+        """
+        stats: dict[str, Any] = {}
+        bands = tiled(stats)
         try:
             for band in bands:
                 if self.closed:
                     break
-                yield band
+                yield band, stats.get("output")
         finally:
             close = getattr(bands, "close", None)
             if close is not None:
                 close()
             if self.closed:
                 _remove(out)
+        return None if self.closed else stats
 
     def prune_stale(self, now: float | None = None) -> list[Path]:
         import time

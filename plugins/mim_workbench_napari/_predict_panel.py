@@ -112,11 +112,9 @@ class PredictPanel:
         out = self.maps.new()
 
         def work():
-            stats: dict[str, Any] = {}
-            bands = iter_predict_tiled(self._predictor(path), pyr, out=out, level=0, stats=stats)
-            for band in self.maps.stream(out, bands):
-                yield band, stats["output"]
-            return None if self.maps.closed else stats
+            predictor = self._predictor(path)
+            return (yield from self.maps.stream(
+                out, lambda stats: iter_predict_tiled(predictor, pyr, out=out, level=0, stats=stats)))
 
         self.result.value = "predicting tile by tile…"
         self.predict_button.enabled = False
