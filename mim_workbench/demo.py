@@ -18,6 +18,9 @@ import numpy as np
 
 
 def run_demo(out: Path, *, seconds: float = 60.0, device: str = "auto") -> dict:
+    """Pretrain for ``seconds`` on the sample data, reconstruct the held-back X-ray, and write ``run/``,
+    ``reconstruction/``, ``demo.png`` and ``demo.json`` under ``out``; returns (and prints) that JSON summary
+    (checkpoint, image, reconstruction metrics, picture paths)."""
     from .inference.reconstruct import reconstruct
     from .io.datasets import discover
     from .training import PretrainConfig, pretrain

@@ -34,6 +34,7 @@ def chest_xray(sample_id: str = CHEST_XRAY_ID) -> tuple[Path, Path]:
 
 
 def dicom_files() -> list[Path]:
+    """The sample DICOM files (``dicom/*.dcm`` of the sample data), sorted by name."""
     return sorted((sample_root() / "dicom").glob("*.dcm"))
 
 

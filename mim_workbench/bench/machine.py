@@ -23,6 +23,7 @@ def cpu_idle_fraction(seconds: float = 1.0) -> float | None:
     CPU timings.
     """
     def snap() -> tuple[int, int]:
+        """(total, idle + iowait) jiffies since boot, from the first line of ``/proc/stat``."""
         with open("/proc/stat") as fh:
             v = [int(t) for t in fh.readline().split()[1:]]
         return sum(v[:8]), v[3] + v[4]

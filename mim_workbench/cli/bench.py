@@ -18,6 +18,8 @@ from .args import AddCommand, Runner, add_amp, add_data, add_device, add_out, ad
 
 def _csv(kind: type = str) -> Callable[[str], list]:
     def parse(text: str) -> list:
+        """The non-empty comma-separated items of ``text``, each converted by ``kind``; raises
+        argparse.ArgumentTypeError for no items or an item ``kind`` refuses (ValueError)."""
         items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
             raise argparse.ArgumentTypeError("expected a comma-separated list")

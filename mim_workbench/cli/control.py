@@ -5,7 +5,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 
 class StopOnSignal:
@@ -36,7 +39,7 @@ class StopOnSignal:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._stop.is_set():
             raise KeyboardInterrupt
         self._stop.set()

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, ConfigError
 from .args import (ANY_DEVICE_HELP, ARCH_HELP, CPU_DEVICE_HELP, AddCommand, Runner,
@@ -21,8 +21,14 @@ from .args import (ANY_DEVICE_HELP, ARCH_HELP, CPU_DEVICE_HELP, AddCommand, Runn
                    add_threads, add_time_budget, arch_values)
 from .control import StopOnSignal
 
+if TYPE_CHECKING:  # the CLI imports torch and the training code only when a command runs
+    import torch
 
-def _printer(task: str, quiet: bool) -> Any:
+    from ..models import ModelConfig
+    from ..training.progress import ProgressPrinter
+
+
+def _printer(task: str, quiet: bool) -> ProgressPrinter | None:
     """ProgressPrinter with a Started line for this task (None when quiet)."""
     if quiet:
         return None
@@ -30,7 +36,8 @@ def _printer(task: str, quiet: bool) -> Any:
     from ..training.progress import ProgressPrinter
 
     class _Printer(ProgressPrinter):
-        def __call__(self, event: Any) -> None:
+        def __call__(self, event: ev.Event) -> None:
+            """Print a task-specific line for Started; every other event as ProgressPrinter does."""
             if isinstance(event, ev.Started):
                 c = event.config
                 what = c.get("mode") if task == "finetune" else f"{len(c.get('classes', []))} classes"
@@ -191,7 +198,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_predict_tiled(args: argparse.Namespace, device: Any) -> int:
+def _run_predict_tiled(args: argparse.Namespace, device: torch.device) -> int:
     from ..inference.predict import _safe
     from ..inference.tiled_predict import predict_tiled, save_tiled_prediction
 
@@ -269,7 +276,7 @@ def _add_dense_train(sub: argparse._SubParsersAction) -> Runner:
     return _run_dense_train
 
 
-def _random_model_config(args: argparse.Namespace) -> Any:
+def _random_model_config(args: argparse.Namespace) -> ModelConfig:
     """The ModelConfig of the architecture flags, for ``--checkpoint random``."""
     from ..models import ModelConfig
 

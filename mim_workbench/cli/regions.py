@@ -66,6 +66,7 @@ def _progress_printer(quiet: bool, what: str = "images"):
     last = [0.0]
 
     def show(p, extra: str = "") -> None:
+        """Print ``p``'s done/total, ``extra`` and the ETA on stderr, at most once a second (always the last)."""
         done, total = (p.step, p.total) if hasattr(p, "step") else (p.done, p.total)
         now = time.monotonic()
         if quiet or (now - last[0] < 1.0 and done < total):

@@ -32,7 +32,7 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,11 @@ from ..errors import CheckpointError, ConfigError
 from ..io.model_input import as_unit_array, to_channels
 from ..io.meta import json_safe
 from .reconstruct import _write_rgb, heat
+
+if TYPE_CHECKING:
+    from ..io.letterbox import Letterbox
+    from ..models.dense import DenseHead, DensePrediction
+    from .reconstruct import CheckpointLike, ImageLike
 
 MAP_KINDS = ("auto", "patch_logits", "rollout")
 
@@ -56,23 +61,27 @@ class Prediction:
     map_kind: str                     # "patch_logits" | "rollout"
     map_class: str                    # the class the map is for (the predicted one)
     patch_map: np.ndarray             # [gh, gw] the map on the patch grid
-    letterbox: Any = field(repr=False, default=None)
+    letterbox: Letterbox | None = field(repr=False, default=None)   # canvas -> source mapping
 
     @property
     def index(self) -> int:
+        """Index into ``classes`` of the most probable class."""
         return int(np.argmax(self.probs))
 
     @property
     def label(self) -> str:
+        """Name of the most probable class."""
         return self.classes[self.index]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary: label, per-class probabilities, map kind, class, value range and shape."""
         return {"label": self.label, "probs": {c: float(p) for c, p in zip(self.classes, self.probs)},
                 "map_kind": self.map_kind, "map_class": self.map_class,
                 "map_range": [float(self.map.min()), float(self.map.max())], "shape": list(self.map.shape)}
 
     def save(self, out_dir: str | Path, stem: str) -> list[Path]:
-        """``<stem>_map.tif`` (float32, raw values) and ``<stem>_map.png`` (heat map, min-max scaled)."""
+        """Write ``<stem>_map.tif`` (float32, raw values) and ``<stem>_map.png`` (heat map, min-max scaled)
+        into ``out_dir`` (created if missing); returns the two paths."""
         import tifffile
 
         out = Path(out_dir)
@@ -88,8 +97,9 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
-def save_dense(pred: Any, out_dir: str | Path, stem: str) -> list[Path]:
-    """``<stem>_probs.tif`` ([K, H, W] float32), ``<stem>_labels.png`` (1..K) and one heat PNG per class."""
+def save_dense(pred: DensePrediction, out_dir: str | Path, stem: str) -> list[Path]:
+    """Write ``<stem>_probs.tif`` ([K, H, W] float32), ``<stem>_labels.png`` (1..K) and one heat PNG per class
+    (``<stem>_<class>.png``) into ``out_dir`` (created if missing); returns the paths in that order."""
     import tifffile
     from PIL import Image
 
@@ -107,8 +117,9 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "class"
 
 
-def dense_summary(pred: Any) -> dict[str, Any]:
-    """Share of pixels assigned to each class (argmax) and the mean probability per class."""
+def dense_summary(pred: DensePrediction) -> dict[str, Any]:
+    """Share of pixels assigned to each class (argmax), the mean probability per class (both keyed by
+    class name, in [0, 1]) and the map's ``[H, W]`` shape, as a JSON-able dict."""
     lab = pred.labels
     n = lab.size
     return {"label_fraction": {c: float((lab == k + 1).sum() / n) for k, c in enumerate(pred.classes)},
@@ -119,7 +130,9 @@ def dense_summary(pred: Any) -> dict[str, Any]:
 class Predictor:
     """A fine-tuned classifier loaded once; call it on images."""
 
-    def __init__(self, checkpoint: Any, *, device: str | torch.device = "cpu") -> None:
+    def __init__(self, checkpoint: CheckpointLike, *, device: str | torch.device = "cpu") -> None:
+        """Load a finetune checkpoint onto ``device`` in eval mode.  Raises CheckpointError for a missing or
+        unreadable checkpoint, one of another kind, or metadata and weights that do not fit together."""
         from ..models import ModelConfig
         from ..models.classifier import Classifier
         from ..models.encoder import create_encoder
@@ -150,7 +163,10 @@ class Predictor:
         self.checkpoint = ckpt
 
     @torch.no_grad()
-    def __call__(self, image: Any, *, map: str = "auto") -> Prediction:
+    def __call__(self, image: ImageLike, *, map: str = "auto") -> Prediction:
+        """Class probabilities ``[K]`` and a ``map`` (one of MAP_KINDS) on ``image``'s grid.  Raises
+        ConfigError for an unknown ``map`` or an image that is not 2-D / has non-finite values, and
+        ReaderError for a path that cannot be read."""
         from ..io import letterbox
 
         if map not in MAP_KINDS:
@@ -172,9 +188,10 @@ class Predictor:
                           map_class=self.classes[k], patch_map=grid[0, 0].cpu().numpy(), letterbox=lb)
 
 
-def load_predictor(checkpoint: Any, *, device: str | torch.device = "cpu") -> Any:
+def load_predictor(checkpoint: CheckpointLike, *, device: str | torch.device = "cpu") -> Predictor | _DenseCallable:
     """A callable ``image -> prediction`` for a finetune (:class:`Predictor`) or dense checkpoint
-    (:class:`~mim_workbench.models.dense.DenseHead`, whose ``predict`` is also its call)."""
+    (:class:`~mim_workbench.models.dense.DenseHead`, whose ``predict`` is also its call).  Raises
+    CheckpointError for a missing or unreadable checkpoint or one of another kind."""
     from ..models.checkpoint import Checkpoint, load_checkpoint
     from ..models.dense import DENSE_KIND, DenseHead
 
@@ -186,16 +203,20 @@ def load_predictor(checkpoint: Any, *, device: str | torch.device = "cpu") -> An
 
 
 class _DenseCallable:
-    def __init__(self, head: Any) -> None:
+    """A dense head called like a :class:`Predictor` (the classifier's ``map=`` is ignored)."""
+
+    def __init__(self, head: DenseHead) -> None:
         self.head = head
         self.classes = head.classes
 
-    def __call__(self, image: Any, **_: Any) -> Any:
+    def __call__(self, image: ImageLike, **_: Any) -> DensePrediction:
         return self.head.predict(image)
 
 
-def predict(checkpoint: Any, image: Any, *, device: str | torch.device = "cpu", map: str = "auto") -> Any:
-    """:class:`Prediction` (finetune checkpoint) or ``DensePrediction`` (dense checkpoint) of one image."""
+def predict(checkpoint: CheckpointLike, image: ImageLike, *, device: str | torch.device = "cpu",
+            map: str = "auto") -> Prediction | DensePrediction:
+    """:class:`Prediction` (finetune checkpoint) or ``DensePrediction`` (dense checkpoint) of one image.
+    Raises CheckpointError for an unusable checkpoint, ConfigError / ReaderError for an unusable image."""
     return load_predictor(checkpoint, device=device)(image, map=map)
 
 
@@ -211,9 +232,11 @@ def image_list(path: str | Path) -> list[tuple[str, Path, str | None]]:
     return [(s.id, s.image, s.label) for s in index.samples]
 
 
-def predict_folder(checkpoint: Any, data: str | Path, out_dir: str | Path, *, device: str | torch.device = "cpu",
-                   map: str = "auto", save_maps: bool = True) -> Path:
-    """Predict every image of ``data``; writes ``predictions.csv`` and the maps; returns the CSV path."""
+def predict_folder(checkpoint: CheckpointLike, data: str | Path, out_dir: str | Path, *,
+                   device: str | torch.device = "cpu", map: str = "auto", save_maps: bool = True) -> Path:
+    """Predict every image of ``data``; writes ``predictions.csv`` (one row per image) and, with
+    ``save_maps``, the maps into ``out_dir``; returns the CSV path.  Raises DatasetError for a folder or
+    manifest it cannot index, otherwise as :func:`predict`."""
     predictor = load_predictor(checkpoint, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,9 +266,10 @@ def predict_folder(checkpoint: Any, data: str | Path, out_dir: str | Path, *, de
     return csv_path
 
 
-def predict_one(checkpoint: Any, image: str | Path, out_dir: str | Path, *, device: str | torch.device = "cpu",
-                map: str = "auto") -> Path:
-    """Predict one image; writes ``predictions.json`` and the maps; returns the JSON path."""
+def predict_one(checkpoint: CheckpointLike, image: str | Path, out_dir: str | Path, *,
+                device: str | torch.device = "cpu", map: str = "auto") -> Path:
+    """Predict one image file; writes ``predictions.json`` and the maps into ``out_dir``; returns the JSON
+    path.  Raises as :func:`predict`."""
     predictor = load_predictor(checkpoint, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,7 @@ def _dense_plan(head: DenseHead, low: np.ndarray, shape: tuple[int, int], tile: 
     tile_hw = (min(tile_hw[0], max(H, th)), min(tile_hw[1], max(W, tw)))  # no bigger than the image needs
 
     def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], None]:
+        """Each class's probabilities ``[B, h, w]`` for tiles ``[B, h, w(, C)]``; no weight factor."""
         outs = np.empty((len(classes), len(tiles)) + tiles.shape[1:3], np.float32)
         for b, t in enumerate(tiles):
             probs = head.working_probs(head.prepare(t, norm=norm)).numpy()    # [K, h', w'] working pixels
@@ -136,6 +137,7 @@ def _classifier_plan(pred: Predictor, low: np.ndarray, cls: str | None, tile: in
     in_chans, dev = int(pred.model_config.encoder.in_chans), pred.device
 
     def fn(tiles: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], None]:
+        """Class ``k``'s patch logits, bilinearly upsampled to ``[B, h, w]`` pixels; no weight factor."""
         x = tiles_to_tensor(tiles, in_chans, dev)
         grid = pred.model.patch_logits(x)[:, k:k + 1].float()                 # [B, 1, gh, gw]
         up = F.interpolate(grid, size=tiles.shape[1:3], mode="bilinear", align_corners=False)

@@ -91,6 +91,8 @@ class _Tally:
     n: int = 0
 
     def metrics(self, tiles: int, level: int, masking: _Masking) -> dict[str, Any]:
+        """Masked-pixel count, tiles, level and masking; when pixels were masked, also MSE and PSNR (dB)
+        of the model and of the visible-mean fill (``*_baseline``)."""
         metrics: dict[str, Any] = {"n_pixels": self.n, "tiles": tiles, "level": level,
                                    "strategy": masking.strategy, "ratio": masking.ratio}
         if self.n:

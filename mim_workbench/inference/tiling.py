@@ -32,13 +32,18 @@ import os
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mim_workbench.errors import ConfigError
 from mim_workbench.io.pyramid import Pyramid, open_pyramid
 from mim_workbench.io.pyramid_build import create_levels, level_shapes, mean2x2, ngff_multiscales
+
+if TYPE_CHECKING:  # torch and zarr are imported where they are used: importing this module stays light
+    import numpy.typing as npt
+    import torch
+    import zarr
 
 #: Smallest blending weight at a tile's edge: pixels at the image border, covered by one tile edge only, stay defined.
 EDGE_WEIGHT = 1e-2
@@ -58,6 +63,7 @@ def tile_starts(n: int, tile: int, stride: int) -> list[int]:
 def blend_window(h: int, w: int) -> np.ndarray:
     """``sin²`` ramp window in (EDGE_WEIGHT, 1], float32 [h, w]."""
     def ramp(n: int) -> np.ndarray:
+        """``[n]`` float32 weights ``sin²`` over pixel centres, at least EDGE_WEIGHT."""
         return np.maximum(np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2, EDGE_WEIGHT).astype(np.float32)
 
     return np.outer(ramp(h), ramp(w))
@@ -82,7 +88,8 @@ class TiledOutput:
     shape: tuple[int, int]
     scale: tuple[float, float]
 
-    def levels(self, name: str, mode: str = "r") -> list[Any]:
+    def levels(self, name: str, mode: str = "r") -> list[zarr.Array]:
+        """The zarr arrays ``[h_k, w_k]`` of map ``name``, level 0 (full size) first, opened with ``mode``."""
         import zarr
 
         group = zarr.open_group(str(self.path / name), mode=mode)
@@ -118,7 +125,7 @@ class ArgmaxLabels:
         labels[probs.max(axis=0) <= 0] = 0
         return labels
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    def __array__(self, dtype: npt.DTypeLike = None, copy: bool | None = None) -> np.ndarray:
         out = self[...]
         return out if dtype is None else out.astype(dtype)
 
@@ -265,7 +272,7 @@ def open_level(image: str | os.PathLike | Pyramid, level: int, *, keep_color: bo
 
 
 def stream_level(pyr: Pyramid, level: int, tile: tuple[int, int], fn: TileFn, out: TiledOutput, *,
-                 net: Any, overlap: float, batch_size: int) -> Generator[Band, None, int]:
+                 net: torch.nn.Module, overlap: float, batch_size: int) -> Generator[Band, None, int]:
     """:func:`run_tiled` over the whole of ``pyr``'s ``level`` with the torch module ``net`` in eval mode.
 
     Yields each finished :class:`Band`; returns (as the generator's value) the number of
@@ -275,6 +282,7 @@ def stream_level(pyr: Pyramid, level: int, tile: tuple[int, int], fn: TileFn, ou
     tiles = 0
 
     def counted(batch: np.ndarray, origins: list[tuple[int, int]]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """``fn`` on one batch, counting its tiles."""
         nonlocal tiles
         tiles += len(batch)
         return fn(batch, origins)
@@ -395,7 +403,7 @@ def _cut(strip: np.ndarray, c: int, tw: int) -> np.ndarray:
     return piece
 
 
-def tiles_to_tensor(tiles: np.ndarray, in_chans: int, device: Any) -> Any:
+def tiles_to_tensor(tiles: np.ndarray, in_chans: int, device: str | torch.device) -> torch.Tensor:
     """A batch of tiles ``[B, h, w(, C)]`` as a float tensor ``[B, in_chans, h, w]`` on ``device``
     (colour averaged to grey and repeated when the model's channels differ)."""
     import torch

@@ -12,7 +12,7 @@ the shape -- a 2-D slice is never picked silently.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from mim_workbench.io import meta as _meta
 from mim_workbench.io.meta import ImageMeta, LoadedImage, is_dask
 from mim_workbench.io.normalize import check_finite, raster_window, to_grey, window_to_unit
 
+if TYPE_CHECKING:
+    import dask.array as da
+
 #: Chunk edge used when a large in-memory array is wrapped as dask.
 DASK_CHUNK = 2048
 
@@ -28,11 +31,15 @@ _OK_KINDS = "biuf"  # bool, signed, unsigned, float
 
 
 def shape_str(shape: tuple[int, ...]) -> str:
+    """``shape`` as ``"(H, W, ...)"`` with plain ints, for error messages."""
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
-def as_2d(array: Any, path: str, *, what: str = "image") -> Any:
-    """Validate and squeeze to (H, W) or (H, W, C<=4); ReaderError otherwise."""
+def as_2d(array: np.ndarray | da.Array, path: str, *, what: str = "image") -> np.ndarray | da.Array:
+    """``array`` squeezed to (H, W) or (H, W, 3|4), same kind (numpy or dask) and dtype.
+
+    Raises ReaderError naming ``path`` for a non-numeric dtype, a volume or stack, or no pixels.
+    """
     if array.dtype.kind not in _OK_KINDS:
         raise ReaderError(path, f"unsupported pixel type {array.dtype} for an {what}")
     shape = tuple(int(s) for s in array.shape)
@@ -57,8 +64,8 @@ def as_2d(array: Any, path: str, *, what: str = "image") -> Any:
     return array
 
 
-def maybe_lazy(array: Any) -> Any:
-    """Wrap an in-memory array as dask when it is above the lazy threshold."""
+def maybe_lazy(array: np.ndarray | da.Array) -> np.ndarray | da.Array:
+    """``array`` wrapped as dask (chunks of ``DASK_CHUNK`` pixels) when above the lazy threshold, else as is."""
     if not is_dask(array) and _meta.is_large(tuple(array.shape)):
         import dask.array as da
 
@@ -68,7 +75,7 @@ def maybe_lazy(array: Any) -> Any:
 
 
 def image_from_array(
-    raw: Any,
+    raw: np.ndarray | da.Array,
     path: str,
     *,
     keep_color: bool,
@@ -80,7 +87,8 @@ def image_from_array(
 ) -> LoadedImage:
     """Map decoded pixels to float32 [0, 1] per the raster rule, lazily for large images.
 
-    ``invert`` flips the result (TIFF MINISWHITE), after windowing.
+    ``invert`` flips the result (TIFF MINISWHITE), after windowing. Data is (H, W), or (H, W, 3) with
+    ``keep_color``; dask above the lazy threshold. ReaderError on a bad shape or dtype, or NaN/Inf.
     """
     notes = list(notes or [])
     raw = as_2d(raw, path)

@@ -73,6 +73,7 @@ class DatasetIndex:
 
     @property
     def n_masks(self) -> int:
+        """Number of samples that have a mask file."""
         return sum(s.mask is not None for s in self.samples)
 
     def summary(self) -> dict:
@@ -285,7 +286,7 @@ def _unique_ids(files: list[Path], notes: list[str], prefix: str = "") -> list[s
 
 # --------------------------------------------------------------------------- layouts
 
-def _folder(root: Path, image_dir: Path, masks: Any, kind: str) -> DatasetIndex:
+def _folder(root: Path, image_dir: Path, masks: str | os.PathLike | None, kind: str) -> DatasetIndex:
     notes: list[str] = []
     files, headers = _image_files(image_dir, notes)
     if not files:
@@ -319,7 +320,8 @@ def _class_dirs(root: Path) -> list[tuple[str, Path, Path]]:
     return found
 
 
-def _class_folders(root: Path, classes: list[tuple[str, Path, Path]], masks: Any) -> DatasetIndex:
+def _class_folders(root: Path, classes: list[tuple[str, Path, Path]],
+                   masks: str | os.PathLike | None) -> DatasetIndex:
     notes: list[str] = []
     samples: list[Sample] = []
     all_headers: dict[Path, Any] = {}
@@ -470,6 +472,7 @@ def patient_split(samples: Sequence[Sample], *, val: float = 0.1, test: float = 
     order = [keys[j] for j in rng.permutation(len(keys))]
 
     def majority(key: str) -> str:
+        """The most frequent label of group ``key`` ("" for unlabelled; ties: alphabetically first)."""
         labels = Counter(samples[i].label or "" for i in groups[key])
         return sorted(labels.items(), key=lambda t: (-t[1], t[0]))[0][0]
 

@@ -29,6 +29,7 @@ maximum. Multi-frame images and SEGs spanning several planes are refused:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +51,7 @@ _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MIN_WINDOW_COVERAGE = 0.01
 
 
-def load(path: str | Path, *, header_only: bool = False) -> Any:
+def load(path: str | Path, *, header_only: bool = False) -> Dataset:
     """Read a DICOM data set (``force`` for files without preamble); ReaderError when it is not one."""
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -74,7 +75,7 @@ def load(path: str | Path, *, header_only: bool = False) -> Any:
     return ds
 
 
-def _infer_transfer_syntax(ds: Any) -> None:
+def _infer_transfer_syntax(ds: Dataset) -> None:
     """A bare data set (no file meta) is uncompressed; record the encoding pydicom detected."""
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -85,7 +86,8 @@ def _infer_transfer_syntax(ds: Any) -> None:
     ds.file_meta.TransferSyntaxUID = uid
 
 
-def sop_class_name(ds: Any) -> str:
+def sop_class_name(ds: Dataset) -> str:
+    """The SOP class's name (its UID when pydicom does not know it; "unknown" when the header has none)."""
     uid = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
     if uid is None:
         return "unknown"
@@ -93,19 +95,20 @@ def sop_class_name(ds: Any) -> str:
     return name if name and name != str(uid) else str(uid)
 
 
-def is_segmentation(ds: Any) -> bool:
+def is_segmentation(ds: Dataset) -> bool:
+    """True for a DICOM SEG: Modality SEG or the Segmentation Storage SOP class."""
     uid = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
     return str(ds.get("Modality", "")).upper() == "SEG" or uid == SEG_SOP_CLASS
 
 
-def has_pixels(ds: Any) -> bool:
+def has_pixels(ds: Dataset) -> bool:
     """True when the header announces pixel data (works on header-only reads too)."""
     if any(k in ds for k in _PIXEL_TAGS):
         return True
     return "Rows" in ds and "Columns" in ds and "BitsAllocated" in ds
 
 
-def require_pixels(ds: Any, path: str | Path) -> None:
+def require_pixels(ds: Dataset, path: str | Path) -> None:
     """ReaderError for objects without pixels (SR, ...) or images whose pixels are missing."""
     if any(k in ds for k in _PIXEL_TAGS):
         return
@@ -114,14 +117,15 @@ def require_pixels(ds: Any, path: str | Path) -> None:
     raise ReaderError(path, f"not an image (SOP class {sop_class_name(ds)}; no pixel data)")
 
 
-def n_frames(ds: Any) -> int:
+def n_frames(ds: Dataset) -> int:
+    """NumberOfFrames; 1 when absent, empty or malformed."""
     try:
         return int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
         return 1
 
 
-def _decode_error(ds: Any, path: str | Path, exc: BaseException) -> ReaderError:
+def _decode_error(ds: Dataset, path: str | Path, exc: BaseException) -> ReaderError:
     """One clear line for a pixel-decoding failure, naming the transfer syntax and decoder."""
     tsuid = ds.file_meta.get("TransferSyntaxUID")
     if tsuid is None:
@@ -148,7 +152,7 @@ def _decode_error(ds: Any, path: str | Path, exc: BaseException) -> ReaderError:
     return ReaderError(path, f"cannot decode pixel data in {label}: the installed decoder(s) ({tried}) failed{hint}")
 
 
-def decode(ds: Any, path: str | Path) -> np.ndarray:
+def decode(ds: Dataset, path: str | Path) -> np.ndarray:
     """``ds.pixel_array`` with failures turned into one-line ReaderErrors."""
     try:
         return ds.pixel_array
@@ -158,7 +162,7 @@ def decode(ds: Any, path: str | Path) -> np.ndarray:
         raise _decode_error(ds, path, exc) from None
 
 
-def spacing_of(ds: Any) -> tuple[tuple[float, float] | None, list[str]]:
+def spacing_of(ds: Dataset) -> tuple[tuple[float, float] | None, list[str]]:
     """(row, col) spacing in mm from PixelSpacing, else ImagerPixelSpacing."""
     notes: list[str] = []
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
@@ -184,7 +188,7 @@ def _first(value: Any) -> float:
     return float(value)
 
 
-def _voi_range(ds: Any, probe: np.ndarray) -> tuple[float, float]:
+def _voi_range(ds: Dataset, probe: np.ndarray) -> tuple[float, float]:
     """Output range of the data set's VOI transform (pydicom scales to the stored bit range)."""
     from pydicom.pixels import apply_voi_lut
 
@@ -194,12 +198,14 @@ def _voi_range(ds: Any, probe: np.ndarray) -> tuple[float, float]:
     return float(np.nanmin(out)), float(np.nanmax(out))
 
 
-def _window_count(ds: Any) -> int:
+def _window_count(ds: Dataset) -> int:
     value = ds.WindowCenter
     return 1 if isinstance(value, (str, int, float)) or not hasattr(value, "__len__") else len(value)
 
 
-def _voi_plan(ds: Any, rescaled: np.ndarray, notes: list[str]) -> tuple[Any, tuple[float, float] | None, str]:
+def _voi_plan(
+    ds: Dataset, rescaled: np.ndarray, notes: list[str]
+) -> tuple[Callable[[np.ndarray], np.ndarray], tuple[float, float] | None, str]:
     """Pick the VOI step; returns (block -> float32 [0, 1], window, window_source)."""
     from pydicom.pixels import apply_voi_lut
 
@@ -217,6 +223,7 @@ def _voi_plan(ds: Any, rescaled: np.ndarray, notes: list[str]) -> tuple[Any, tup
                     notes.append(f"{len(seq)} VOI LUTs in header; used the first")
 
                 def voi_lut(block: np.ndarray) -> np.ndarray:
+                    """Rescaled values through the first VOI LUT, to float [0, 1]."""
                     return window_to_unit(apply_voi_lut(block, ds, index=0, prefer_lut=True), lo, hi)
 
                 return voi_lut, (first + n / 2.0, float(n)), "voi_lut"
@@ -242,6 +249,7 @@ def _voi_plan(ds: Any, rescaled: np.ndarray, notes: list[str]) -> tuple[Any, tup
                     notes.append(f"{_window_count(ds)} windows in header; used the first")
 
                 def dicom_window(block: np.ndarray) -> np.ndarray:
+                    """Rescaled values through the first header window, to float [0, 1]."""
                     return window_to_unit(apply_voi_lut(block, ds, index=0, prefer_lut=False), lo, hi)
 
                 return dicom_window, (center, width), "dicom_window"
@@ -255,6 +263,7 @@ def _voi_plan(ds: Any, rescaled: np.ndarray, notes: list[str]) -> tuple[Any, tup
         notes.append("constant image; returned as zeros")
 
     def percentile(block: np.ndarray) -> np.ndarray:
+        """Rescaled values through the 0.5-99.5 % percentile window, to float [0, 1]."""
         return window_to_unit(block, lo, hi)
 
     return percentile, ((lo + hi) / 2.0, hi - lo), "percentile"
@@ -289,6 +298,7 @@ def read_dicom_image(path: str | Path, *, keep_color: bool = False, ds: Dataset 
     invert = _inverted(ds, photometric, notes)
 
     def pipeline(block: np.ndarray) -> np.ndarray:
+        """Rescaled values to float32 [0, 1], VOI then inversion; applied per dask block when lazy."""
         out = to_unit(block)
         return (np.float32(1.0) - out).astype(np.float32) if invert else out.astype(np.float32)
 
@@ -349,7 +359,7 @@ def _inverted(ds: Dataset, photometric: str | None, notes: list[str]) -> bool:
     return False
 
 
-def _frame_positions(ds: Any) -> list[tuple[float, ...]]:
+def _frame_positions(ds: Dataset) -> list[tuple[float, ...]]:
     positions = []
     for item in ds.get("PerFrameFunctionalGroupsSequence", []) or []:
         plane = item.get("PlanePositionSequence")
@@ -358,7 +368,7 @@ def _frame_positions(ds: Any) -> list[tuple[float, ...]]:
     return positions
 
 
-def seg_mask(ds: Any, path: str | Path) -> np.ndarray:
+def seg_mask(ds: Dataset, path: str | Path) -> np.ndarray:
     """A SEG data set as one (H, W) uint8 {0, 1} region (union of its segments)."""
     require_pixels(ds, path)
     raw = np.asarray(decode(ds, path))
@@ -380,7 +390,7 @@ def seg_mask(ds: Any, path: str | Path) -> np.ndarray:
     return frames.any(axis=0).astype(np.uint8)
 
 
-def seg_image(path: str | Path, ds: Any) -> LoadedImage:
+def seg_image(path: str | Path, ds: Dataset) -> LoadedImage:
     """A SEG as a LoadedImage of kind "mask" (for read_path / the napari reader)."""
     mask = seg_mask(ds, path)
     spacing, notes = spacing_of(ds)
@@ -402,7 +412,7 @@ def seg_image(path: str | Path, ds: Any) -> LoadedImage:
     return LoadedImage(data=mask, meta=meta, lazy=False)
 
 
-def dicom_raw_mask(path: str | Path, ds: Any) -> np.ndarray:
+def dicom_raw_mask(path: str | Path, ds: Dataset) -> np.ndarray:
     """Stored values of a non-SEG DICOM used as a mask (value rule applied by the caller)."""
     require_pixels(ds, path)
     if n_frames(ds) > 1:
@@ -410,7 +420,8 @@ def dicom_raw_mask(path: str | Path, ds: Any) -> np.ndarray:
     return np.asarray(decode(ds, path))
 
 
-def instance_number(ds: Any) -> int | None:
+def instance_number(ds: Dataset) -> int | None:
+    """InstanceNumber; None when absent, empty or malformed."""
     try:
         value = ds.get("InstanceNumber")
         return int(value) if value not in (None, "") else None

@@ -18,12 +18,15 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mim_workbench.errors import ReaderError
 from mim_workbench.io import dicom as _dicom
 from mim_workbench.io.formats import has_dicom_magic
 from mim_workbench.io.samples import Sample
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 DICOMDIR = "DICOMDIR"
 
@@ -32,8 +35,8 @@ DICOMDIR = "DICOMDIR"
 class TreeScan:
     """What a walk of a DICOM tree found (headers read, no pixels decoded)."""
 
-    images: list[tuple[Path, Any]] = field(default_factory=list)   # (file, header)
-    segs: list[tuple[Path, Any]] = field(default_factory=list)
+    images: list[tuple[Path, Dataset]] = field(default_factory=list)   # (file, header)
+    segs: list[tuple[Path, Dataset]] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)               # kind -> count
     unreadable: list[str] = field(default_factory=list)
 
@@ -56,7 +59,7 @@ def _candidate_files(root: Path) -> list[Path]:
     return found
 
 
-def _kind(ds: Any) -> str:
+def _kind(ds: Dataset) -> str:
     """"image", "seg", or the kind of a non-image object (its modality, e.g. SR, PR, KO)."""
     if _dicom.is_segmentation(ds):
         return "seg"
@@ -86,7 +89,7 @@ def scan_tree(root: Path) -> TreeScan:
     return scan
 
 
-def referenced_instances(seg: Any) -> set[str]:
+def referenced_instances(seg: Dataset) -> set[str]:
     """SOP Instance UIDs of the images a SEG was drawn on (series and per-frame references)."""
     uids = set()
     for series in seg.get("ReferencedSeriesSequence", []):

@@ -16,11 +16,15 @@ anti-aliasing, keeping their dtype and {0, 1} values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mim_workbench.io.meta import is_dask
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import numpy.typing as npt
 
 
 @dataclass(frozen=True)
@@ -37,15 +41,15 @@ class Letterbox:
         """(row, col) canvas pixels per source pixel (equal up to rounding)."""
         return (self.content_shape[0] / self.source_shape[0], self.content_shape[1] / self.source_shape[1])
 
-    def to_source(self, rows: Any, cols: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Canvas pixel coordinates -> source pixel coordinates (pixel centres)."""
+    def to_source(self, rows: npt.ArrayLike, cols: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """Canvas pixel coordinates -> source pixel coordinates (pixel centres), float64 of the inputs' shapes."""
         sr, sc = self.scale
         r = (np.asarray(rows, dtype=np.float64) - self.offset[0] + 0.5) / sr - 0.5
         c = (np.asarray(cols, dtype=np.float64) - self.offset[1] + 0.5) / sc - 0.5
         return r, c
 
-    def to_canvas(self, rows: Any, cols: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Source pixel coordinates -> canvas pixel coordinates (pixel centres)."""
+    def to_canvas(self, rows: npt.ArrayLike, cols: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """Source pixel coordinates -> canvas pixel coordinates (pixel centres), float64 of the inputs' shapes."""
         sr, sc = self.scale
         r = (np.asarray(rows, dtype=np.float64) + 0.5) * sr - 0.5 + self.offset[0]
         c = (np.asarray(cols, dtype=np.float64) + 0.5) * sc - 0.5 + self.offset[1]
@@ -70,8 +74,11 @@ def fit_shape(source_shape: tuple[int, int], size: tuple[int, int]) -> tuple[int
     return (max(1, min(th, round(h * k))), max(1, min(tw, round(w * k))))
 
 
-def resize_to(array: Any, shape: tuple[int, int], *, order: int = 1) -> np.ndarray:
-    """Resize (H, W[, C]) to ``shape``: anti-aliased when shrinking with order > 0, exact dtype for order 0."""
+def resize_to(array: np.ndarray | da.Array, shape: tuple[int, int], *, order: int = 1) -> np.ndarray:
+    """Resize (H, W[, C]) to ``shape``: anti-aliased when shrinking with order > 0, exact dtype for order 0.
+
+    Returns a numpy ``shape + (C,)`` copy: float32 when resampled with order > 0, else the input's dtype.
+    """
     from skimage.transform import resize
 
     array = _reduce_lazy(array, shape, order) if is_dask(array) else np.asarray(array)
@@ -88,7 +95,7 @@ def resize_to(array: Any, shape: tuple[int, int], *, order: int = 1) -> np.ndarr
     return out.astype(np.float32, copy=False)
 
 
-def _reduce_lazy(array: Any, shape: tuple[int, int], order: int) -> np.ndarray:
+def _reduce_lazy(array: da.Array, shape: tuple[int, int], order: int) -> np.ndarray:
     """Block-average a huge dask array close to ``shape`` before computing it.
 
     This keeps memory bounded for whole-slide-sized inputs. Edge pixels that do
@@ -107,7 +114,9 @@ def _reduce_lazy(array: Any, shape: tuple[int, int], order: int) -> np.ndarray:
     return np.asarray(array.compute())
 
 
-def letterbox(array: Any, size: tuple[int, int] | int, *, order: int = 1) -> tuple[np.ndarray, Letterbox]:
+def letterbox(
+    array: np.ndarray | da.Array, size: tuple[int, int] | int, *, order: int = 1
+) -> tuple[np.ndarray, Letterbox]:
     """Resize keeping the aspect ratio to fit ``size`` (H, W), pad bottom/right with 0.
 
     Works on (H, W) and (H, W, C) numpy or dask arrays. Returns the canvas and

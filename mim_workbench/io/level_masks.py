@@ -13,11 +13,15 @@ result is a lazy dask array: a 30000² level-0 mask is never materialised.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mim_workbench.io import meta as _meta
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import numpy.typing as npt
 
 
 def _index_map(n_out: int, out_scale: float, n_in: int, in_scale: float, start: int = 0) -> np.ndarray:
@@ -26,9 +30,11 @@ def _index_map(n_out: int, out_scale: float, n_in: int, in_scale: float, start: 
     return np.clip(np.floor(centres / in_scale).astype(np.int64), 0, n_in - 1)
 
 
-def resample_mask(mask: Any, shape: tuple[int, int], *, mask_scale: tuple[float, float] | None = None,
-                  scale: tuple[float, float] | None = None, lazy: bool | None = None) -> Any:
+def resample_mask(mask: npt.ArrayLike, shape: tuple[int, int], *, mask_scale: tuple[float, float] | None = None,
+                  scale: tuple[float, float] | None = None, lazy: bool | None = None) -> np.ndarray | da.Array:
     """``mask`` (H, W) -> uint8 {0, 1} on a (h, w) = ``shape`` grid covering the same extent.
+
+    Nonzero counts as 1; an (H, W, C) mask uses its first channel.
 
     ``mask_scale`` and ``scale`` are the pixel sizes (any unit, e.g. the napari
     layer scales) of the mask and of the target; when either is missing the two
@@ -51,6 +57,7 @@ def resample_mask(mask: Any, shape: tuple[int, int], *, mask_scale: tuple[float,
     import dask.array as da
 
     def block(block_info: dict | None = None) -> np.ndarray:
+        """The uint8 output chunk at dask's ``array-location`` (rows, cols) of the target grid."""
         loc = block_info[None]["array-location"]
         (r0, r1), (c0, c1) = loc
         rows = _index_map(r1 - r0, scale[0], m.shape[0], mask_scale[0], r0)

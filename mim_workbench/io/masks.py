@@ -26,7 +26,7 @@ and a ReaderError naming both shapes is raised instead of stretching it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,12 +37,18 @@ from mim_workbench.io.arrays import as_2d, shape_str
 from mim_workbench.io.formats import sniff
 from mim_workbench.io.meta import is_dask
 
+if TYPE_CHECKING:
+    import dask.array as da
+
 MAX_LABEL_VALUES = 16
 MAX_ASPECT_MISMATCH = 0.02
 
 
-def binarize(values: Any, path: str | Path = "<array>") -> np.ndarray:
-    """Apply the value rule of the module docstring; returns uint8 {0, 1}."""
+def binarize(values: np.ndarray | da.Array, path: str | Path = "<array>") -> np.ndarray:
+    """Apply the value rule of the module docstring; returns (H, W) uint8 {0, 1} in memory.
+
+    ReaderError naming ``path`` for a shape or dtype that is not a 2-D mask, or NaN/Inf values.
+    """
     arr = np.asarray(values.compute() if is_dask(values) else values)
     arr = as_2d(arr, str(path), what="mask")
     if arr.ndim == 3:

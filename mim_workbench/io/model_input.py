@@ -5,18 +5,23 @@ dense head."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mim_workbench.errors import ConfigError
+from mim_workbench.io.meta import LoadedImage
 from mim_workbench.io.readers import read_image
 
+if TYPE_CHECKING:
+    import dask.array as da
 
-def as_unit_array(image: Any) -> np.ndarray:
+
+def as_unit_array(image: str | Path | LoadedImage | np.ndarray | da.Array) -> np.ndarray:
     """Path / LoadedImage / array -> float32 numpy (H, W) or (H, W, C) in [0, 1].
 
-    Raises :class:`ConfigError` for another number of axes or non-finite values.
+    Integers are divided by their dtype's maximum; an array still outside [0, 1] is min-max scaled.
+    Raises :class:`ConfigError` for another number of axes or non-finite values, ReaderError for a bad file.
     """
     if isinstance(image, (str, Path)):
         image = read_image(image, keep_color=False)

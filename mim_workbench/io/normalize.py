@@ -27,12 +27,15 @@ lazy (statistics are computed chunk by chunk).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mim_workbench.errors import ReaderError
 from mim_workbench.io.meta import is_dask
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 PERCENTILES = (0.5, 99.5)
 #: Percentiles of larger images are estimated on a regular subsample of about this many pixels.
@@ -51,13 +54,13 @@ def _compute(*values: Any) -> list[float]:
     return [float(v) for v in values]
 
 
-def min_max(array: Any) -> tuple[float, float]:
+def min_max(array: np.ndarray | da.Array) -> tuple[float, float]:
     """(min, max) of an array; one pass, chunked for dask."""
     lo, hi = _compute(array.min(), array.max())
     return lo, hi
 
 
-def check_finite(array: Any, path: str) -> None:
+def check_finite(array: np.ndarray | da.Array, path: str) -> None:
     """Raise ReaderError when a float array holds NaN or Inf (never silently clipped)."""
     if not np.issubdtype(array.dtype, np.floating):
         return
@@ -66,7 +69,7 @@ def check_finite(array: Any, path: str) -> None:
         raise ReaderError(path, f"contains {int(bad)} NaN/Inf pixel value(s); refusing to guess what they mean")
 
 
-def _isfinite(array: Any) -> Any:
+def _isfinite(array: np.ndarray | da.Array) -> np.ndarray | da.Array:
     if is_dask(array):
         import dask.array as da
 
@@ -74,8 +77,13 @@ def _isfinite(array: Any) -> Any:
     return np.isfinite(array)
 
 
-def window_to_unit(array: Any, lo: float, hi: float, *, invert: bool = False) -> Any:
-    """Linearly map [lo, hi] to [0, 1] (clipped) as float32; ``invert`` flips it (MONOCHROME1)."""
+def window_to_unit(
+    array: np.ndarray | da.Array, lo: float, hi: float, *, invert: bool = False
+) -> np.ndarray | da.Array:
+    """Linearly map [lo, hi] to [0, 1] (clipped) as float32; ``invert`` flips it (MONOCHROME1).
+
+    Same shape and kind (numpy or lazy dask) as ``array``; all zeros (ones if inverted) when hi <= lo.
+    """
     width = float(hi) - float(lo)
     if not np.isfinite(width) or width <= 0:
         out = array.astype(np.float32) * np.float32(0)
@@ -87,10 +95,10 @@ def window_to_unit(array: Any, lo: float, hi: float, *, invert: bool = False) ->
     return out.astype(np.float32)
 
 
-def raster_window(array: Any) -> tuple[float, float, str, list[str], tuple[float, float]]:
+def raster_window(array: np.ndarray | da.Array) -> tuple[float, float, str, list[str], tuple[float, float]]:
     """Choose (lo, hi, window_source, notes, original_range) for a non-DICOM raster.
 
-    See the module docstring for the rule.
+    See the module docstring for the rule. TypeError for a dtype that is not bool, integer or float.
     """
     dtype = array.dtype
     notes: list[str] = []
@@ -117,7 +125,9 @@ def raster_window(array: Any) -> tuple[float, float, str, list[str], tuple[float
     return data_lo, data_hi, "minmax", notes, rng
 
 
-def percentile_window(array: Any, low: float = PERCENTILES[0], high: float = PERCENTILES[1]) -> tuple[float, float]:
+def percentile_window(
+    array: np.ndarray | da.Array, low: float = PERCENTILES[0], high: float = PERCENTILES[1]
+) -> tuple[float, float]:
     """(lo, hi) at the given percentiles; subsampled on a regular grid for very large images."""
     step = 1
     n = int(np.prod(array.shape[:2]))
@@ -130,7 +140,7 @@ def percentile_window(array: Any, low: float = PERCENTILES[0], high: float = PER
     return float(lo), float(hi)
 
 
-def to_grey(array: Any) -> tuple[Any, str]:
+def to_grey(array: np.ndarray | da.Array) -> tuple[np.ndarray | da.Array, str]:
     """Collapse (H, W, 3|4) colour to luminance; returns (grey, note).
 
     Alpha is dropped. Images whose colour channels are identical (greyscale

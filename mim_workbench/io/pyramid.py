@@ -28,7 +28,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,6 +58,13 @@ from mim_workbench.io.pyramid_cache import (
     stamp,
 )
 
+if TYPE_CHECKING:
+    import dask.array as da
+    import zarr
+
+    #: One level's pixels: anything with ``shape``, ``dtype`` and numpy slicing.
+    LevelArray = np.ndarray | da.Array | zarr.Array
+
 __all__ = [
     "BUILD_BLOCK", "DEFAULT_CHUNK", "DEFAULT_MIN_SIDE", "DEFAULT_PYRAMID_CACHE_BYTES", "KEEP_RECENT_S",
     "PYRAMID_FORMAT", "PYRAMID_THRESHOLD_PIXELS", "Pyramid", "build_pyramid", "create_levels", "downsample_into",
@@ -75,7 +82,7 @@ PYRAMID_THRESHOLD_PIXELS: int = 8_000_000
 class Pyramid:
     """Levels of one image, finest first; each coarser level about half the previous."""
 
-    levels: list[Any]                        # zarr arrays (H, W) or (H, W, 3)
+    levels: list[LevelArray]                 # zarr arrays (numpy / dask from memory), (H, W) or (H, W, 3)
     meta: ImageMeta                          # of level 0 (shape, spacing, windowing, notes)
     window: tuple[float, float]              # stored (lo, hi) -> [0, 1]
     store: Path | None = None                # cache entry (built) or the source file (in place)
@@ -85,17 +92,21 @@ class Pyramid:
 
     @property
     def color(self) -> bool:
+        """True when the levels are colour, (H, W, 3)."""
         return len(self.levels[0].shape) == 3
 
     @property
     def spacing(self) -> tuple[float, float] | None:
+        """(row, col) mm per level-0 pixel; None when unknown."""
         return self.meta.spacing
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(H, W) of level 0, in pixels."""
         return tuple(int(s) for s in self.levels[0].shape[:2])  # type: ignore[return-value]
 
     def level_shape(self, level: int) -> tuple[int, int]:
+        """(h, w) of ``level``, in pixels."""
         return tuple(int(s) for s in self.levels[level].shape[:2])  # type: ignore[return-value]
 
     def factor(self, level: int) -> tuple[float, float]:
@@ -124,13 +135,14 @@ class Pyramid:
                 return k
         return len(self.levels) - 1
 
-    def dask_levels(self) -> list[Any]:
+    def dask_levels(self) -> list[da.Array]:
         """The levels as dask arrays (chunked like the store): what napari displays."""
         import dask.array as da
 
         return [da.from_zarr(a) for a in self.levels]
 
     def to_unit(self, block: np.ndarray) -> np.ndarray:
+        """Stored values -> float32 [0, 1] through ``window`` (clipped), same shape as ``block``."""
         lo, hi = self.window
         out = (np.asarray(block, dtype=np.float32) - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-12))
         return np.clip(out, 0.0, 1.0, out=out)
@@ -152,7 +164,8 @@ class Pyramid:
         return self.read(level, (0, h), (0, w))
 
 
-def pyramid_from_arrays(levels: Any, *, scale: tuple[float, float] | None = None,
+def pyramid_from_arrays(levels: list[LevelArray] | tuple[LevelArray, ...] | LevelArray, *,
+                        scale: tuple[float, float] | None = None,
                         window: tuple[float, float] | None = None, source: str = "<memory>") -> Pyramid:
     """A :class:`Pyramid` over arrays already in memory (or dask/zarr), finest first.
 
@@ -162,7 +175,8 @@ def pyramid_from_arrays(levels: Any, *, scale: tuple[float, float] | None = None
     layer's ``scale``; it becomes the spacing); ``window`` maps stored values to
     [0, 1] -- by default the rule of the non-tiled path: integers by their dtype
     range, floats already in [0, 1] as they are, other floats by the min/max of
-    the coarsest level (cheap, and close to the image's).
+    the coarsest level (cheap, and close to the image's).  ReaderError naming ``source``
+    when there are no levels or level 0 is not (H, W) or (H, W, C).
     """
     levels = list(levels) if isinstance(levels, (list, tuple)) else [levels]
     if not levels or len(levels[0].shape) not in (2, 3):

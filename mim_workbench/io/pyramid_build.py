@@ -22,9 +22,13 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    import zarr
 
 #: Bump when the built pyramid changes for identical inputs and settings.
 PYRAMID_FORMAT = 1
@@ -68,7 +72,8 @@ def _blocks(shape: tuple[int, int], step: int) -> Iterator[tuple[int, int, int, 
             yield r, min(r + step, shape[0]), c, min(c + step, shape[1])
 
 
-def downsample_into(src: Any, dst: Any, *, block: int = BUILD_BLOCK, rows: tuple[int, int] | None = None) -> None:
+def downsample_into(src: zarr.Array | np.ndarray, dst: zarr.Array | np.ndarray, *, block: int = BUILD_BLOCK,
+                    rows: tuple[int, int] | None = None) -> None:
     """Write ``dst`` (about half of ``src``) as 2x2 means of ``src``, block by block.
 
     ``rows`` restricts the update to destination rows ``[r0, r1)`` (used when a
@@ -105,9 +110,12 @@ def ngff_multiscales(shapes: list[tuple[int, int]], spacing: tuple[float, float]
     return [{"version": "0.4", "name": name, "axes": axes, "datasets": datasets}]
 
 
-def create_levels(group: Any, shapes: list[tuple[int, int]], dtype: Any, *, channels: int | None = None,
-                  chunk: int = DEFAULT_CHUNK, fill_value: Any = 0) -> list[Any]:
-    """Empty zarr arrays ``"0"``, ``"1"``, ... of the given level shapes."""
+def create_levels(group: zarr.Group, shapes: list[tuple[int, int]], dtype: npt.DTypeLike, *,
+                  channels: int | None = None, chunk: int = DEFAULT_CHUNK, fill_value: float = 0) -> list[zarr.Array]:
+    """Empty zarr arrays ``"0"``, ``"1"``, ... in ``group``, one per level shape (+ ``channels`` last), finest first.
+
+    Chunks are at most ``chunk`` pixels a side (channels whole); unwritten pixels read as ``fill_value``.
+    """
     out = []
     for k, (h, w) in enumerate(shapes):
         shp = (h, w) + ((channels,) if channels else ())

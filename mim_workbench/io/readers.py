@@ -100,6 +100,7 @@ def _sort_key(p: Path) -> tuple[int, float, str]:
 
 
 def sniff_is_dicom(p: Path) -> bool:
+    """True when the file's content says DICOM; False for other formats and files that cannot be sniffed."""
     try:
         return sniff(p)[0] == "dicom"
     except ReaderError:

@@ -68,33 +68,42 @@ class Checkpoint:
 
     @property
     def kind(self) -> str:
+        """``"pretrain"``, ``"finetune"``, ``"dense"``, or ``"legacy"`` for a bare weights file ("" if unset)."""
         return str(self.meta.get("kind", ""))
 
     @property
     def step(self) -> int:
+        """Optimiser steps taken when the checkpoint was saved (0 for a legacy file)."""
         return int(self.meta.get("step", 0))
 
     @property
     def epoch(self) -> int:
+        """Epoch recorded in the metadata (0 when absent)."""
         return int(self.meta.get("epoch", 0))
 
     @property
     def config(self) -> dict[str, Any]:
+        """A copy of the run's settings as saved (empty when absent)."""
         return dict(self.meta.get("config") or {})
 
     @property
     def model_config(self) -> dict[str, Any]:
+        """A copy of the saved model settings, as ``ModelConfig.from_dict`` reads them (empty when absent)."""
         return dict(self.meta.get("model_config") or {})
 
     @property
     def run_dir(self) -> Path:
+        """The run directory holding this checkpoint (a legacy file's folder)."""
         return self.path.parent
 
     @property
     def is_legacy(self) -> bool:
+        """True for a bare weights file (``.pth``) with no metadata."""
         return self.kind == "legacy"
 
     def model_state(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The model's state dict, read now onto ``device`` (a legacy file's onto the CPU).  Raises
+        CheckpointError for unreadable weights."""
         if self.is_legacy:
             return _load_legacy_state(self.path)
         from safetensors.torch import load_file
@@ -243,6 +252,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def read_latest(run_dir: str | Path) -> Path | None:
+    """The ``ckpt-<step>`` path ``run_dir/latest`` names (not checked to exist), or None when the file is
+    missing, unreadable or does not hold such a name."""
     f = Path(run_dir) / LATEST_FILE
     try:
         name = f.read_text(encoding="utf-8").strip()
@@ -355,6 +366,8 @@ def _write_error(run_dir: Path, final: Path, exc: OSError) -> CheckpointWriteErr
 
 
 def write_latest(run_dir: str | Path, ckpt_dir: str | Path) -> None:
+    """Point ``run_dir/latest`` at ``ckpt_dir``'s name, atomically (temporary file, fsync, ``os.replace``).
+    Raises OSError when the disk refuses."""
     run_dir = Path(run_dir)
     tmp = run_dir / f"{LATEST_FILE}.tmp-{os.getpid()}"
     _write_text_synced(tmp, Path(ckpt_dir).name + "\n")
@@ -427,6 +440,8 @@ def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch
 
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state`: an ``optimizer.state_dict()`` (integer state keys,
+    tuples restored in the param groups)."""
     state: dict[int, dict[str, Any]] = {int(pid): {} for pid in rest.get("state_ids", [])}
     for key, value in tensors.items():
         _, pid, name = key.split(".", 2)
@@ -481,6 +496,8 @@ def capture_rng_state(mask_generator: torch.Generator | None = None) -> dict[str
 
 
 def restore_rng_state(state: dict[str, Any], mask_generator: torch.Generator | None = None) -> None:
+    """Set every random number source from :func:`capture_rng_state`'s dict (CUDA only with the same device
+    count; ``mask_generator`` when given and saved).  Raises CheckpointError for a malformed state."""
     try:
         torch.set_rng_state(_unb64(state["torch"]))
         n = state["numpy"]
@@ -499,6 +516,7 @@ def restore_rng_state(state: dict[str, Any], mask_generator: torch.Generator | N
 
 # ====================================================================== provenance
 def versions() -> dict[str, str]:
+    """Version strings of Python, torch, numpy, mim_workbench, timm and safetensors (those importable)."""
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     try:
         from .. import __version__

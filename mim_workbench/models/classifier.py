@@ -90,6 +90,7 @@ class Classifier(nn.Module):
             self.encoder.eval()
 
     def train(self, mode: bool = True) -> Classifier:
+        """``nn.Module.train``, except that a probe's frozen encoder always stays in eval mode."""
         super().train(mode)
         if self.mode == "probe":
             self.encoder.eval()  # frozen: no dropout / drop path, ever
@@ -114,6 +115,7 @@ class Classifier(nn.Module):
         return self.pooled(self.tokens(images))
 
     def logits_from_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` class logits from features ``[B, D]`` (as :meth:`features` returns; BatchNorm, dropout, head)."""
         return self.head(self.drop(self.bn(feats)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -155,6 +157,7 @@ class Classifier(nn.Module):
         hooks = []
 
         def grab(module: nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
+            """Forward hook: recompute the block's attention ``[B, N, N]`` (mean over heads) into ``attns``."""
             x = inputs[0]
             B, N, _ = x.shape
             qkv = module.qkv(x).reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)

@@ -49,6 +49,7 @@ class MAEDecoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """MAE's initialisation: mask token ~ N(0, 0.02), xavier-uniform linears, unit LayerNorms, zero biases."""
         nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):

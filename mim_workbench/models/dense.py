@@ -88,6 +88,7 @@ class DenseConfig:
             raise ConfigError(f"lr={self.lr!r}: must be positive")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings (tuples as lists), as :meth:`from_dict` reads them."""
         d = dataclasses.asdict(self)
         d["dilations"] = list(self.dilations)
         d["blur_sigmas"] = list(self.blur_sigmas)
@@ -95,6 +96,7 @@ class DenseConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DenseConfig:
+        """Settings from :meth:`to_dict`'s form; raises ConfigError for unknown keys or unusable values."""
         check_known_keys(cls, values, "dense setting")
         return cls(**values)
 

@@ -60,6 +60,7 @@ class FineHead(nn.Module):
         _xavier(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, M, Dd]`` decoder tokens -> ``[B, M, (s*p)^2*C]`` fine-scale pixels of each masked patch."""
         return self.fc2(self.act(self.fc1(x)))      # [B, M, Dd] -> [B, M, (s*p)^2*C]
 
 

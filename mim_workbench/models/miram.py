@@ -41,6 +41,7 @@ class MIRAMModel(MAEModel):
 
     @property
     def fine_size(self) -> tuple[int, int]:
+        """``(s*H, s*W)``: pixel size of the fine image, ``miram_scale`` times the training size."""
         H, W = self.cfg.encoder.img_size
         return self.scale * H, self.scale * W
 

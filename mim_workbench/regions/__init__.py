@@ -28,7 +28,7 @@ Presets (options are keyword arguments; unknown ones raise ConfigError):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from mim_workbench.regions.lungs_model import propose_lungs_preset
 from mim_workbench.regions.morphology import dice
 from mim_workbench.regions.teeth import propose_teeth
 from mim_workbench.regions.tissue import propose_tissue
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 PRESETS: dict[str, Callable[..., np.ndarray]] = {
     "lungs": propose_lungs_preset,
@@ -55,7 +58,7 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def propose_region(image: Any, preset: str, **options: Any) -> np.ndarray:
+def propose_region(image: np.ndarray | da.Array, preset: str, **options: Any) -> np.ndarray:
     """Propose a region mask for ``image`` with a preset; uint8 {0, 1}, same H×W.
 
     Raises :class:`~mim_workbench.errors.ConfigError` for an unknown preset or

@@ -41,6 +41,7 @@ WORK_SIZE = 512
 
 
 def normalize(g: np.ndarray) -> np.ndarray:
+    """``g`` stretched so its 0.5-99.5 % percentiles span [0, 1], clipped, float32; zeros when flat."""
     lo, hi = np.percentile(g, [0.5, 99.5])
     if hi - lo < 1e-6:
         return np.zeros_like(g)

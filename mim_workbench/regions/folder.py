@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,11 @@ from mim_workbench.io.masks import read_mask
 from mim_workbench.io.readers import read_image
 from mim_workbench.regions import PRESETS, propose_region
 from mim_workbench.regions.morphology import label
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from mim_workbench.regions.learned import RegionModel
 
 MANIFEST = "regions.json"
 
@@ -113,6 +118,7 @@ def settings_record(source: str, options: dict[str, Any]) -> dict[str, Any]:
 
 @lru_cache(maxsize=1)
 def lungs_model_digest() -> str:
+    """First 20 hex digits of the shipped lung model file's SHA-256, read once per process."""
     import hashlib
 
     from mim_workbench.regions.lungs_model import MODEL_FILE
@@ -120,10 +126,10 @@ def lungs_model_digest() -> str:
     return hashlib.sha256(MODEL_FILE.read_bytes()).hexdigest()[:20]
 
 
-_MODELS: dict[str, Any] = {}
+_MODELS: dict[str, RegionModel] = {}
 
 
-def _load_model(source: str) -> Any:
+def _load_model(source: str) -> RegionModel:
     """The learned model of a ``model:PATH`` source, loaded once per process."""
     if source not in _MODELS:
         from mim_workbench.regions.learned import RegionModel
@@ -132,9 +138,10 @@ def _load_model(source: str) -> Any:
     return _MODELS[source]
 
 
-def propose_with(source: str, image: Any, options: dict[str, Any]) -> tuple[Any, str]:
-    """``(mask, kind)``: the region of ``image`` from a preset name or a ``model:PATH`` source;
-    ``kind`` names the region for the quality check (the preset, or the model's name)."""
+def propose_with(source: str, image: np.ndarray | da.Array, options: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """``(mask, kind)``: the region of ``image`` (uint8 {0, 1}, its H×W) from a preset name or a
+    ``model:PATH`` source; ``kind`` names the region for the quality check (the preset, or the model's
+    name).  ConfigError for an unknown preset or option, MimError for an unusable model file."""
     if source.startswith(MODEL_PREFIX):
         model = _load_model(source)
         return model.propose(image), model.config.name

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,11 @@ import torch.nn.functional as F
 
 from mim_workbench.errors import ConfigError, MimError
 from mim_workbench.regions.morphology import fill_holes, largest_components, smooth_mask
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from mim_workbench.io.meta import LoadedImage
 
 FORMAT = "mim-workbench-region-model"
 FORMAT_VERSION = 1
@@ -64,6 +69,7 @@ class RegionNet(nn.Module):
         self.head = nn.Conv2d(widths[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, S, S]`` standardised images -> ``[B, 1, S, S]`` region logits (sigmoid gives probabilities)."""
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
@@ -98,8 +104,11 @@ class RegionModel:
         self.net, self.config, self.info = net.eval(), config, dict(info or {})
 
     @torch.no_grad()
-    def probabilities(self, image: Any) -> np.ndarray:
-        """Region probability per pixel, float32 ``[H, W]`` on the image's grid."""
+    def probabilities(self, image: np.ndarray | da.Array | LoadedImage | str | Path) -> np.ndarray:
+        """Region probability per pixel, float32 ``[H, W]`` on the image's grid.
+
+        ``image`` goes through :func:`~mim_workbench.io.model_input.as_unit_array` (its errors included).
+        """
         from skimage.transform import resize
 
         from mim_workbench.io.model_input import as_unit_array
@@ -110,7 +119,7 @@ class RegionModel:
         prob = 1.0 / (1.0 + np.exp(-logits[top:top + h, left:left + w]))
         return resize(prob, arr.shape[:2], order=1, preserve_range=True).astype(np.float32)
 
-    def propose(self, image: Any) -> np.ndarray:
+    def propose(self, image: np.ndarray | da.Array | LoadedImage | str | Path) -> np.ndarray:
         """The cleaned region, uint8 {0, 1} with the image's ``H×W``."""
         prob = self.probabilities(image)
         mask = prob >= 0.5

@@ -72,6 +72,7 @@ class Atlas:
 
     @property
     def size(self) -> int:
+        """Side F of the atlas's square grid, in pixels."""
         return int(self.template.shape[0])
 
 
@@ -274,6 +275,7 @@ def register_side(eq: np.ndarray, atlas: Atlas, params: tuple[float, ...], side:
     step = np.array([params[2] * box * 0.05, params[3] * box * 0.05, params[2] * 0.1, params[3] * 0.1, 0.05])
 
     def cost(z: np.ndarray) -> float:
+        """Negative fit score at ``z`` steps from the global fit, plus the ``stay`` penalty for moving."""
         return -prob.score(tuple(x0 + z * step)) + stay * float((z * z).sum())
 
     res = optimize.minimize(cost, np.zeros(5), method="Powell", options=dict(xtol=0.05, ftol=1e-4, maxfev=300))

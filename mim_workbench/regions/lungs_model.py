@@ -13,11 +13,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mim_workbench.errors import ConfigError
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from mim_workbench.regions.learned import RegionModel
 
 MODEL_FILE = Path(__file__).with_name("lungs_model.safetensors")
 #: "auto" takes an image for inverted only when the model is this much surer of it that way:
@@ -27,22 +32,24 @@ _INVERTED_MARGIN = 0.01
 
 
 @lru_cache(maxsize=1)
-def shipped_lungs_model() -> Any:
+def shipped_lungs_model() -> RegionModel:
     """The shipped lung model, loaded once per process."""
     from mim_workbench.regions.learned import RegionModel
 
     return RegionModel.load(MODEL_FILE)
 
 
-def propose_lungs_preset(image: Any, *, method: str = "model", polarity: str = "auto",
+def propose_lungs_preset(image: np.ndarray | da.Array, *, method: str = "model", polarity: str = "auto",
                          **options: Any) -> np.ndarray:
-    """Lung fields of a frontal chest X-ray, uint8 {0, 1}.
+    """Lung fields of a frontal chest X-ray, uint8 {0, 1} at the image's H×W.
 
     ``method="model"``: the shipped learned model; ``polarity`` "normal" (lungs dark),
     "inverted" (a MONOCHROME1 film shown raw) or "auto": both are tried and the one the
     model is surer of wins (its mean probability inside the proposed region), the right way
     up unless the other is clearly surer (``_INVERTED_MARGIN``).  ``method="atlas"``:
-    atlas registration, with the options :func:`~.lungs.propose_lungs` lists.
+    atlas registration, with the options :func:`~.lungs.propose_lungs` lists.  ConfigError for
+    another method, an unknown option or polarity, or (model) an image that is not grey or RGB(A)
+    or holds NaN/Inf.
     """
     if method == "atlas":
         from mim_workbench.regions.lungs import propose_lungs

@@ -5,7 +5,7 @@ no GUI imports.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -13,8 +13,11 @@ from scipy import ndimage as ndi
 
 from mim_workbench.errors import ConfigError
 
+if TYPE_CHECKING:
+    import dask.array as da
 
-def as_array(image: Any, *, max_side: int | None = None) -> np.ndarray:
+
+def as_array(image: np.ndarray | da.Array, *, max_side: int | None = None) -> np.ndarray:
     """``image`` as a float32 numpy array, ints scaled to [0, 1] (uint8 by 255,
     wider types by their maximum).
 
@@ -22,6 +25,7 @@ def as_array(image: Any, *, max_side: int | None = None) -> np.ndarray:
     subsampled by an integer stride so that about 2×``max_side`` pixels per side
     remain: proposal never needs the full resolution, a 5000 px mammogram is
     not converted to float whole, and a lazy gigapixel array is not loaded.
+    NaN and -Inf become 0, +Inf 1; ConfigError for a non-numeric dtype.
     """
     shape = getattr(image, "shape", ())
     if max_side is not None and len(shape) >= 2:
@@ -111,12 +115,14 @@ def smooth_mask(mask: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def disk(radius: int) -> np.ndarray:
+    """Boolean disk structuring element, (2r + 1, 2r + 1) for ``radius`` r pixels (r < 0 counts as 0)."""
     r = max(0, int(radius))
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return (yy * yy + xx * xx) <= r * r + r * 0.5
 
 
 def open_(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary opening with a disk of ``radius`` pixels, as bool (``mask`` unchanged when ``radius`` <= 0)."""
     if radius <= 0:
         return mask.astype(bool)
     return ndi.binary_opening(mask, structure=disk(radius))
@@ -132,10 +138,12 @@ def close_(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` as bool with every enclosed hole filled."""
     return ndi.binary_fill_holes(mask)
 
 
 def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """(int labels, count) of the 4-connected components of ``mask``; background is 0, components 1..count."""
     lab, n = ndi.label(mask)
     return lab, int(n)
 

@@ -23,6 +23,7 @@ WORK_SIZE = 1024
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation (max - min) / max of an (H, W, 3) image: float32 (H, W), 0 where the pixel is black."""
     mx = rgb.max(axis=-1)
     mn = rgb.min(axis=-1)
     return np.where(mx > 1e-6, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)

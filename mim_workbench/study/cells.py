@@ -12,9 +12,10 @@ import csv
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from ..training.control import Control
 from .config import StudyConfig
 from .data import StudyData
 from .encoders import Encoder
+
+if TYPE_CHECKING:
+    from ..training.finetune import FeatureCache
 
 METRICS = ("auc", "ap", "accuracy", "balanced_accuracy")
 
@@ -42,6 +46,7 @@ class Cell:
     reused: bool = False
 
     def row(self) -> dict[str, Any]:
+        """One flat, JSON-safe row of the study's cell table (METRICS, k-NN AUC, external ones when scored)."""
         r: dict[str, Any] = {"variant": self.variant, "fraction": self.fraction, "seed": self.seed,
                              "n_train": self.n_train}
         r.update({m: self.metrics.get(m) for m in METRICS})
@@ -54,6 +59,7 @@ class Cell:
 
 
 def cell_dir(root: Path, variant: str, fraction: float, seed: int) -> Path:
+    """``root/runs/<variant>/f<fraction>-s<seed>``, with ``/`` and ``:`` of the variant name made ``_``."""
     return root / "runs" / variant.replace("/", "_").replace(":", "_") / f"f{fraction:g}-s{seed}"
 
 
@@ -72,7 +78,8 @@ def finetune_values(cfg: StudyConfig, enc: Encoder, arch: EncoderConfig, fractio
 
 
 def run_cell(cfg: StudyConfig, data: StudyData, enc: Encoder, arch: EncoderConfig, fraction: float, seed: int,
-             root: Path, *, features: Any, control: Control, cache: Any) -> Cell:
+             root: Path, *, features: Callable[[int], dict[str, np.ndarray]], control: Control,
+             cache: FeatureCache | None) -> Cell:
     """Run (or read back) one cell; ``features(seed)`` gives the k-NN feature table of this encoder."""
     out = cell_dir(root, enc.variant, fraction, seed)
     if all((out / f).is_file() for f in ("metrics.json", "predictions.csv", "knn.json")):
@@ -90,11 +97,12 @@ def run_cell(cfg: StudyConfig, data: StudyData, enc: Encoder, arch: EncoderConfi
 
 
 def positive_index(classes: list[str], positive: str | None) -> int:
+    """Index of ``positive`` in ``classes``; else the second class (the first when there is only one)."""
     return classes.index(positive) if positive in classes else min(1, len(classes) - 1)
 
 
 def _knn(cfg: StudyConfig, data: StudyData, classes: list[str], fraction: float, seed: int,
-         features: Any) -> dict[str, Any]:
+         features: Callable[[int], dict[str, np.ndarray]]) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     from ..training.labels import label_subset

@@ -11,7 +11,6 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError, MimError
 from ..io.samples import Sample
@@ -32,6 +31,7 @@ class StudyData:
 
     @property
     def test(self) -> list[Sample]:
+        """The labelled test split (the images every cell is scored on)."""
         return self.splits["test"]
 
 
@@ -127,7 +127,7 @@ def _digest(p: Path) -> str:
     return h.hexdigest()
 
 
-def file_list_digest(samples: list[Any]) -> str:
+def file_list_digest(samples: list[Sample]) -> str:
     """SHA-256 of the sorted (file name, size, label) list: the same data set gives the same digest."""
     lines = sorted(f"{Path(s.image).name}\t{_size(s.image)}\t{s.label or ''}" for s in samples)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]

@@ -17,16 +17,18 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..models.config import EncoderConfig
 from ..training.control import Control
 from .config import StudyConfig, Variant
 from .data import StudyData
+
+if TYPE_CHECKING:
+    from ..training.events import EventHandler
 
 #: settings of a pretraining run that do not change what it learns
 _NOT_IN_KEY = ("out", "resume", "device", "threads", "num_workers", "preview_every", "preview_size",
@@ -64,6 +66,8 @@ def architecture(cfg: StudyConfig) -> EncoderConfig:
 
 
 def run_key(values: dict[str, Any], data: StudyData, budget: dict[str, Any]) -> str:
+    """12 hex digits naming a pretraining run by what decides its result: the resolved settings ``values``
+    (less those in ``_NOT_IN_KEY``), the pool's file list and ``budget``.  ConfigError for invalid ``values``."""
     from ..training.config import PretrainConfig
 
     resolved = PretrainConfig.from_dict(values).resolved().to_dict()
@@ -77,7 +81,7 @@ def run_key(values: dict[str, Any], data: StudyData, budget: dict[str, Any]) -> 
 
 
 def obtain_encoder(cfg: StudyConfig, data: StudyData, variant: Variant, root: Path, *,
-                   on_event: Callable[[Any], None], control: Control) -> Encoder:
+                   on_event: EventHandler, control: Control) -> Encoder:
     """The variant's encoder: random, the user's weights, or pretrained (reused, resumed or new)."""
     if not variant.pretrained:
         return Encoder(variant.name, variant.init, {"pretrained": False, "init": variant.init})
@@ -121,7 +125,7 @@ def _budget(cfg: StudyConfig, data: StudyData, values: dict[str, Any]) -> dict[s
 
 
 def _pretrain(variant: Variant, values: dict[str, Any], budget: dict[str, Any], run_dir: Path, *,
-              on_event: Callable[[Any], None], control: Control) -> Encoder:
+              on_event: EventHandler, control: Control) -> Encoder:
     from ..models.checkpoint import list_checkpoints, load_checkpoint
     from ..training.config import PretrainConfig
     from ..training.pretrain_loop import pretrain

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from .config import StudyConfig, Variant
 from .data import StudyData, prepare_data
 from .encoders import Encoder, architecture, obtain_encoder
 from .events import StudyFinished, StudyProgress
+
+if TYPE_CHECKING:
+    from ..training.events import Event
 
 #: settings whose change makes a study's finished cells meaningless (not resumable)
 _FIXED = ("data", "test_data", "mode", "val_fraction", "test_fraction", "split_seed", "finetune", "knn_k")
@@ -52,23 +55,27 @@ class StudyResult:
 class _Clock:
     """Progress and time left over the study's tasks (pretraining runs and cells)."""
 
-    def __init__(self, emit: Callable[[Any], None], n_pretrain: int, n_cells: int, budget_s: float) -> None:
+    def __init__(self, emit: Callable[[StudyProgress], None], n_pretrain: int, n_cells: int, budget_s: float) -> None:
         self.emit, self.n_pretrain, self.n_cells, self.budget_s = emit, n_pretrain, n_cells, budget_s
         self.done_pretrain, self.done_cells, self.cell_s = 0, 0, 10.0
 
     def total(self) -> int:
+        """Work units of the study: pretraining runs plus cells."""
         return self.n_pretrain + self.n_cells
 
     def eta(self, inner_s: float = 0.0) -> float:
+        """Seconds left: ``inner_s`` of the running pretraining (0: none running), a budget per pretraining
+        run still to start, and the mean cell time per cell left."""
         left_pre = max(0, self.n_pretrain - self.done_pretrain - (1 if inner_s else 0))
         return inner_s + left_pre * self.budget_s + (self.n_cells - self.done_cells) * self.cell_s
 
     def say(self, stage: str, message: str | None = None, inner_s: float = 0.0) -> None:
+        """Emit a StudyProgress for ``stage``: units done so far, the total and :meth:`eta`."""
         self.emit(StudyProgress(stage=stage, done=self.done_pretrain + self.done_cells, total=self.total(),
                                 eta_s=self.eta(inner_s), message=message))
 
 
-def run_study(config: StudyConfig, on_event: Callable[[Any], None] | None = None,
+def run_study(config: StudyConfig, on_event: Callable[[StudyProgress | StudyFinished], None] | None = None,
               control: Control | None = None) -> StudyResult:
     """Run (or resume) the study ``config`` describes; see the module docstring."""
     emit = on_event or (lambda _e: None)
@@ -129,7 +136,8 @@ def _encoders(cfg: StudyConfig, data: StudyData, variants: list[Variant], out: P
     for v in variants:
         stage = f"pretraining {v.name}"
 
-        def relay(event: Any, stage: str = stage) -> None:
+        def relay(event: Event, stage: str = stage) -> None:
+            """Report a pretraining Progress event as this stage's StudyProgress; other events are dropped."""
             if isinstance(event, Progress):
                 clock.say(stage, inner_s=event.eta_s or 0.0)
 
@@ -170,7 +178,8 @@ def _cells(cfg: StudyConfig, data: StudyData, variants: list[Variant], encoders:
     return cells
 
 
-def _feature_table(cfg: StudyConfig, data: StudyData, enc: Encoder, arch: EncoderConfig):
+def _feature_table(cfg: StudyConfig, data: StudyData, enc: Encoder,
+                   arch: EncoderConfig) -> Callable[[int], dict[str, np.ndarray]]:
     """``features(seed)`` -> {image path: feature} of every labelled and external image, computed
     once (per seed for a random encoder, whose draw the seed decides)."""
     from .knn import encoder_features
@@ -180,6 +189,7 @@ def _feature_table(cfg: StudyConfig, data: StudyData, enc: Encoder, arch: Encode
     made: dict[int, dict[str, np.ndarray]] = {}
 
     def features(seed: int) -> dict[str, np.ndarray]:
+        """{image path: feature [D]} for ``seed`` (one per seed only for a random encoder), made on first use."""
         key = seed if enc.source is None else 0
         if key not in made:
             device = "cpu" if cfg.device == "auto" else cfg.device
@@ -190,7 +200,7 @@ def _feature_table(cfg: StudyConfig, data: StudyData, enc: Encoder, arch: Encode
     return features
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 

@@ -34,9 +34,11 @@ class Interval:
 
     @property
     def excludes_zero(self) -> bool:
+        """True when the whole interval lies on one side of 0 (a difference the bootstrap supports)."""
         return self.low > 0.0 or self.high < 0.0
 
     def text(self, signed: bool = False) -> str:
+        """``"0.812 [0.790, 0.834]"`` (three decimals; with ``signed`` a sign on every number)."""
         fmt = "{:+.3f}" if signed else "{:.3f}"
         return f"{fmt.format(self.value)} [{fmt.format(self.low)}, {fmt.format(self.high)}]"
 

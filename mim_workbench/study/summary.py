@@ -33,6 +33,8 @@ def _intervals(ivs: dict[str, Any] | None) -> dict[str, Any] | None:
 def summary(cfg: StudyConfig, data: StudyData, encoders: dict[str, Encoder], table: list[dict[str, Any]],
             ivs: dict[str, Any], ext_ivs: dict[str, Any] | None, verdict: str, notes: list[str],
             wall_s: float) -> dict[str, Any]:
+    """The JSON-safe content of ``summary.json``: settings, data digests and ids, encoders, table, intervals,
+    verdict, package versions, machine and ``wall_s`` (seconds).  Writes nothing itself."""
     from ..bench.machine import machine_record
 
     return json_safe({

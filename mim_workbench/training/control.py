@@ -16,18 +16,24 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class Control(Protocol):
-    def stop_requested(self) -> bool: ...
+    def stop_requested(self) -> bool:
+        """True once the loop should save a checkpoint and finish; polled once per step."""
+        ...
 
-    def pause_requested(self) -> bool: ...
+    def pause_requested(self) -> bool:
+        """True while the loop should sleep-poll between steps; a stop request ends the pause."""
+        ...
 
 
 class NullControl:
     """Never stops, never pauses."""
 
     def stop_requested(self) -> bool:
+        """Always False."""
         return False
 
     def pause_requested(self) -> bool:
+        """Always False."""
         return False
 
 
@@ -50,13 +56,17 @@ class ProcessControl:
         self._pause.clear()
 
     def request_pause(self) -> None:
+        """Ask the loop to wait between steps until ``resume`` or ``request_stop``."""
         self._pause.set()
 
     def resume(self) -> None:
+        """End a pause; does nothing when not paused."""
         self._pause.clear()
 
     def stop_requested(self) -> bool:
+        """True once ``request_stop`` was called, in any process sharing this object."""
         return self._stop.is_set()
 
     def pause_requested(self) -> bool:
+        """True between ``request_pause`` and ``resume`` (or ``request_stop``)."""
         return self._pause.is_set()

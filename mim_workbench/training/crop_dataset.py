@@ -24,8 +24,9 @@ on 1 or N processes and after a resume.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from mim_workbench.errors import ConfigError
 from mim_workbench.io.level_masks import mask_window
 from mim_workbench.io.pyramid import Pyramid, open_pyramid
 from mim_workbench.io.samples import Sample
+
+if TYPE_CHECKING:
+    from mim_workbench.training.config import PretrainConfig
 
 #: Longest side of the mask kept for choosing crops (finer detail is not needed there).
 CHOICE_MAX_SIDE = 1024
@@ -57,7 +61,7 @@ class CropDataset(Dataset):
         auto_region: str | None = None,
         augment: bool = False,
         seed: int = 0,
-        cache_root: Any = None,
+        cache_root: str | os.PathLike | None = None,
     ) -> None:
         self.samples = list(samples)
         size = (int(crop_size), int(crop_size)) if isinstance(crop_size, int) else tuple(int(v) for v in crop_size)
@@ -90,6 +94,7 @@ class CropDataset(Dataset):
         return len(self.samples) * self.crops_per_image
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose crops ``__getitem__`` serves (crop of item i = f(seed, epoch, i))."""
         self.epoch = int(epoch)
 
     def __getstate__(self) -> dict:
@@ -99,6 +104,7 @@ class CropDataset(Dataset):
         return state
 
     def pyramid(self, k: int) -> Pyramid:
+        """The pyramid of sample ``k``, opened (built and cached if needed) on first use; ReaderError if unreadable."""
         if k not in self._pyr:
             keep_color = self.in_chans == 3
             self._pyr[k] = open_pyramid(self.samples[k].image, keep_color=keep_color, cache_root=self.cache_root)
@@ -219,7 +225,7 @@ class CropDataset(Dataset):
         return item
 
 
-def pretrain_crop_datasets(cfg: Any, train: Sequence[Sample], val: Sequence[Sample],
+def pretrain_crop_datasets(cfg: PretrainConfig, train: Sequence[Sample], val: Sequence[Sample],
                            fine_scale: int | None) -> tuple[CropDataset, CropDataset | None, CropDataset]:
     """(train, val, preview) crop datasets for a ``PretrainConfig`` with ``crop_level``/``crop_spacing``.
 

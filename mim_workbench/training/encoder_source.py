@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,12 @@ class LoadedEncoder:
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
+        """JSON-safe ``{"kind", "source", "step"}``, recorded in downstream metrics and checkpoints."""
         return {"kind": self.kind, "source": self.source, "step": self.step}
 
 
-def is_random_source(source: Any) -> bool:
+def is_random_source(source: str | Path | None) -> bool:
+    """True for ``None`` and the strings of ``RANDOM_SOURCES`` (any case, spaces ignored): no weights to load."""
     return source is None or (isinstance(source, str) and source.strip().lower() in RANDOM_SOURCES)
 
 
@@ -58,7 +61,8 @@ def _as_model_config(value: ModelConfig | dict[str, Any] | None) -> ModelConfig 
     return ModelConfig.from_dict(dict(value))
 
 
-def _override(base: ModelConfig, *, img_size: Any = None, drop_path_rate: float | None = None) -> ModelConfig:
+def _override(base: ModelConfig, *, img_size: int | str | Sequence[int] | None = None,
+              drop_path_rate: float | None = None) -> ModelConfig:
     changes: dict[str, Any] = {}
     if img_size is not None:
         changes["encoder"] = dataclasses.replace(base.encoder, img_size=img_size)
@@ -68,8 +72,12 @@ def _override(base: ModelConfig, *, img_size: Any = None, drop_path_rate: float 
 
 
 def load_encoder(source: str | Path | None, *, model_config: ModelConfig | dict[str, Any] | None = None,
-                 img_size: Any = None, drop_path_rate: float | None = None) -> LoadedEncoder:
-    """Build the encoder ``source`` names (see the module docstring); weights on the CPU."""
+                 img_size: int | str | Sequence[int] | None = None,
+                 drop_path_rate: float | None = None) -> LoadedEncoder:
+    """Build the encoder ``source`` names (see the module docstring); weights on the CPU.
+
+    ConfigError for a bad ``img_size``; CheckpointError when ``source`` is missing or unreadable, its tensors do
+    not fit, or it brings no architecture and ``model_config`` is not given."""
     given = _as_model_config(model_config)
     if is_random_source(source):
         cfg = _override(given or ModelConfig(), img_size=img_size, drop_path_rate=drop_path_rate)

@@ -57,8 +57,9 @@ import random
 import time
 import traceback
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -72,6 +73,10 @@ from ..models.checkpoint import restore_rng_state
 from ..models.classifier import FINETUNE_KIND
 from ..models.config import ENCODER_FIELDS, EncoderConfig, ModelConfig, nest_encoder_fields, parse_img_size
 from .finetune_state import LoopState, load_state, remove_state, restore_loop, save_state
+
+if TYPE_CHECKING:
+    from ..io.samples import Sample
+    from .mim_dataset import MIMDataset
 
 BALANCE = ("weights", "sampler", "none")
 
@@ -141,7 +146,9 @@ class FinetuneConfig:
         self.validate()
 
     def validate(self) -> None:
+        """ConfigError naming the first setting of the wrong type or out of range (run on construction)."""
         def bad(name: str, why: str) -> None:
+            """Raise ConfigError naming setting ``name``, its value and ``why`` it is refused."""
             raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
         from .schema import check_field_types
@@ -184,6 +191,7 @@ class FinetuneConfig:
             bad("checkpoint_interval_s", "must be seconds >= 0")
 
     def resolved(self) -> FinetuneConfig:
+        """A copy with every unset (None) mode-dependent setting filled with ``mode``'s default."""
         d = _MODE_DEFAULTS[self.mode]
         return dataclasses.replace(self, **{k: (getattr(self, k) if getattr(self, k) is not None else v)
                                             for k, v in d.items()})
@@ -237,7 +245,7 @@ class FinetuneResult:
     predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _feature_key(sample: Any) -> str:
+def _feature_key(sample: Sample) -> str:
     """Features are cached by image file: ids of two data sets (labelled, external) may clash."""
     return str(sample.image)
 
@@ -253,6 +261,7 @@ class FeatureCache:
         self.features: dict[str, torch.Tensor] = {}
 
     def bind(self, key: str) -> None:
+        """Use the cache for encoder ``key``, dropping features stored for another key."""
         if key != self.key:
             self.key, self.features = key, {}
 
@@ -382,7 +391,7 @@ class _Finetune:
         if note:
             self.notes.append(note)
 
-    def _dataset(self, samples: list[Any], augment: bool):
+    def _dataset(self, samples: list[Sample], augment: bool):
         from .mim_dataset import MIMDataset
 
         return MIMDataset(samples, img_size=self.model_cfg.encoder.img_size, in_chans=self.model_cfg.encoder.in_chans,
@@ -405,7 +414,7 @@ class _Finetune:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     @torch.no_grad()
-    def _features(self, samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled frozen-encoder features ``[n, D]`` and labels ``[n]`` (cached by sample id)."""
         from torch.utils.data import DataLoader
 
@@ -612,7 +621,7 @@ class _Finetune:
                 self._close_epoch(st, epoch, losses, lr, val_loss, val_acc, optimizer, scaler)
         return None
 
-    def _optimiser_step(self, idx: list[int], loader: Any, optimizer: torch.optim.Optimizer,
+    def _optimiser_step(self, idx: list[int], loader: Iterator[dict] | None, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler | None) -> float:
         """Forward and backward one batch (``idx`` into the training features, or the loader's next
         batch); returns the loss, and skips the update when it is not finite."""
@@ -741,7 +750,7 @@ class _Finetune:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _predict(self, data: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _predict(self, data: tuple[torch.Tensor, torch.Tensor] | MIMDataset) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities [n, K], labels [n]) for cached features or an image dataset."""
         from torch.utils.data import DataLoader
 
@@ -774,7 +783,8 @@ class _Finetune:
         loss = float((w * nll).sum() / w.sum()) if w.sum() > 0 else float(nll.mean())
         return loss, float((probs.argmax(1) == labels).mean())
 
-    def _score(self, data: Any, split: str | None = None) -> dict[str, Any]:
+    def _score(self, data: tuple[torch.Tensor, torch.Tensor] | MIMDataset,
+               split: str | None = None) -> dict[str, Any]:
         """Metrics of the current weights on ``data``; with ``split``, its per-image predictions are kept."""
         from .metrics_cls import classification_metrics
 

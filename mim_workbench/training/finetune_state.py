@@ -50,6 +50,7 @@ class LoopState:
 
 
 def state_path(run_dir: str | Path) -> Path:
+    """``run_dir/resume.safetensors``, whether or not it exists."""
     return Path(run_dir) / STATE_FILE
 
 
@@ -121,6 +122,7 @@ def load_state(run_dir: str | Path, config: dict[str, Any], train_ids: list[str]
                           "(files added, removed or relabelled); start a new run")
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors saved under ``prefix``, keyed without it."""
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     return {"loop": header["loop"], "model": part("model."), "best_state": part("best.") if header["has_best"] else None,
@@ -129,6 +131,7 @@ def load_state(run_dir: str | Path, config: dict[str, Any], train_ids: list[str]
 
 
 def restore_loop(payload: dict[str, Any]) -> LoopState:
+    """The LoopState of a ``load_state`` payload, with its best weights (or None) as ``best_state``."""
     loop = LoopState(**payload["loop"])
     loop.best_state = payload["best_state"]
     return loop
@@ -161,6 +164,7 @@ def resumable(run_dir: str | Path) -> bool:
 
 
 def remove_state(run_dir: str | Path) -> None:
+    """Delete ``run_dir``'s resume state, if any: the run has nothing left to continue."""
     try:
         state_path(run_dir).unlink()
     except FileNotFoundError:

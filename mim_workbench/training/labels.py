@@ -45,6 +45,7 @@ def label_subset(samples: Sequence[Any], fraction: float, seed: int = 0) -> list
 
 
 def class_counts(labels: Sequence[int], num_classes: int) -> np.ndarray:
+    """int64 ``[num_classes]``: how many ``labels`` (class indices) fall in each class; larger indices are dropped."""
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes]
 
 

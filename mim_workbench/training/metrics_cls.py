@@ -23,6 +23,11 @@ import numpy as np
 
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], *,
                            positive: str | None = None) -> dict[str, Any]:
+    """JSON-safe metrics of labels ``y_true`` [n] (class indices) against ``probs`` [n, K] (see the module docstring).
+
+    Always ``n``, ``classes``, ``accuracy``, ``balanced_accuracy``, ``auc``, ``ap`` (None when undefined) and
+    ``notes``; with samples also per-class AUC/AP, ``support``, ``confusion``.  ValueError for a wrong ``probs``
+    shape or an unknown ``positive``."""
     from sklearn.metrics import (
         accuracy_score,
         average_precision_score,

@@ -102,6 +102,7 @@ class MIMDataset(Dataset):
     # ---------------------------------------------------------------- decoding
     @property
     def reader_settings(self) -> dict[str, Any]:
+        """JSON-safe settings that change the decoded arrays; part of each item's DecodeCache key."""
         return {
             "img_size": list(self.img_size),
             "fine_scale": self.fine_scale,

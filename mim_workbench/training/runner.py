@@ -16,10 +16,13 @@ import queue as queue_mod
 import threading
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .control import ProcessControl
 from .events import Event, Failed, Finished
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
 
 _DONE = "__mim_workbench_done__"
 
@@ -29,7 +32,7 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def _watch_parent(parent_pid: int, events: Any, control: ProcessControl, every_s: float = 1.0) -> None:
+def _watch_parent(parent_pid: int, events: Queue, control: ProcessControl, every_s: float = 1.0) -> None:
     """Checkpoint and stop when the parent (the viewer) dies without asking: killed, crashed.
 
     Without this an orphaned run trains on for hours, holding a GPU nobody watches.
@@ -45,7 +48,7 @@ def _watch_parent(parent_pid: int, events: Any, control: ProcessControl, every_s
 CHILD_NICENESS = 10
 
 
-def _child_main(task: str, config: dict[str, Any], events: Any, control: ProcessControl,
+def _child_main(task: str, config: dict[str, Any], events: Queue, control: ProcessControl,
                 parent_pid: int | None = None) -> None:
     if hasattr(os, "nice"):
         try:
@@ -93,6 +96,7 @@ class TrainingProcess:
         self.failed: Failed | None = None
 
     def start(self) -> None:
+        """Spawn the child process, which runs the task and puts its events on the queue."""
         self._proc = self._ctx.Process(
             target=_child_main, args=(self.task, self.config, self._events, self.control, os.getpid()),
             name=f"mim-workbench-{self.task}", daemon=True)
@@ -100,6 +104,7 @@ class TrainingProcess:
 
     @property
     def running(self) -> bool:
+        """True until ``poll`` has seen the child's end (its last event, or its unannounced exit)."""
         return not self._done
 
     def poll(self, timeout: float = 0.1) -> list[Event]:
@@ -129,9 +134,11 @@ class TrainingProcess:
         return out
 
     def pause(self) -> None:
+        """Ask the loop to wait between steps until ``resume`` or ``stop``."""
         self.control.request_pause()
 
     def resume(self) -> None:
+        """End a pause."""
         self.control.resume()
 
     def stop(self) -> None:
@@ -139,6 +146,7 @@ class TrainingProcess:
         self.control.request_stop()
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` seconds (None: for ever) for the child to exit; returns at once if never started."""
         if self._proc is not None:
             self._proc.join(timeout)
 

@@ -75,6 +75,7 @@ def configure_backend(device: torch.device) -> None:
 
 
 def enable_cuda_tf32() -> None:
+    """Let CUDA fp32 matmuls and cuDNN convolutions use TF32 (process-wide; CPU matmuls untouched)."""
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):           # torch >= 2.9
         matmul.fp32_precision = "tf32"
@@ -255,10 +256,12 @@ class DistContext:
 
     @property
     def enabled(self) -> bool:
+        """True when more than one process trains (collectives do something)."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that writes files and emits events."""
         return self.rank == 0
 
     @classmethod
@@ -322,9 +325,11 @@ class DistContext:
         return out
 
     def barrier(self) -> None:
+        """Wait until every process reaches this point; nothing with one process."""
         if self.enabled:
             dist.barrier()
 
     def close(self) -> None:
+        """Destroy the process group if this context created it (``from_env``); else nothing."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

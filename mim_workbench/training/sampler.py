@@ -48,10 +48,12 @@ class StepPlan:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch, ``ceil(n / (batch_size * accum_steps))`` (the last one wraps around)."""
         return math.ceil(self.n / (self.batch_size * self.accum_steps))
 
     @property
     def local_batch(self) -> int:
+        """This process's share of a global micro-batch, ``batch_size // world_size`` samples."""
         return self.batch_size // self.world_size
 
     def local_slice(self) -> slice:

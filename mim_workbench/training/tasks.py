@@ -14,11 +14,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, check_known_keys
 from .control import Control
 from .events import EventHandler
+
+if TYPE_CHECKING:
+    from ..models.dense import DenseHead
 
 TASKS = ("pretrain", "finetune", "dense")
 
@@ -44,13 +47,16 @@ class DenseJob:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DenseJob:
+        """Build from ``to_dict``'s output; ConfigError for unknown keys, no images, unpaired strokes or no ``out``."""
         check_known_keys(cls, values, "dense job setting")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of the fields."""
         return dataclasses.asdict(self)
 
-    def run(self, on_event: EventHandler | None = None, control: Control | None = None):
+    def run(self, on_event: EventHandler | None = None, control: Control | None = None) -> DenseHead:
+        """Write ``out/job.json`` and train the head with :func:`~.dense.train_dense` (its errors propagate)."""
         from ..models.dense import DenseConfig
         from .dense import train_dense
 

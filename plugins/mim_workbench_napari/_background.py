@@ -8,7 +8,14 @@ runs in the viewer's process.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from napari.qt.threading import GeneratorWorker
+
+    from mim_workbench.study import StudyProgress
+    from mim_workbench.training.events import Progress
+    from mim_workbench.training.runner import TrainingProcess
 
 
 class BackgroundRun:
@@ -29,9 +36,12 @@ class BackgroundRun:
 
     @property
     def active(self) -> bool:
+        """True from :meth:`start` until the job's end has reached the GUI thread."""
         return self.worker is not None
 
     def start(self, task: str, config: dict[str, Any]) -> None:
+        """Run ``task`` (pretrain, finetune, dense or a ``mim_workbench.…:function`` job) on ``config`` in a
+        spawned child process, supervised by a thread worker; not paused. ValueError for an unknown task."""
         from napari.qt.threading import thread_worker
 
         from mim_workbench.training.runner import TrainingProcess
@@ -40,7 +50,8 @@ class BackgroundRun:
         self.paused = False
 
         @thread_worker
-        def supervise(run):
+        def supervise(run: TrainingProcess):
+            """In the worker thread: start ``run`` and yield its events until it has ended."""
             run.start()
             while run.running:
                 yield from run.poll(0.1)
@@ -103,7 +114,7 @@ class RunControls:
     _pending_progress = None
     _progress_timer = None
 
-    def _progress_later(self, event: Any) -> None:
+    def _progress_later(self, event: Progress | StudyProgress) -> None:
         """Show ``event`` (the newest Progress) within ``progress_interval_ms``."""
         self._pending_progress = event
         if self._progress_timer is None:
@@ -130,7 +141,7 @@ class RunControls:
             self.native.setUpdatesEnabled(True)
         self.plot.canvas.update()
 
-    def _render_progress(self, event: Any) -> None:
+    def _render_progress(self, event: Progress | StudyProgress) -> None:
         raise NotImplementedError
 
     def _settings(self) -> tuple[Any, ...]:
@@ -150,6 +161,7 @@ class RunControls:
         self.status.value = "starting…"
 
     def toggle_pause(self) -> None:
+        """Pause or continue the job (Pause button); the button and the status say which. No job: nothing."""
         if self.job.run is None:
             return
         paused = self.job.toggle_pause()
@@ -157,14 +169,17 @@ class RunControls:
         self.status.value = "paused" if paused else "resumed"
 
     def stop_training(self) -> None:
+        """Ask the job to checkpoint and stop at its next step; the status shows ``stop_message``."""
         if self.job.run is not None:
             self.job.stop()
             self.status.value = self.stop_message
 
     @property
-    def worker(self):
+    def worker(self) -> GeneratorWorker | None:
+        """The thread worker supervising the job; None while no job runs."""
         return self.job.worker
 
     @property
-    def run(self):
+    def run(self) -> TrainingProcess | None:
+        """The job's child process: None before the first start and after shutdown; kept once it ends."""
         return self.job.run

@@ -13,7 +13,7 @@ Predictions and their overlays are the dock's lower panel (:mod:`._predict_panel
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 import numpy as np
@@ -26,6 +26,9 @@ from ._predict_panel import DENSE_PREFIX, HEATMAP_PREFIX, PredictPanel, blank
 from ._self_check import arm_from_env
 from ._status import checkpoint_phrase, path_edit, status_label
 from ._training_widgets import LossPlot, detected_devices, fmt_eta
+
+if TYPE_CHECKING:
+    from mim_workbench.training.events import Event
 
 TASK_CLASSIFY = "classifier (image labels)"
 TASK_DENSE = "dense map (painted strokes)"
@@ -114,11 +117,14 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
     def _refresh(self, event=None) -> None:
         self.image.reset_choices()
 
-    def strokes_layer(self, image) -> Any:
+    def strokes_layer(self, image: napari.layers.Image) -> napari.layers.Labels | None:
+        """The ``strokes: NAME`` Labels layer of ``image``, or None."""
         name = STROKES_PREFIX + image.name
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     def create_strokes_layer(self) -> None:
+        """Select the chosen image's strokes layer (added empty when missing; on a multiscale image at the level
+        whose longest side is <= :data:`STROKES_MAX_SIDE`) in paint mode, label 1. No image: a notification."""
         from napari.utils.notifications import show_error
 
         img = self.image.value
@@ -140,6 +146,8 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         self.status.value = f"paint strokes: label k = class k of '{self.classes.value}'"
 
     def set_image_label(self) -> None:
+        """Store *Its label* as the chosen image's ``metadata["label"]`` (empty text removes it); updates the
+        status's label counts."""
         img = self.image.value
         if img is None:
             return
@@ -231,6 +239,8 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
                 self.steps, self.out, self.device, self.classes)
 
     def start_training(self) -> None:
+        """Start fine-tuning with the current settings in a fresh run folder (shown in Run folder), viewer-only
+        inputs staged first; a MimError (e.g. ConfigError) becomes a notification and nothing starts."""
         from napari.utils.notifications import show_error
 
         from mim_workbench.errors import MimError
@@ -265,7 +275,9 @@ class FinetuneWidget(RunControls, PredictPanel, Container):
         self._set_running(False)
         self._update_resumable()
 
-    def on_event(self, event: Any) -> None:
+    def on_event(self, event: Event) -> None:
+        """Show one training event: progress and the loss curve, each checkpoint as Model checkpoint, the end
+        or a failure as a notification."""
         from napari.utils.notifications import show_error, show_info
 
         if isinstance(event, Started):

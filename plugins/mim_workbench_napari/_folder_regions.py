@@ -8,11 +8,14 @@ its quality check flagged open first, each image with its mask as an editable re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import Container, ProgressBar, PushButton, SpinBox
 
 from ._status import job_handlers, path_edit, short_path, start_job, status_label
+
+if TYPE_CHECKING:
+    from mim_workbench.regions.folder import FolderProgress
 
 #: flagged proposals opened for correction after a folder run (the rest are in the contact sheet)
 OPEN_FLAGGED = 4
@@ -59,7 +62,7 @@ class FolderRegionsPanel:
                                        on_done=lambda records: self._folder_finished(records, out),
                                        on_error=self._folder_failed, on_finished=self._folder_done)
 
-    def _folder_step(self, progress: Any) -> None:
+    def _folder_step(self, progress: FolderProgress) -> None:
         self.folder_progress.max = max(1, progress.total)
         self.folder_progress.value = progress.done
         eta = "" if progress.eta_s is None else f", about {int(progress.eta_s) + 1} s left"
@@ -85,7 +88,7 @@ def _folder_job(data: str, out: str, preset: str):
     """Generator for the thread worker: yields progress, returns the records and writes the sheet."""
     from mim_workbench.regions.folder import contact_sheet, propose_folder
 
-    pending: list[Any] = []
+    pending: list[FolderProgress] = []
     records = []
     for record in propose_folder(data, out, preset=preset, on_progress=pending.append):
         records.append(record)

@@ -6,9 +6,13 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mim_workbench.display import has_display
 from mim_workbench.errors import MimError
+
+if TYPE_CHECKING:
+    import napari
 
 DOCKS = ("Workbench", "Pretrain", "Inspect", "Fine-tune", "Evaluate")
 
@@ -85,6 +89,7 @@ def _run_self_check(viewer, screenshot: Path | None, timeout_s: float) -> int:
     failed: list[str] = []
 
     def report(record: dict | None, error: str | None) -> None:
+        """Print the outcome (JSON on stdout, or the reason on stderr) and remember a failure for the exit code."""
         print_report(record, error)
         if error is not None:
             failed.append(error)
@@ -95,7 +100,7 @@ def _run_self_check(viewer, screenshot: Path | None, timeout_s: float) -> int:
     return 1 if failed else 0
 
 
-def open_workbench(viewer, paths: list[str] | None = None) -> dict:
+def open_workbench(viewer: napari.viewer.Viewer, paths: list[str] | None = None) -> dict:
     """Dock the workbench and load ``paths`` (or the sample chest X-ray with its lung mask).
 
     Returns the dock widgets by name: Workbench, Pretrain, Inspect, Fine-tune, Evaluate. Raises

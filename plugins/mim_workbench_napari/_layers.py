@@ -11,6 +11,9 @@ LayerData = tuple[Any, dict, str]
 
 
 def to_layer_data(loaded: LoadedImage, *, name: str | None = None) -> LayerData:
+    """``(data, kwargs, "image" | "labels")`` for napari: named ``name`` or the file's stem, ``scale`` the pixel
+    size (mm when known, else 1), the metadata under ``"mim_workbench"``. Masks become ``region: NAME`` Labels;
+    grey images get the gray colormap with contrast limits (0, 1)."""
     meta = loaded.meta
     name = name or Path(meta.source).stem
     kwargs: dict[str, Any] = {

@@ -11,12 +11,17 @@ again, and the corrections become examples too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import Container, ProgressBar, PushButton, SpinBox
 
 from ._status import job_handlers, path_edit, short_path, start_job, status_label
+
+if TYPE_CHECKING:
+    import napari
+
+    from mim_workbench.regions.learned import LearnProgress, RegionModel
 
 LEARNED = "learned model"
 LEARN_HINT = ("Paint the region on a few images (New region layer), then Learn: the model proposes it "
@@ -24,6 +29,7 @@ LEARN_HINT = ("Paint the region on a few images (New region layer), then Learn: 
 
 
 def default_model_path() -> Path:
+    """``~/mim-workbench-runs/regions/region-model.safetensors``: where the learned model is saved by default."""
     return Path.home() / "mim-workbench-runs" / "regions" / "region-model.safetensors"
 
 
@@ -47,7 +53,7 @@ class LearnRegionsPanel:
         return Container(widgets=[self.learn_seconds, self.learn_out, self.learn_button, self.learn_progress,
                                   self.learn_status], labels=True)
 
-    def painted_examples(self) -> list[tuple[Any, Any]]:
+    def painted_examples(self) -> list[tuple[napari.layers.Image, napari.layers.Labels]]:
         """(image layer, region layer) pairs whose region has paint, on the image's own grid."""
         pairs = []
         for img in self._image_layers():
@@ -80,13 +86,13 @@ class LearnRegionsPanel:
             on_done=lambda model: self._learned(model, [img.name for img, _ in pairs]),
             on_error=self._learn_failed, on_finished=self._learn_done)
 
-    def _learn_step(self, progress: Any) -> None:
+    def _learn_step(self, progress: LearnProgress) -> None:
         self.learn_progress.max = max(1, progress.total)
         self.learn_progress.value = progress.step
         left = "" if progress.eta_s is None else f", about {int(progress.eta_s) + 1} s left"
         self.learn_status.value = f"learning: step {progress.step}/{progress.total}, loss {progress.loss:.3f}{left}"
 
-    def _learned(self, model: Any, examples: list[str]) -> None:
+    def _learned(self, model: RegionModel, examples: list[str]) -> None:
         from napari.utils.notifications import show_info
 
         out = str(self.learn_out.value)
@@ -102,7 +108,7 @@ class LearnRegionsPanel:
         show_info(f"Learned the region from {len(examples)} painted image(s); proposals on {proposed} other "
                   "image(s): correct them and learn again")
 
-    def _propose_on_unpainted(self, model: Any, examples: set[str]) -> int:
+    def _propose_on_unpainted(self, model: RegionModel, examples: set[str]) -> int:
         count = 0
         for img in self._image_layers():
             name = f"region: {img.name}"

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mim_workbench.io.pyramid import PYRAMID_THRESHOLD_PIXELS, Pyramid, open_pyramid
+
+if TYPE_CHECKING:
+    import napari
 
 LayerData = tuple[Any, dict, str]
 
@@ -50,7 +53,8 @@ def read_pyramid_layer(path: str | Path) -> LayerData:
     return pyramid_layer_data(open_pyramid(path, keep_color=True))
 
 
-def layer_level_for_max_side(layer: Any, max_side: int) -> tuple[int, tuple[int, int], tuple[float, float]]:
+def layer_level_for_max_side(layer: napari.layers.Image, max_side: int
+                             ) -> tuple[int, tuple[int, int], tuple[float, float]]:
     """(level, (h, w), napari scale) of the finest level of an image layer whose longest side is <= ``max_side``.
 
     Why: masks and strokes painted on a multiscale image live at a reduced level (a
@@ -69,7 +73,7 @@ def layer_level_for_max_side(layer: Any, max_side: int) -> tuple[int, tuple[int,
     return pick, (h, w), (sy * h0 / h, sx * w0 / w)
 
 
-def layer_pyramid(layer: Any) -> Pyramid:
+def layer_pyramid(layer: napari.layers.Image) -> Pyramid:
     """The layer's own arrays (file-backed or in memory) as a :class:`Pyramid`, scale = the layer's."""
     from mim_workbench.io.pyramid import pyramid_from_arrays
 
@@ -79,7 +83,7 @@ def layer_pyramid(layer: Any) -> Pyramid:
                                source=str(layer.metadata.get("source") or layer.name))
 
 
-def wants_tiled(layer: Any) -> bool:
+def wants_tiled(layer: napari.layers.Image) -> bool:
     """Multiscale layers, and single-scale ones above :data:`TILED_THRESHOLD_PIXELS`, go tile by tile."""
     if layer.multiscale:
         return True
@@ -135,6 +139,7 @@ class ScratchMaps:
             _remove(old)
 
     def clear(self, *_: Any) -> None:
+        """Remove every map shown and mark the maps closed, so a map being streamed stops at its next band."""
         self.closed = True
         for path in self.shown.values():
             _remove(path)
@@ -165,6 +170,8 @@ class ScratchMaps:
         return None if self.closed else stats
 
     def prune_stale(self, now: float | None = None) -> list[Path]:
+        """Remove the root's maps last modified over :data:`STALE_AFTER_S` before ``now`` (seconds since the
+        epoch, default the current time); returns the maps removed. Unreadable entries are skipped."""
         import time
 
         now = time.time() if now is None else now

@@ -10,7 +10,7 @@ Prediction runs in a napari worker thread; the layers change on the GUI thread.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSlider, PushButton
@@ -22,11 +22,19 @@ from mim_workbench.inference.predict import load_predictor
 from ._multiscale import ScratchMaps, layer_pyramid, wants_tiled
 from ._status import job_handlers, path_edit, start_job, status_label
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from napari.components.overlays import TextOverlay
+
+    from mim_workbench.inference.predict import Prediction
+    from mim_workbench.models.dense import DensePrediction
+
 HEATMAP_PREFIX = "heatmap: "
 DENSE_PREFIX = "dense: "
 
 
-def blank(value: Any) -> bool:
+def blank(value: Path | str) -> bool:
     """An empty path field (magicgui shows an empty FileEdit as '.')."""
     return str(value) in ("", ".")
 
@@ -60,7 +68,8 @@ class PredictPanel:
         return Container(widgets=[self.model, self.colormap, self.opacity, self.predict_button, self.result],
                          labels=True)
 
-    def text_overlay(self):
+    def text_overlay(self) -> TextOverlay:
+        """The viewer's text overlay (``viewer.canvas.overlays.text`` from napari 0.9, else ``viewer.text_overlay``)."""
         # napari >= 0.9 moved the overlays to viewer.canvas.overlays
         canvas = getattr(self.viewer, "canvas", None)
         overlays = getattr(canvas, "overlays", None)
@@ -80,6 +89,8 @@ class PredictPanel:
         return self._predictors[path]
 
     def predict(self) -> None:
+        """Predict on the chosen image with the chosen checkpoint in a thread worker and overlay the result; large
+        images go tile by tile. No model or image, or a failure: an error notification."""
         from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
@@ -94,6 +105,7 @@ class PredictPanel:
         data = np.asarray(img.data)
 
         def work():
+            """In the worker thread: the prediction of ``data`` (a checkpoint's model is loaded once)."""
             return self._predictor(path)(data)
 
         self.result.value = "predicting…"
@@ -112,6 +124,8 @@ class PredictPanel:
         out = self.maps.new()
 
         def work():
+            """In the worker thread: yields ``(band, output)`` while the maps fill; returns the writer's stats,
+            None when the maps were cleared meanwhile."""
             predictor = self._predictor(path)
             return (yield from self.maps.stream(
                 out, lambda stats: iter_predict_tiled(predictor, pyr, out=out, level=0, stats=stats)))
@@ -190,7 +204,7 @@ class PredictPanel:
                 layer.opacity = float(self.opacity.value)
                 layer.colormap = self.colormap.value
 
-    def _show_prediction(self, pred: Any, img) -> None:
+    def _show_prediction(self, pred: Prediction | DensePrediction, img) -> None:
         self.last_prediction = pred
         heat_kwargs = {"colormap": self.colormap.value, "opacity": float(self.opacity.value),
                        "blending": "additive", "contrast_limits": (0.0, 1.0)}

@@ -24,6 +24,8 @@ def _looks_like_mask(path: Path) -> bool:
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    """napari reader hook: :func:`read_layers` when every path is one this plugin reads (checked from names
+    and headers, nothing decoded), else None so napari tries other readers."""
     paths = [path] if isinstance(path, str) else list(path)
     if not paths or not all(is_supported(p) for p in paths):
         return None
@@ -31,6 +33,9 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 
 
 def read_layers(path: str | list[str]) -> list[LayerData]:
+    """Layer data for each path, in order: mask files as ``region: NAME`` Labels layers, large or pyramidal
+    images as one multiscale image layer, others as one layer per image. A path that fails to read (MimError)
+    becomes an error notification and adds no layer; the error is not raised."""
     paths = [path] if isinstance(path, str) else list(path)
     layers: list[LayerData] = []
     for p in map(Path, paths):

@@ -105,6 +105,7 @@ class SelfCheck:
         self._timer.timeout.connect(self._poll)
 
     def start(self) -> None:
+        """Start polling (every :data:`POLL_MS` ms); the check stays referenced until it has reported."""
         _RUNNING.append(self)  # an unreferenced QTimer is collected and never fires
         self._timer.start()
 
@@ -190,6 +191,8 @@ def arm_from_env(viewer: napari.Viewer) -> None:
     path = Path(target)
 
     def write(record: dict | None, error: str | None) -> None:
+        """Write the record, or ``{"error": reason}``, to the file as one JSON line; on a failure also say it
+        on stderr and end the process with exit code 1."""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record if error is None else {"error": error}) + "\n")
         if error is not None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import FileEdit, Label
+
+if TYPE_CHECKING:
+    from magicgui.widgets import PushButton
+    from napari.qt.threading import FunctionWorker, GeneratorWorker
 
 
 def status_label(value: str = "") -> Label:
@@ -66,6 +70,7 @@ def path_edit(placeholder: str = "", **kwargs) -> FileEdit:
     inner.hide()
 
     def from_value(text: str) -> None:
+        """Show ``text`` elided (magicgui's "." as empty); the tooltip is all of it, or the placeholder."""
         text = "" if text == "." else text  # magicgui writes an empty path as "."
         if shown.text() != text:
             shown.setText(text)
@@ -78,7 +83,8 @@ def path_edit(placeholder: str = "", **kwargs) -> FileEdit:
 
 
 def start_job(work: Callable[..., Any], *args: Any, on_yield: Callable[[Any], None], on_done: Callable[[Any], None],
-              on_error: Callable[[Exception], None], on_finished: Callable[[], None]) -> Any:
+              on_error: Callable[[Exception], None], on_finished: Callable[[], None]
+              ) -> FunctionWorker | GeneratorWorker:
     """A napari thread worker running the generator function ``work(*args)``, wired and
     started: what it yields goes to ``on_yield``, what it returns to ``on_done``, an error to
     ``on_error``; ``on_finished`` runs after either. How the docks run a background job (tiled
@@ -94,7 +100,7 @@ def start_job(work: Callable[..., Any], *args: Any, on_yield: Callable[[Any], No
     return worker
 
 
-def job_handlers(owner: Any, *, label: Label, button: Any, worker_attr: str,
+def job_handlers(owner: Any, *, label: Label, button: PushButton, worker_attr: str,
                  action: str) -> tuple[Callable[[Exception], None], Callable[[], None]]:
     """``(failed, finished)`` handlers of a dock's background job (a napari thread worker).
 
@@ -104,12 +110,14 @@ def job_handlers(owner: Any, *, label: Label, button: Any, worker_attr: str,
     """
 
     def failed(exc: Exception) -> None:
+        """``label`` says "<action> failed"; an error notification says why (``exc``)."""
         from napari.utils.notifications import show_error
 
         label.value = f"{action.lower()} failed"
         show_error(f"{action} failed: {exc}")
 
     def finished() -> None:
+        """``button`` enabled again, ``owner.<worker_attr>`` set to None."""
         button.enabled = True
         setattr(owner, worker_attr, None)
 

@@ -153,6 +153,8 @@ class WorkbenchWidget(LearnRegionsPanel, FolderRegionsPanel, Container):
         self._autosave_timer.start()
 
     def autosave(self) -> None:
+        """Save the region layer as the chosen image's autosave (``.npy``, atomic); an OSError or MimError
+        becomes an error notification. Without an image or a region layer: nothing."""
         from ._autosave import autosave_mask
 
         key, layer = self._image_key(), self.region.value
@@ -165,14 +167,17 @@ class WorkbenchWidget(LearnRegionsPanel, FolderRegionsPanel, Container):
 
     # ------------------------------------------------------------------ regions
     @staticmethod
-    def region_grid(img) -> tuple[tuple[int, int], tuple[float, float]]:
-        """(shape, scale) of the region mask of ``img``: the image's own grid, or a reduced level of a multiscale one."""
+    def region_grid(img: napari.layers.Image) -> tuple[tuple[int, int], tuple[float, float]]:
+        """(shape, scale) of the region mask of ``img``: the image's own grid, or a reduced level of a
+        multiscale one (longest side <= :data:`REGION_MAX_SIDE`)."""
         from ._multiscale import layer_level_for_max_side
 
         _level, shape, scale = layer_level_for_max_side(img, REGION_MAX_SIDE)
         return shape, scale
 
     def create_region_layer(self) -> None:
+        """Add a ``region: NAME`` Labels layer on the image's region grid, in paint mode: the image's autosaved
+        mask when one fits, else zeros (uint8). Without an image: an error notification."""
         img = self.image.value
         if img is None:
             _notify("Open an image first: the region layer takes its shape and scale.", error=True)
@@ -233,6 +238,8 @@ class WorkbenchWidget(LearnRegionsPanel, FolderRegionsPanel, Container):
         self.viewer.layers[name].mode = "paint"
 
     def import_region(self, path: Path | str) -> None:
+        """Read the mask at ``path`` onto the image's region grid (nearest-resampled) as its region layer; a
+        read error (MimError) becomes a notification. No image, an empty path or a folder: nothing."""
         from mim_workbench.io import read_mask
 
         img = self.image.value
@@ -258,6 +265,8 @@ class WorkbenchWidget(LearnRegionsPanel, FolderRegionsPanel, Container):
         self.viewer.layers[f"region: {img.name}"].metadata["mask_path"] = str(mask_path)
 
     def save_region(self, path: Path | str) -> None:
+        """Save the region layer to ``path`` (PNG/TIFF as 0/255, ``.npy`` with labels), or with no path to the
+        mask file it was opened from; errors (MimError, no layer or file name) become notifications."""
         from mim_workbench.io.mask_writer import save_mask
 
         layer = self.region.value
@@ -275,6 +284,8 @@ class WorkbenchWidget(LearnRegionsPanel, FolderRegionsPanel, Container):
 
     # ------------------------------------------------------------------ masking preview
     def update_preview(self, event=None) -> None:
+        """Show the chosen strategy's mask as an additive cyan overlay ``masking preview: NAME`` on the region
+        grid (removed while the preview is off); the status gives the masked share. MimError: a notification."""
         self._watch_region()
         img = self.image.value
         name = PREVIEW_PREFIX + (img.name if img is not None else "")
