@@ -174,7 +174,7 @@ def test_config_keys_are_checked():
     with pytest.raises(ConfigError, match="missing"):
         make_step(missing)
     with pytest.raises(ConfigError):
-        make_step({**TINY, "method": "beit"})
+        make_step({**TINY, "method": "dino"})
     with pytest.raises(ConfigError):
         make_step({**TINY, "strategy": "grid"})
     with pytest.raises(ConfigError):
@@ -347,7 +347,7 @@ def test_bench_cli_is_registered_or_pending():
 
 def test_bad_method_or_strategy_in_options():
     with pytest.raises(ConfigError):
-        list(run_bench(BenchOptions.quick(methods=("beit",), sections=("step",))))
+        list(run_bench(BenchOptions.quick(methods=("dino",), sections=("step",))))
     with pytest.raises(ConfigError):
         list(run_bench(BenchOptions.quick(strategies=("grid",), sections=("step",))))
 

@@ -187,7 +187,7 @@ def test_block_options_checked():
 
 # --------------------------------------------------------------------- registry / errors
 def test_unknown_strategy_lists_valid_names():
-    with pytest.raises(ConfigError, match="block, random, region"):
+    with pytest.raises(ConfigError, match="block, blockwise, random, region"):
         make_mask("checkerboard", 1, (2, 2), 0.5)
 
 

@@ -153,8 +153,8 @@ def test_bad_input_is_refused_naming_what(sets, tmp_path):
     (other / "labels.csv").write_text(text.replace("COVID-19", "Tuberculosis"))
     with pytest.raises(ConfigError, match="Tuberculosis"):
         run_study(_config(sets, tmp_path / "c", test_data=str(other)))
-    with pytest.raises(ConfigError, match="variant 'beit'"):
-        StudyConfig(variants=("beit",))
+    with pytest.raises(ConfigError, match="variant 'dino'"):
+        StudyConfig(variants=("dino",))
 
 
 def test_evaluate_command(sets, tmp_path, capsys):

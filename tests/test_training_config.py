@@ -16,7 +16,7 @@ def test_defaults_are_cpu_sized_and_resolve_per_method():
     c = PretrainConfig()
     assert (c.encoder.model, c.encoder.img_size, c.batch_size) == ("vit_tiny_patch16_224", (224, 224), 16)
     assert (c.decoder_embed_dim, c.decoder_depth, c.decoder_num_heads) == (128, 4, 4)
-    assert c.betas == (0.9, 0.95) and c.weight_decay == 0.05 and (c.blr, c.lr_scaling) == (4e-4, "sqrt")
+    assert c.betas == (0.9, 0.95) and c.weight_decay == 0.05 and (c.resolved().blr, c.lr_scaling) == (4e-4, "sqrt")
     r = c.resolved()
     assert (r.strategy, r.ratio, r.clip_grad) == ("random", 0.75, None)
     assert r.lr == pytest.approx(1e-4)   # 4e-4 * sqrt(16 / 256)
@@ -77,7 +77,7 @@ def test_toml_file_with_dashes_and_table(tmp_path):
 
 
 @pytest.mark.parametrize("values, name", [
-    ({"ratio": 1.5}, "ratio"), ({"method": "beit"}, "method"), ({"strategy": "grid"}, "strategy"),
+    ({"ratio": 1.5}, "ratio"), ({"method": "dino"}, "method"), ({"strategy": "grid"}, "strategy"),
     ({"batch_size": 0}, "batch_size"), ({"amp": "fp8"}, "amp"), ({"device": "tpu"}, "device"),
     ({"checkpoint_every": "hourly"}, "checkpoint_every"), ({"val_fraction": 1.0}, "val_fraction"),
     ({"preset": "huge"}, "preset"), ({"img_size": "12x"}, "img_size"), ({"lr": -1.0}, "lr"),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models import ModelConfig
+from ..models.config import METHODS as MODEL_METHODS
 from ..models.config import EncoderConfig
 
 #: The reference configuration: ViT-Tiny/16 at 224 px, decoder 128 x 4 x 4 heads.
@@ -38,8 +39,8 @@ REQUIRED_KEYS = (
     "mask_ratio", "batch_size", "norm_pix_loss", "lr", "weight_decay",
 )
 OPTIONAL_KEYS: dict[str, Any] = {"method": "mae", "strategy": "random", "compile": False}
-METHODS = ("mae", "simmim", "miram")
-STRATEGIES = ("random", "block", "region")
+METHODS = MODEL_METHODS
+STRATEGIES = ("random", "block", "blockwise", "region")
 #: AdamW betas of the training loop's default (PretrainConfig.betas), MAE's values.
 BETAS = (0.9, 0.95)
 #: timm architecture the overrides apply to (class token, qkv bias, pre-norm blocks).

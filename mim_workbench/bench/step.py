@@ -55,6 +55,11 @@ class BenchStep:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model(self.model_config)
+            if model.needs_fitting:   # BEiT's tokenizer, before timing: training fits it once, up front
+                H, W = self.model_config.encoder.img_size
+                n = max(32, -(-2 * self.model_config.codebook_size // model.num_patches))   # 2 patches a token
+                model.fit(torch.rand(n, self.model_config.encoder.in_chans, H, W), seed=seed)
+        self._steps = 0
         self.model = model.to(dev).train()
         # Looked up on the module at call time, so the step always uses the loop's current builder.
         self.optimizer = optim.build_optimizer(self.model, lr=float(self.config["lr"]),
@@ -140,6 +145,8 @@ class BenchStep:
             loss.backward()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._steps += 1
+        self.model.after_step(self._steps, 10_000)   # the feature method's teacher follows, as in training
         return loss.detach()
 
     @torch.inference_mode()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch comes with it: imported when a command runs, not for 
     from ..training.config import PretrainConfig
 
 # CLI flag dest -> PretrainConfig field, for flags whose name differs from the field.
+_MODEL_OPTIONS = ("codebook_size", "feature_layers")   # flags that set ModelConfig fields (model_options)
 _PRETRAIN_FIELD = {"time_budget": "time_budget_s", "decoder_dim": "decoder_embed_dim",
                    "decoder_heads": "decoder_num_heads"}
 
@@ -72,10 +73,16 @@ def _add_crop_flags(g: Flags) -> None:
 def _add_method_flags(g: Flags) -> None:
     g.add_argument("--preset", help="named settings: quick-cpu (64 px SimMIM, learns in a minute on a CPU), "
                    "rgmim-paper (ViT-B/16, RGMIM Table 1) or cpu (the defaults)")
-    g.add_argument("--method", choices=("mae", "simmim", "miram"))
-    g.add_argument("--strategy", choices=("random", "block", "region"),
-                   help="masking (default: random for mae/miram, block for simmim)")
-    g.add_argument("--ratio", type=float, help="fraction of patches masked (default 0.75; simmim 0.6)")
+    # the names are checked by PretrainConfig (importing its tuples here would load torch for --help)
+    g.add_argument("--method",
+                   help="pixels: mae, simmim, miram (multi-scale); visual tokens: beit; teacher features: feature")
+    g.add_argument("--strategy", help="masking: random, block (SimMIM), blockwise (BEiT) or region (default: "
+                   "random for mae/miram, block for simmim, blockwise for beit/feature)")
+    g.add_argument("--ratio", type=float,
+                   help="fraction of patches masked (default 0.75; simmim and feature 0.6, beit 0.4)")
+    g.add_argument("--codebook-size", type=int, help="beit: visual tokens of the tokenizer (default 512)")
+    g.add_argument("--feature-layers", type=int,
+                   help="feature: teacher blocks averaged into the targets (default: the top half)")
     add_arch(g, img_size="training size: N or HxW (default 224)",
              decoder=("decoder width (default 128)", "decoder blocks (default 4)",
                       "decoder attention heads (default 4)"))
@@ -89,7 +96,7 @@ def _add_optimisation_flags(g: Flags) -> None:
     g.add_argument("--batch-size", type=int, help="global batch per step, split over processes (default 16)")
     g.add_argument("--accum-steps", type=int, help="gradient accumulation steps (default 1)")
     g.add_argument("--lr", type=float, help="absolute learning rate (default: blr scaled to the batch)")
-    g.add_argument("--blr", type=float, help="base learning rate for a batch of 256 (default 4e-4)")
+    g.add_argument("--blr", type=float, help="base learning rate for a batch of 256 (default 4e-4; beit 2e-3)")
     g.add_argument("--lr-scaling", choices=("linear", "sqrt"),
                    help="how blr scales to batch x accum: sqrt (default; Adam, small batches) or linear (MAE)")
     g.add_argument("--min-lr", type=float)
@@ -132,6 +139,9 @@ def pretrain_config_from_args(args: argparse.Namespace) -> PretrainConfig:
         field = _PRETRAIN_FIELD.get(dest, dest)
         if field == "checkpoint_every" and str(value).isdigit():
             value = int(value)
+        if field in _MODEL_OPTIONS:
+            values["model_options"] = {**values.get("model_options", {}), field: value}
+            continue
         # a flag overrides the file's value, wherever the file put it
         (values.setdefault("encoder", {}) if field in ENCODER_FIELDS else values)[field] = value
     return PretrainConfig.from_dict(values)

@@ -55,7 +55,8 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
     for note in res.metrics.get("notes", []):
         print(f"mim-workbench reconstruct: note: {note}", file=sys.stderr)
     summary = {k: res.metrics[k] for k in ("mse", "psnr", "mse_baseline", "psnr_baseline", "mse_biharmonic",
-                                           "psnr_biharmonic")}
+                                           "psnr_biharmonic", "token_acc", "token_base", "cosine_masked")
+               if k in res.metrics}
     print(json.dumps(json_safe(summary)))
     return 0
 

@@ -26,7 +26,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--test-data", metavar="PATH", help="external labelled set (another hospital): scored only")
     add_out(p)
     p.add_argument("--variants", default="scratch,mae,rgmim",
-                   help="comma list of scratch, mae, rgmim, simmim, miram, init=FILE (default scratch,mae,rgmim)")
+                   help="comma list of scratch, mae, rgmim, simmim, miram, beit, feature, init=FILE (default scratch,mae,rgmim)")
     regions = p.add_mutually_exclusive_group()
     regions.add_argument("--masks", metavar="DIR", help="region masks of the pool's images (rgmim)")
     regions.add_argument("--region-preset", help="propose the pool's missing region masks with a preset (e.g. lungs)")
@@ -84,6 +84,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from ..study import StudyProgress, run_study
 
     def say(event: Any) -> None:
+        """Print a StudyProgress message to stderr (unless --quiet); other events are not shown."""
         if isinstance(event, StudyProgress) and event.message and not args.quiet:
             print(event.message, file=sys.stderr, flush=True)
 

@@ -32,16 +32,13 @@ from ..io.meta import json_safe
 if TYPE_CHECKING:
     from ..io.letterbox import Letterbox
     from ..io.meta import LoadedImage
-    from ..models import MIMModel, Rendered
+    from ..models import MIMModel, MIMOutput, Rendered
     from ..models.checkpoint import Checkpoint
 
 #: A checkpoint: its directory, a file inside it, a run directory, or a loaded ``Checkpoint``.
 CheckpointLike = Union[str, Path, "Checkpoint"]
 #: An image: a path, a ``LoadedImage``, or an array (H, W) / (H, W, C) in [0, 1] (integers are scaled).
 ImageLike = Union[str, Path, "LoadedImage", np.ndarray]
-
-_DEFAULT_STRATEGY = {"mae": "random", "simmim": "block", "miram": "random"}
-_DEFAULT_RATIO = {"mae": 0.75, "simmim": 0.6, "miram": 0.75}
 
 
 @dataclass
@@ -58,6 +55,9 @@ class ReconstructionResult:
     letterbox: Letterbox            # canvas -> source mapping
     metrics: dict[str, Any] = field(default_factory=dict)
     fine_reconstruction: np.ndarray | None = None   # MIRAM's 2x head, [2H, 2W]
+    tokens: np.ndarray | None = None                # BEiT: the true token map drawn through the codebook
+    tokens_pred: np.ndarray | None = None           # BEiT: the predicted token map (visible patches: true)
+    similarity: np.ndarray | None = None            # feature: cosine of predicted and teacher features
 
     def to_source(self, array: np.ndarray, *, order: int = 1) -> np.ndarray:
         """Map a canvas-sized picture back to the source image's shape."""
@@ -67,7 +67,8 @@ class ReconstructionResult:
         """Write the pictures (PNG, letterbox padding cropped off) and ``metrics.json``.
 
         ``image.png``, ``masked.png``, ``reconstruction.png``, ``recon_plus_visible.png``
-        are grey in [0, 1]; ``error.png`` is the squared error in a black-red-yellow
+        (and BEiT's ``tokens.png``, ``tokens_pred.png``) are grey in [0, 1];
+        ``similarity.png`` (latent targets) is the cosine on masked patches as a heat map; ``error.png`` is the squared error in a black-red-yellow
         heat map scaled to its 99th percentile on masked pixels (the scale is in
         ``metrics.json`` as ``error_png_scale``).  ``extra`` adds keys to the JSON.
         """
@@ -75,8 +76,11 @@ class ReconstructionResult:
         out.mkdir(parents=True, exist_ok=True)
         crop = self.letterbox.crop
         paths = []
-        for name in ("image", "masked", "reconstruction", "recon_plus_visible"):
-            paths.append(_write_grey(out / f"{name}.png", crop(getattr(self, name))))
+        for name in ("image", "masked", "reconstruction", "recon_plus_visible", "tokens", "tokens_pred"):
+            if getattr(self, name) is not None:
+                paths.append(_write_grey(out / f"{name}.png", crop(getattr(self, name))))
+        if self.similarity is not None:   # cosine in [-1, 1] on masked patches, 0 elsewhere
+            paths.append(_write_rgb(out / "similarity.png", heat(np.clip(crop(self.similarity), 0.0, 1.0))))
         err = crop(self.error)
         on_mask = err[crop(self.mask)]
         scale = float(np.percentile(on_mask, 99)) if on_mask.size else 0.0
@@ -107,8 +111,10 @@ def model_from_checkpoint(checkpoint: CheckpointLike,
 
         raise CheckpointError(f"{ckpt.path}: no model configuration stored; it cannot be rebuilt on its own")
     model = build_model(ModelConfig.from_dict(ckpt.model_config))
+    state = ckpt.model_state()
+    model.check_state(state, str(ckpt.path))
     try:
-        model.load_state_dict(ckpt.model_state(), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         from ..errors import CheckpointError
 
@@ -138,8 +144,11 @@ def mask_settings(method: str, train_cfg: dict[str, Any], strategy: str | None,
 
     Raises :class:`~mim_workbench.errors.ConfigError` unless ``0 < ratio < 1``.
     """
-    strategy = strategy or train_cfg.get("strategy") or _DEFAULT_STRATEGY[method]
-    ratio = float(ratio if ratio is not None else (train_cfg.get("ratio") or _DEFAULT_RATIO[method]))
+    from ..training.config import method_defaults
+
+    default = method_defaults(method)
+    strategy = strategy or train_cfg.get("strategy") or default["strategy"]
+    ratio = float(ratio if ratio is not None else (train_cfg.get("ratio") or default["ratio"]))
     if not 0.0 < ratio < 1.0:
         raise ConfigError(f"ratio={ratio!r}: must be a fraction strictly between 0 and 1")
     return strategy, ratio
@@ -189,8 +198,8 @@ def reconstruct(
     dev = next(model.parameters()).device
     x, fine, content, lb = _model_inputs(src, model, dev)
     mask, strategy, notes = _draw_mask(model, train_cfg, strategy, ratio, region_mask, src.shape[:2], seed)
-    r = _forward(model, x, mask, fine)
-    result = _result(x, r, content, lb)
+    out, r = _forward(model, x, mask, fine)
+    result = _result(x, r, content, lb, out.losses)
     result.metrics.update({"ratio": ratio, "strategy": strategy, "seed": int(seed),
                            "masked_fraction": float(mask.float().mean()), "notes": notes})
     return result
@@ -244,12 +253,14 @@ def _draw_mask(model: MIMModel, train_cfg: dict[str, Any], strategy: str, ratio:
     return mask, strategy, notes
 
 
-def _forward(model: MIMModel, x: torch.Tensor, mask: torch.Tensor, fine: torch.Tensor | None) -> Rendered:
-    """The model's pictures of ``x`` under ``mask``, in eval mode (its mode restored after)."""
+def _forward(model: MIMModel, x: torch.Tensor, mask: torch.Tensor,
+             fine: torch.Tensor | None) -> tuple[MIMOutput, Rendered]:
+    """The model's output and pictures of ``x`` under ``mask``, in eval mode (its mode restored after)."""
     was_training = model.training
     model.eval()
     try:
-        return model.render(model(x, mask, fine=fine), x)
+        out = model(x, mask, fine=fine)
+        return out, model.render(out, x)
     finally:
         model.train(was_training)
 
@@ -259,18 +270,28 @@ def _grey(t: torch.Tensor) -> np.ndarray:
     return t[0].float().mean(dim=0).cpu().numpy().astype(np.float32)
 
 
-def _result(x: torch.Tensor, r: Rendered, content: np.ndarray, lb: Letterbox) -> ReconstructionResult:
-    """2-D pictures, the error map and the masked-pixel metrics of one rendered image."""
+def _result(x: torch.Tensor, r: Rendered, content: np.ndarray, lb: Letterbox,
+            losses: dict[str, torch.Tensor]) -> ReconstructionResult:
+    """2-D pictures, the error map and the metrics of one rendered image: masked-pixel MSE and
+    PSNR for pixel targets (BEiT's drawn tokens too, with ``token_acc``), the mean cosine
+    of predicted and teacher features on masked patches for latent targets."""
     img = _grey(x)
     rpv = _grey(r.recon_plus_visible)
     pix_mask = r.mask[0, 0].cpu().numpy() > 0.5
-    metrics = masked_metrics(x[0].cpu().numpy(), r.recon_plus_visible[0].float().cpu().numpy(), pix_mask, content,
-                             biharmonic=True)
-    error = np.where(pix_mask & content, (rpv - img) ** 2, 0.0).astype(np.float32)
-    fine_rec = _grey(r.fine_reconstruction) if getattr(r, "fine_reconstruction", None) is not None else None
+    extra = {name: _grey(getattr(r, name)) for name in ("fine_reconstruction", "tokens", "tokens_pred", "similarity")
+             if getattr(r, name, None) is not None}
+    if "similarity" in extra:   # latent targets: no pixels were predicted
+        on = pix_mask & content
+        metrics: dict[str, Any] = {"cosine_masked": float(extra["similarity"][on].mean()) if on.any() else None}
+        error = np.where(on, r.error[0, 0].cpu().numpy(), 0.0).astype(np.float32)
+    else:
+        metrics = masked_metrics(x[0].cpu().numpy(), r.recon_plus_visible[0].float().cpu().numpy(), pix_mask,
+                                 content, biharmonic=True)
+        error = np.where(pix_mask & content, (rpv - img) ** 2, 0.0).astype(np.float32)
+    metrics.update({k: float(losses[k]) for k in ("token_acc", "token_base") if k in losses})
     return ReconstructionResult(image=img, masked=_grey(r.masked), reconstruction=_grey(r.reconstruction),
                                 recon_plus_visible=rpv, error=error, mask=pix_mask, content=content,
-                                letterbox=lb, metrics=metrics, fine_reconstruction=fine_rec)
+                                letterbox=lb, metrics=metrics, **extra)
 
 
 def _region_canvas(region_mask: str | Path | np.ndarray, source_shape: tuple[int, int],

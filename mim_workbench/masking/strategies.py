@@ -19,6 +19,7 @@ derive their gather indices without a host/device synchronisation.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -270,10 +271,67 @@ def _region_budget(valid: torch.Tensor, empty: torch.Tensor, ratio: float, ratio
     return max(m, 1) if ratio > 0 else m
 
 
+# --------------------------------------------------------------------- blockwise (BEiT)
+def blockwise_mask(
+    batch_size: int,
+    grid: Grid,
+    ratio: float,
+    *,
+    region: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    min_block: int | None = None,
+    attempts: int = 10,
+    **opts: Any,
+) -> torch.Tensor:
+    """BEiT's blockwise masking (Bao et al. 2022, Algorithm 1) at ``round(gh*gw*ratio)`` patches.
+
+    Rectangles of random area (at least ``min_block`` patches; default BEiT's 16 of 196,
+    scaled to this grid) and log-uniform aspect ratio in [0.3, 1/0.3] are added while
+    they do not overshoot the budget.  BEiT stops short of the budget when its attempts
+    fail; here the few patches still missing are then masked at random, so that every
+    sample hides the same number of patches (all our models need a rectangular batch).
+    The rectangles are drawn for the whole batch at once (a loop over attempts, not
+    over images); ``region`` is ignored.
+    """
+    _check_opts("blockwise", opts, ())
+    gh, gw, L = _check_common(batch_size, grid, ratio)
+    dev = _out_device(device, region)
+    m = _count(ratio, L)
+    low = max(1, round(16 * L / 196)) if min_block is None else int(min_block)
+    log_ar = torch.tensor([math.log(0.3), math.log(1 / 0.3)])
+    rows = torch.arange(gh, device=dev)[None, :, None]                                  # [1, gh, 1]
+    cols = torch.arange(gw, device=dev)[None, None, :]                                  # [1, 1, gw]
+    mask = torch.zeros(batch_size, gh, gw, dtype=torch.bool, device=dev)
+    count = torch.zeros(batch_size, dtype=torch.long, device=dev)
+    for _ in range(attempts * max(1, -(-m // low))):
+        left_over = (m - count).clamp(min=0)                                            # [B]
+        if not bool(left_over.any()):
+            break
+        u = _uniform((batch_size, 4), generator, dev)                                   # [B, 4]
+        area = low + u[:, 0] * (left_over.clamp(min=low) - low)
+        aspect = torch.exp(log_ar[0] + u[:, 1] * (log_ar[1] - log_ar[0])).to(dev)
+        h = torch.round(torch.sqrt(area * aspect)).long().clamp(min=1)
+        w = torch.round(torch.sqrt(area / aspect)).long().clamp(min=1)
+        fits = (h < gh) & (w < gw) if min(gh, gw) > 1 else (h <= gh) & (w <= gw)
+        top = (u[:, 2] * (gh - h + 1).clamp(min=1)).long()
+        lft = (u[:, 3] * (gw - w + 1).clamp(min=1)).long()
+        rect = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+                & (cols >= lft[:, None, None]) & (cols < (lft + w)[:, None, None]))      # [B, gh, gw]
+        new = (rect & ~mask).flatten(1).sum(1)                                          # [B]
+        take = fits & (new > 0) & (new <= left_over)
+        mask |= rect & take[:, None, None]
+        count += new * take
+    # masked patches first, then random others to fill the budget exactly
+    score = (~mask).flatten(1).float() + _uniform((batch_size, L), generator, dev)
+    return _smallest_k(score, m)
+
+
 # --------------------------------------------------------------------- registry
 STRATEGIES: dict[str, Strategy] = {
     "random": random_mask,
     "block": block_mask,
+    "blockwise": blockwise_mask,
     "region": region_mask,
 }
 

@@ -64,6 +64,10 @@ class MIMModel(nn.Module):
     """
 
     cfg: ModelConfig
+    #: names of the extra numbers in ``MIMOutput.losses`` logged per step (metrics.csv)
+    step_metrics: tuple[str, ...] = ()
+    #: True while the model needs :meth:`fit` on training images before it can train
+    needs_fitting: bool = False
 
     def __init__(self, cfg: ModelConfig, encoder: VisionTransformer) -> None:
         super().__init__()
@@ -118,6 +122,26 @@ class MIMModel(nn.Module):
             if leaf in ("pos_embed", "cls_token", "reg_token", "mask_token", "dist_token"):
                 names.add(n)
         return names
+
+    # ----------------------------------------------------------------- method hooks
+    def fit(self, images: torch.Tensor, *, seed: int) -> None:
+        """Fit what the targets need on training images ``[N, C, H, W]`` (BEiT: its tokenizer)."""
+
+    def fitted_state(self) -> dict[str, torch.Tensor]:
+        """What :meth:`fit` computed, as tensors to cache (empty when the method fits nothing)."""
+        return {}
+
+    def load_fitted_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what :meth:`fitted_state` gave (from a cache)."""
+
+    def encoder_ready(self) -> None:
+        """Called once the encoder holds its initial weights (a momentum teacher copies them)."""
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimiser step (a momentum teacher follows the student)."""
+
+    def check_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Raise CheckpointError, naming ``where``, when ``state`` lacks what this method needs."""
 
     # ----------------------------------------------------------------- helpers
     def _check(self, images: torch.Tensor, mask: torch.Tensor) -> None:

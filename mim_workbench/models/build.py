@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from .base import MIMModel
+from .beit import BEiTModel
 from .config import ModelConfig
 from .encoder import create_encoder, init_mae_style
+from .feature import FeatureModel
 from .mae import MAEModel
 from .miram import MIRAMModel
 from .simmim import SimMIMModel
@@ -17,6 +19,8 @@ MODEL_CLASSES: dict[str, type[MIMModel]] = {
     "mae": MAEModel,
     "simmim": SimMIMModel,
     "miram": MIRAMModel,
+    "beit": BEiTModel,
+    "feature": FeatureModel,
 }
 
 
@@ -35,4 +39,5 @@ def build_model(cfg: ModelConfig | dict[str, Any], init: str | Path | None = Non
     init_mae_style(encoder, learn_pos_embed=cfg.learn_pos_embed)
     model = MODEL_CLASSES[cfg.method](cfg, encoder)
     model.init_report = load_encoder_weights(model.encoder, init) if init is not None else None
+    model.encoder_ready()
     return model

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError, check_known_keys
 
-METHODS = ("mae", "simmim", "miram")
+METHODS = ("mae", "simmim", "miram", "beit", "feature")
 
 
 def _pos_int(name: str, value: Any, *, optional: bool = False, minimum: int = 1) -> None:
@@ -125,6 +125,9 @@ class ModelConfig:
     option).  ``miram_scale`` is the fine/coarse resolution factor of MIRAM.
     ``learn_pos_embed`` False keeps the encoder's sin-cos position embedding fixed
     during pretraining, as MAE does (it is still exported as timm's ``pos_embed``).
+    ``codebook_size`` is the number of visual tokens of ``beit``'s tokenizer;
+    ``feature_layers`` the teacher blocks whose outputs ``feature`` averages (None: the
+    top half), ``ema_start`` and ``ema_end`` its teacher's momentum at the first and last step.
     """
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -140,9 +143,20 @@ class ModelConfig:
     miram_fine_weight: float = 1.0
     drop_path_rate: float = 0.0
     learn_pos_embed: bool = False
+    codebook_size: int = 512
+    feature_layers: int | None = None
+    ema_start: float = 0.999
+    ema_end: float = 0.9999
 
     def __post_init__(self) -> None:
         self.encoder = EncoderConfig.from_dict(self.encoder)
+        _pos_int("codebook_size", self.codebook_size, minimum=2)
+        _pos_int("feature_layers", self.feature_layers, optional=True)
+        for name in ("ema_start", "ema_end"):
+            value = _nonneg_float(name, getattr(self, name))
+            if value >= 1:
+                raise ConfigError(f"{name} must be a momentum in [0, 1), got {value!r}")
+            setattr(self, name, value)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r} (valid: {', '.join(METHODS)})")
         _pos_int("decoder_embed_dim", self.decoder_embed_dim)

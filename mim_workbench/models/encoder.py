@@ -38,6 +38,7 @@ def sincos_2d(dim: int, grid: tuple[int, int], *, prefix: int = 0) -> torch.Tens
     cols = torch.arange(gw, dtype=torch.float64)[None, :].expand(gh, gw).reshape(-1)  # [L]
 
     def enc(pos: torch.Tensor) -> torch.Tensor:  # [L] -> [L, D/2]
+        """sin and cos of the positions ``[L]`` times every frequency: ``[L, 2 * quarter]`` float64."""
         out = pos[:, None] * omega[None, :]
         return torch.cat([out.sin(), out.cos()], dim=1)
 
@@ -99,6 +100,7 @@ def patch_size_of(enc: VisionTransformer) -> int:
 
 
 def grid_of(enc: VisionTransformer) -> tuple[int, int]:
+    """The encoder's patch grid ``(gh, gw)``: rows and columns of patches in its input image."""
     gh, gw = enc.patch_embed.grid_size
     return int(gh), int(gw)
 
@@ -216,6 +218,19 @@ def _run_blocks(enc: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return token_norm(enc)(x)
 
 
+def block_outputs(enc: VisionTransformer, images: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's output (the residual stream, before the final norm) for whole ``images``:
+    one ``[B, P + L, D]`` tensor per block, first block first."""
+    x = enc.patch_embed(images)                                       # [B, L, D]
+    x = enc.norm_pre(_with_prefix(enc, x, enc.pos_embed[:, pos_prefix(enc):]))
+    outs = []
+    with attention_path(enc.blocks, x):
+        for block in enc.blocks:
+            x = block(x)
+            outs.append(x)
+    return outs
+
+
 def encode_visible(
     enc: VisionTransformer,
     patches: torch.Tensor,
@@ -267,6 +282,7 @@ def encode_with_mask_token(
 
 __all__ = [
     "attention_path",
+    "block_outputs",
     "cpu_bf16_autocast",
     "create_encoder",
     "encode_visible",

@@ -15,6 +15,13 @@ Rules:
   broadcast to the patch's pixels, 0 on visible patches, one channel ``[B, 1, H, W]``
   (the MSE is over all channels of the patch); ``patch_mse`` is the same on the grid.
 
+For BEiT, ``tokens`` and ``tokens_pred`` are the true and the predicted token maps drawn
+through the codebook (each patch as its token's mean patch; visible patches keep their
+true token in the predicted map) and the predictions above are those drawings.  For
+latent-feature targets nothing is drawn in pixels: ``reconstruction`` is the masked input,
+``similarity`` the cosine of predicted and teacher features on masked patches and
+``error`` one minus it.
+
 Values are not clipped to [0, 1], so metrics see what the model really predicts.
 """
 
@@ -51,6 +58,9 @@ class Rendered:
     patch_mse: torch.Tensor                           # [B, gh, gw], 0 on visible patches
     mask: torch.Tensor                                # [B, 1, H, W], 1.0 on masked pixels
     fine_reconstruction: torch.Tensor | None = None   # [B, C, s*H, s*W] (MIRAM)
+    tokens: torch.Tensor | None = None                # [B, C, H, W] true token map (BEiT)
+    tokens_pred: torch.Tensor | None = None           # [B, C, H, W] predicted token map (BEiT)
+    similarity: torch.Tensor | None = None            # [B, 1, H, W], cosine on masked patches, 0 elsewhere
 
 
 def _to_pixels(pred: torch.Tensor, stats: torch.Tensor | None, normalized: bool, chans: int) -> torch.Tensor:
@@ -79,6 +89,8 @@ def render(model: PatchGrid, out: MIMOutput, images: torch.Tensor, *, fill: floa
     Returns detached float32 tensors on ``images``' device.  Raises ``ValueError`` when
     ``out`` holds normalised predictions without predicted statistics.
     """
+    if out.pred is None:
+        return _render_latent(model, out, images, fill=fill)
     p, C, grid = model.patch_size, model.in_chans, model.grid
     B = images.shape[0]
     images = images.detach().float()
@@ -113,6 +125,11 @@ def render(model: PatchGrid, out: MIMOutput, images: torch.Tensor, *, fill: floa
                              out.normalized, C)                                       # [B, M, C*(sp)^2]
         fine_rec = unpatchify(_scatter_rows(patchify(base, fp), ids, fine_px), fp, grid, C)
 
+    tokens = tokens_pred = None
+    if out.tokens is not None and out.tokens_pred is not None:
+        draw = model.tokenizer.draw
+        tokens = draw(out.tokens, grid).float()
+        tokens_pred = draw(out.tokens.scatter(1, ids, out.tokens_pred), grid).float()
     return Rendered(
         masked=unpatchify(masked, p, grid, C),
         reconstruction=unpatchify(recon, p, grid, C),
@@ -121,4 +138,25 @@ def render(model: PatchGrid, out: MIMOutput, images: torch.Tensor, *, fill: floa
         patch_mse=patch_mse,
         mask=mask_px,
         fine_reconstruction=fine_rec,
+        tokens=tokens,
+        tokens_pred=tokens_pred,
+    )
+
+
+def _render_latent(model: PatchGrid, out: MIMOutput, images: torch.Tensor, *, fill: float) -> Rendered:
+    """Pictures of a latent-feature forward pass: the masked input and the cosine map."""
+    p, C, grid = model.patch_size, model.in_chans, model.grid
+    B = images.shape[0]
+    images = images.detach().float()
+    truth = patchify(images, p)                                                       # [B, L, C*p*p]
+    ids = out.ids_masked
+    masked = unpatchify(_scatter_rows(truth, ids, torch.full_like(gather_patches(truth, ids), fill)), p, grid, C)
+    sim = out.similarity.detach().float() if out.similarity is not None else torch.zeros(ids.shape)
+    cos = torch.zeros(B, grid[0] * grid[1], device=images.device).scatter(1, ids, sim.to(images.device))
+    miss = torch.zeros_like(cos).scatter(1, ids, 1.0 - sim.to(images.device)).view(B, *grid)
+    return Rendered(
+        masked=masked, reconstruction=masked, recon_plus_visible=masked,
+        error=_upsample_patches(miss, p), patch_mse=miss,
+        mask=_upsample_patches(out.mask.view(B, *grid).float(), p),
+        similarity=_upsample_patches(cos.view(B, *grid), p),
     )

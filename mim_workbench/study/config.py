@@ -31,6 +31,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "rgmim": {"method": "mae", "strategy": "region"},
     "simmim": {"method": "simmim"},
     "miram": {"method": "miram"},
+    "beit": {"method": "beit"},
+    "feature": {"method": "feature"},
 }
 VARIANT_NAMES = ("scratch", *METHODS, "init=FILE")
 

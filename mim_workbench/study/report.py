@@ -82,7 +82,8 @@ def _pct(f: float) -> str:
 def verdict(diffs: dict[tuple[str, str, float], Interval], fractions: tuple[float, ...], where: str = "") -> str:
     """One paragraph: each comparison's AUC change with its interval, and what it means."""
     names = {"scratch": "no pretraining", "mae": "MAE pretraining", "rgmim": "region-guided masking",
-             "simmim": "SimMIM pretraining", "miram": "multi-scale (MIRAM) pretraining"}
+             "simmim": "SimMIM pretraining", "miram": "multi-scale (MIRAM) pretraining",
+             "beit": "visual-token (BEiT) pretraining", "feature": "teacher-feature (data2vec) pretraining"}
     parts = []
     for a, b in dict.fromkeys((a, b) for a, b, _ in diffs):
         cells = [(f, diffs[(a, b, f)]) for f in fractions if (a, b, f) in diffs]

@@ -19,20 +19,31 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import ConfigError, check_known_keys
-from ..models.config import EncoderConfig, nest_encoder_fields
+from ..models.config import METHODS, EncoderConfig, nest_encoder_fields
 from .schema import check_field_types
 
-METHODS = ("mae", "simmim", "miram")
-STRATEGY_NAMES = ("random", "block", "region")
+STRATEGY_NAMES = ("random", "block", "blockwise", "region")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Method-dependent defaults applied by ``resolved()`` when a field is left as None.
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mae": {"strategy": "random", "ratio": 0.75, "clip_grad": None},
-    "simmim": {"strategy": "block", "ratio": 0.6, "clip_grad": 5.0},
-    "miram": {"strategy": "random", "ratio": 0.75, "clip_grad": None},
+    "mae": {"strategy": "random", "ratio": 0.75, "clip_grad": None, "blr": 4e-4},
+    "simmim": {"strategy": "block", "ratio": 0.6, "clip_grad": 5.0, "blr": 4e-4},
+    "miram": {"strategy": "random", "ratio": 0.75, "clip_grad": None, "blr": 4e-4},
+    # BEiT masks about 40 % blockwise; data2vec's vision recipe 60 %; both clip at 3.0.  A
+    # classifier over hundreds of tokens learns slowly at MAE's rate: on 100 chest X-rays at
+    # 112 px, 120 steps at 5e-4 (blr 2e-3 at a batch of 16) doubled the masked-token accuracy
+    # of 1e-4 and beat 1.5e-3.
+    "beit": {"strategy": "blockwise", "ratio": 0.4, "clip_grad": 3.0, "blr": 2e-3},
+    "feature": {"strategy": "blockwise", "ratio": 0.6, "clip_grad": 3.0, "blr": 4e-4},
 }
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """The masking strategy, ratio, gradient clipping and base learning rate ``method`` uses
+    when they are not given."""
+    return dict(_METHOD_DEFAULTS[method])
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Li et al., RGMIM, Table 1: ViT-B/16, MAE-style decoder 512-d x 8 blocks x 16 heads,
@@ -133,8 +144,8 @@ class PretrainConfig:
     crop_region_fraction: float = 0.9      # share of crops centred on the region mask
     # method and masking
     method: str = "mae"
-    strategy: str | None = None            # None: random (mae, miram), block (simmim)
-    ratio: float | None = None             # None: 0.75 (mae, miram), 0.6 (simmim)
+    strategy: str | None = None            # None: random (mae, miram), block (simmim), blockwise (beit, feature)
+    ratio: float | None = None             # None: 0.75 (mae, miram), 0.6 (simmim, feature), 0.4 (beit)
     mask_options: dict[str, Any] = field(default_factory=dict)   # e.g. mask_patch_size, min_overlap, ratio_of
     # model
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -148,14 +159,14 @@ class PretrainConfig:
     epochs: int = 10
     batch_size: int = 16
     accum_steps: int = 1
-    blr: float = 4e-4                      # for a batch of 256: 1e-4 at the default batch of 16
+    blr: float | None = None               # for a batch of 256; None: the method's (4e-4, 1e-4 at a batch of 16; beit 2e-3)
     lr_scaling: str = "sqrt"               # how blr scales with the batch: "sqrt" (Adam's rule) or "linear" (MAE)
     lr: float | None = None
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 1.0
-    clip_grad: float | None = None         # None: 5.0 for simmim, off otherwise
+    clip_grad: float | None = None         # None: 5.0 for simmim, 3.0 for beit and feature, off otherwise
     max_nonfinite_steps: int = 20          # this many non-finite steps in a row stop the run (0 = never)
     amp: str = "auto"                      # CUDA: auto = bf16, else fp16; CPU: bf16 on AMX/AVX512-BF16, auto = bf16
                                            # on AMX for encoders >= 192 wide, else fp32 (runtime.resolve_amp)
@@ -229,6 +240,8 @@ class PretrainConfig:
         """Learning rates, regularisation, clipping, time budget and betas."""
         for name in ("blr", "weight_decay", "min_lr", "warmup_epochs", "checkpoint_interval_s"):
             v = getattr(self, name)
+            if v is None and name == "blr":
+                continue
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 _bad(self, name, "must be a finite number >= 0")
         if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0):
@@ -283,6 +296,7 @@ class PretrainConfig:
             strategy=self.strategy or d["strategy"],
             ratio=self.ratio if self.ratio is not None else d["ratio"],
             clip_grad=self.clip_grad if self.clip_grad is not None else d["clip_grad"],
+            blr=self.blr if self.blr is not None else d["blr"],
             lr=self.absolute_lr(),
         )
 
@@ -302,7 +316,8 @@ class PretrainConfig:
         if self.lr is not None:
             return self.lr
         ratio = self.effective_batch / 256.0
-        return self.blr * (math.sqrt(ratio) if self.lr_scaling == "sqrt" else ratio)
+        blr = self.blr if self.blr is not None else _METHOD_DEFAULTS[self.method]["blr"]
+        return blr * (math.sqrt(ratio) if self.lr_scaling == "sqrt" else ratio)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -56,6 +56,7 @@ class Progress:
     skipped_steps: int = 0        # steps skipped so far because the loss or gradients were not finite
     message: str | None = None    # e.g. why this step was skipped
     unreadable: tuple[str, ...] = ()  # files first found undecodable at this step (reader messages)
+    metrics: dict[str, float] = field(default_factory=dict)   # the method's step metrics (token_acc, target_std)
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +69,9 @@ class Preview:
     reconstruction: np.ndarray
     error: np.ndarray
     recon_plus_visible: np.ndarray | None = None
+    #: the method's own pictures by name: BEiT's "tokens" and "predicted tokens" (token maps drawn
+    #: through the codebook), the feature method's "similarity" (cosine on masked patches)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

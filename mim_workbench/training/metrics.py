@@ -17,8 +17,12 @@ COLUMNS = ("step", "epoch", "loss", "val_loss", "lr", "images_per_s", "grad_norm
 
 
 class MetricsLog:
-    def __init__(self, path: str | Path, *, resume_step: int | None = None) -> None:
+    """Appends rows of :data:`COLUMNS` plus the method's ``extra`` step metrics (e.g. BEiT's
+    ``token_acc``, the feature targets' ``target_std``)."""
+
+    def __init__(self, path: str | Path, *, resume_step: int | None = None, extra: tuple[str, ...] = ()) -> None:
         self.path = Path(path)
+        self.columns = COLUMNS + tuple(extra)
         keep: list[dict[str, str]] = []
         if resume_step is not None and self.path.is_file():
             with open(self.path, newline="", encoding="utf-8") as fh:
@@ -29,14 +33,14 @@ class MetricsLog:
                     except ValueError:
                         continue
         self._fh = open(self.path, "w", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._fh, fieldnames=COLUMNS, extrasaction="ignore")
+        self._writer = csv.DictWriter(self._fh, fieldnames=self.columns, extrasaction="ignore")
         self._writer.writeheader()
         for row in keep:
             self._writer.writerow(row)
         self._fh.flush()
 
     def write(self, row: dict[str, Any]) -> None:
-        self._writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        self._writer.writerow({k: _fmt(row.get(k)) for k in self.columns})
         self._fh.flush()
 
     def close(self) -> None:

@@ -47,6 +47,7 @@ from .metrics import MetricsLog
 from .optim import build_optimizer, grad_norm_, load_optimizer_state, lr_at, set_lr
 from .runtime import CompiledForward, DistContext, prepare_device, resolve_amp
 from .sampler import LocalBatches, StepPlan
+from .targets import fit_targets
 
 # Fixed seeds (offsets from config.seed) of the generators that must not depend on
 # how far training got: validation masks and preview masks.
@@ -54,6 +55,8 @@ _MASK_SEED_OFFSET = 1
 _VAL_SEED_OFFSET = 4_242
 _PREVIEW_SEED_OFFSET = 9_999
 _PLAN_AFTER_STEPS = 3      # step times before this are warm-up (allocation, compilation)
+#: the methods' own preview pictures: (Rendered field, name in ``Preview.extra``)
+_EXTRA_PICTURES = (("tokens", "tokens"), ("tokens_pred", "predicted tokens"), ("similarity", "similarity"))
 
 
 def pretrain(config: PretrainConfig, on_event: EventHandler | None = None,
@@ -310,10 +313,15 @@ class _Trainer:
 
         model = build_model(self.model_cfg, init=None if resume else cfg.init)
         if resume is not None:
+            state = resume.model_state()
+            model.check_state(state, str(resume.path))
             try:
-                model.load_state_dict(resume.model_state(), strict=True)
+                model.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise CheckpointError(f"{resume.path}: weights do not fit the model: {exc}") from None
+        else:
+            note = fit_targets(model, self.train_ds, seed=cfg.seed, signature=self.data_signature, emit=self.emit)
+            self.notes += [note] if note else []
         self.model = model.to(self.device)
         self.model.train()
         self.amp_dtype, amp_notes = resolve_amp(cfg.amp, self.device, width=self.model.encoder.embed_dim)
@@ -400,7 +408,8 @@ class _Trainer:
             ckpt_mod.clean_stale_temp(rd)
             (rd / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n",
                                             encoding="utf-8")
-            self.metrics = MetricsLog(rd / "metrics.csv", resume_step=self.step if same_dir else None)
+            self.metrics = MetricsLog(rd / "metrics.csv", resume_step=self.step if same_dir else None,
+                                      extra=self.model.step_metrics)
 
     def _set_schedule(self, total: int, warmup: int) -> None:
         self.total_steps, self.warmup_steps = total, min(total, warmup)
@@ -621,33 +630,37 @@ class _Trainer:
         lr = lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                    lr=self.lr, min_lr=cfg.min_lr)
         set_lr(self.optimizer, lr)
-        loss_sum, unreadable = self._accumulate(batches)
+        loss_sum, extra, unreadable = self._accumulate(batches)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = grad_norm_(params, cfg.clip_grad)
         local_loss = loss_sum / cfg.accum_steps
         finite = torch.isfinite(local_loss)
-        # [loss, processes with a non-finite loss, unreadable files], summed over processes
+        # [loss, processes with a non-finite loss, unreadable files, step metrics...], summed over processes
         stats = torch.stack([torch.where(finite, local_loss, 0.0), (~finite).float(),
                              torch.full((), float(len(unreadable)), device=self.device)])  # a fill, no copy
-        stats = self.dist.sum_tensor(stats)
+        stats = self.dist.sum_tensor(torch.cat([stats, extra]))   # + the method's step metrics, one reduction
         bad = (stats[1] > 0) | ~torch.isfinite(norm)
         skipped = self._update(bad)
         self.optimizer.zero_grad(set_to_none=True)
         messages = self._step_messages()
         self.step += 1
         self.position += 1
-        numbers = torch.cat([stats, norm.reshape(1).to(stats.device, stats.dtype), bad.reshape(1).to(stats.dtype)])
+        self.model.after_step(self.step, self.total_steps)
+        numbers = torch.cat([stats[:3], norm.reshape(1).to(stats.device, stats.dtype), bad.reshape(1).to(stats.dtype),
+                             stats[3:]])
         return _QueuedStep(step=self.step, epoch=self.epoch, lr=lr, numbers=numbers, skipped=skipped,
                            unreadable=unreadable, messages=messages, t0=t0)
 
-    def _accumulate(self, batches) -> tuple[torch.Tensor, list[str]]:
+    def _accumulate(self, batches) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Forward and backward ``accum_steps`` micro-batches; returns (the sum of their losses,
-        a 0-d device tensor; the unreadable files they met)."""
+        a 0-d device tensor; the sums of the method's step metrics, ``[len(step_metrics)]``;
+        the unreadable files they met)."""
         cfg = self.cfg
         local = self.plan.local_slice() if self.dist.enabled else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        extra = torch.zeros(len(self.model.step_metrics), dtype=torch.float32, device=self.device)
         unreadable: list[str] = []
         for k in range(cfg.accum_steps):
             batch = next(batches)
@@ -662,7 +675,9 @@ class _Trainer:
                 # part in the gradient all-reduce); the step is dropped below.
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_sum += out.loss.detach().float()
-        return loss_sum, unreadable
+            for k, name in enumerate(self.model.step_metrics):
+                extra[k] += out.losses[name].float()
+        return loss_sum, extra, unreadable
 
     def _update(self, bad: torch.Tensor) -> bool | None:
         """Apply the gradients unless ``bad`` (a 0-d bool tensor); returns whether the step was
@@ -698,7 +713,7 @@ class _Trainer:
     def _finish_step(self, q: _QueuedStep) -> dict[str, Any]:
         """Read a queued step's numbers back (a sync) and do its bookkeeping: its metrics row."""
         cfg = self.cfg
-        loss_total, n_bad, n_unreadable, grad_norm, bad = q.numbers.tolist()   # one read for all
+        loss_total, n_bad, n_unreadable, grad_norm, bad, *extra = q.numbers.tolist()   # one read for all
         skipped = bool(bad) if q.skipped is None else q.skipped
         unreadable = self._record_unreadable(q.unreadable, q.step) if n_unreadable else []
         loss = loss_total / self.dist.world_size if not n_bad else float("nan")
@@ -730,7 +745,9 @@ class _Trainer:
         return {"step": q.step, "epoch": q.epoch, "loss": loss, "val_loss": None, "lr": q.lr,
                 "images_per_s": cfg.effective_batch / self._step_s if self._step_s > 0 else 0.0,
                 "grad_norm": grad_norm, "skipped": self.skipped, "elapsed_s": self._elapsed_before + self._t_active,
-                "message": message, "unreadable": unreadable}
+                "message": message, "unreadable": unreadable,
+                **{name: v / (cfg.accum_steps * self.dist.world_size)
+                   for name, v in zip(self.model.step_metrics, extra)}}
 
     def _new_unreadable(self, batch: dict[str, Any]) -> list[str]:
         """Reader messages of files this batch had to skip that this process has not seen yet."""
@@ -760,7 +777,8 @@ class _Trainer:
         self.emit(Progress(step=row["step"], total=self.stop_at, epoch=row["epoch"], loss=row["loss"],
                            lr=row["lr"], images_per_s=row["images_per_s"], eta_s=eta, val_loss=row["val_loss"],
                            skipped_steps=self.skipped, message=row["message"],
-                           unreadable=tuple(row.get("unreadable") or ())))
+                           unreadable=tuple(row.get("unreadable") or ()),
+                           metrics={name: row[name] for name in self.model.step_metrics}))
         self._plan_to_budget()
         limit = self.cfg.max_nonfinite_steps
         if limit and self._nonfinite_run >= limit:
@@ -828,6 +846,8 @@ class _Trainer:
             reconstruction=_small(r.reconstruction, size),
             error=_small(r.error, size),
             recon_plus_visible=_small(r.recon_plus_visible, size),
+            extra={label: _small(getattr(r, name), size) for name, label in _EXTRA_PICTURES
+                   if getattr(r, name) is not None},
         ))
         self._t_active += time.perf_counter() - t0
 

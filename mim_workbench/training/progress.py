@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 from . import events as ev
 
@@ -31,7 +31,8 @@ class ProgressPrinter:
         self.stream.write(text + "\n")
         self.stream.flush()
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: ev.Event) -> None:
+        """Print what ``event`` says (an EventHandler); events of other kinds are ignored."""
         if isinstance(event, ev.Preparing):
             now = time.monotonic()
             if now - self._last_print >= 1.0 or event.done == event.total:
@@ -51,6 +52,7 @@ class ProgressPrinter:
         elif isinstance(event, ev.Progress):
             text = (f"step {event.step}/{event.total} | epoch {event.epoch} | loss {event.loss:.4f}"
                     + (f" | val {event.val_loss:.4f}" if event.val_loss is not None else "")
+                    + "".join(f" | {name} {value:.3f}" for name, value in event.metrics.items())
                     + f" | {event.images_per_s:.1f} img/s | ETA {_hms(event.eta_s)}"
                     + (f" | skipped {event.skipped_steps}" if event.skipped_steps else ""))
             if event.message:

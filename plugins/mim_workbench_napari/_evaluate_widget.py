@@ -8,8 +8,9 @@ the plot.  Re-starting with the same study folder resumes an interrupted study.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import napari  # the viewer annotation must resolve: napari injects it by type
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, LineEdit, ProgressBar, PushButton, Select, SpinBox
@@ -21,7 +22,12 @@ from ._self_check import arm_from_env
 from ._status import path_edit, status_label
 from ._training_widgets import detected_devices, fmt_eta
 
-VARIANTS = ["scratch", "mae", "rgmim", "simmim", "miram"]
+if TYPE_CHECKING:
+    from magicgui.widgets import FileEdit
+
+    from mim_workbench.study import StudyFinished, StudyProgress
+
+VARIANTS = ["scratch", "mae", "rgmim", "simmim", "miram", "beit", "feature"]
 #: where rgmim's region masks come from
 REGION_SOURCES = ["propose: lungs", "propose: breast", "propose: teeth", "propose: tissue", "pool's masks folder"]
 
@@ -36,9 +42,11 @@ class _PlotView:
         self.canvas.setMinimumHeight(0)
 
     def clear(self) -> None:
+        """Remove the plot shown."""
         self.canvas.clear()
 
     def show(self, path: str) -> None:
+        """Show the image file at ``path`` scaled to the canvas's width (at least 200 pixels)."""
         from qtpy.QtCore import Qt
         from qtpy.QtGui import QPixmap
 
@@ -93,7 +101,7 @@ class EvaluateWidget(RunControls, Container):
         self.variants.changed.connect(self._update_visibility)
         self.job = BackgroundRun(self.on_event, self._on_done)
         self.native.destroyed.connect(self.job.shutdown)
-        self.result: Any = None
+        self.result: StudyFinished | None = None
         self._set_running(False)
         self._update_visibility()
 
@@ -108,7 +116,8 @@ class EvaluateWidget(RunControls, Container):
         from mim_workbench.study import StudyConfig
         from mim_workbench.study.config import parse_fractions
 
-        def path(widget: Any) -> str | None:
+        def path(widget: FileEdit) -> str | None:
+            """The field's path as text; None when it is empty."""
             text = str(widget.value)
             return None if text in ("", ".") else text
 
@@ -130,6 +139,8 @@ class EvaluateWidget(RunControls, Container):
                 self.seeds, self.mode, self.minutes, self.out, self.device)
 
     def start_study(self) -> None:
+        """Start the study the fields describe (a study folder holding this study resumes it); a MimError
+        (e.g. ConfigError) becomes a notification and nothing starts."""
         from napari.utils.notifications import show_error
 
         from mim_workbench.errors import MimError
@@ -148,7 +159,9 @@ class EvaluateWidget(RunControls, Container):
         self._set_running(False)
 
     # ------------------------------------------------------------------ events → widgets
-    def on_event(self, event: Any) -> None:
+    def on_event(self, event: StudyProgress | StudyFinished | Failed) -> None:
+        """Show one study event: progress, the result (with a notification), or the failure; a failure that
+        Stop caused says that Start resumes the study."""
         from napari.utils.notifications import show_error, show_info
 
         from mim_workbench.study import StudyFinished, StudyProgress
@@ -167,12 +180,12 @@ class EvaluateWidget(RunControls, Container):
             if not stopped:
                 show_error(f"Study failed: {event.message}")
 
-    def _render_progress(self, event: Any) -> None:
+    def _render_progress(self, event: StudyProgress) -> None:
         self.progress.max = max(1, int(event.total))
         self.progress.value = min(int(event.done), self.progress.max)
         self.status.value = f"{event.stage}: {int(event.done)}/{int(event.total)} done, {fmt_eta(event.eta_s)} left"
 
-    def show_result(self, event: Any) -> None:
+    def show_result(self, event: StudyFinished) -> None:
         """The verdict, AUC per variant and fraction with its interval, and the plot."""
         self.result = event
         self.status.value = f"done: {event.files['table_md']}"
@@ -182,8 +195,9 @@ class EvaluateWidget(RunControls, Container):
             self.plot.show(event.files["plot"])
 
 
-def auc_lines(table: Any) -> str:
-    """One line per variant: test AUC (mean over seeds) at each label fraction."""
+def auc_lines(table: Sequence[dict[str, Any]]) -> str:
+    """One line giving, per variant in table order, the test AUC (mean over seeds) at each label fraction (in %);
+    rows without ``auc_mean`` are left out."""
     lines = []
     for v in dict.fromkeys(r["variant"] for r in table):
         cells = [f"{r['fraction'] * 100:g} %: {r['auc_mean']:.3f}" for r in table

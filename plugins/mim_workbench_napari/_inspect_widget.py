@@ -22,7 +22,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, Progre
 # Imported here, on the main thread, not lazily in the worker: timm pulls in torchvision and
 # triton, and loading triton's LLVM from a worker thread after napari made its GL context
 # segfaulted (Mesa/Xvfb).
-from mim_workbench.inference.reconstruct import model_from_checkpoint, reconstruct
+from mim_workbench.inference.reconstruct import ReconstructionResult, model_from_checkpoint, reconstruct
 
 from ._multiscale import ScratchMaps, wants_tiled
 from ._self_check import arm_from_env
@@ -32,7 +32,9 @@ TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
 
 OUTPUTS = (("masked", "masked"), ("recon", "reconstruction"), ("recon+visible", "recon_plus_visible"),
            ("error", "error"))
-_OWN_PREFIXES = tuple(f"{p}: " for p, _ in OUTPUTS) + ("masking preview: ",)
+#: the methods' own pictures, shown when the result has them: BEiT's token maps, the cosine map of latent targets
+METHOD_OUTPUTS = (("tokens", "tokens"), ("predicted tokens", "tokens_pred"), ("similarity", "similarity"))
+_OWN_PREFIXES = tuple(f"{p}: " for p, _ in OUTPUTS + METHOD_OUTPUTS) + ("masking preview: ",)
 
 
 class InspectWidget(Container):
@@ -231,7 +233,7 @@ class InspectWidget(Container):
             name = f"{prefix}: {img.name}"
             if name in self.viewer.layers and self.viewer.layers[name].multiscale:
                 self.viewer.layers.remove(name)
-        for prefix, attr in OUTPUTS:
+        for prefix, attr in self._outputs(result):
             canvas = getattr(result, attr).astype(np.float32)
             data = result.to_source(canvas, order=0 if prefix == "error" else 1).astype(np.float32)
             name = f"{prefix}: {img.name}"
@@ -242,13 +244,29 @@ class InspectWidget(Container):
             else:
                 self.viewer.add_image(
                     data, name=name, scale=img.scale[-2:], translate=img.translate[-2:],
-                    colormap="inferno" if prefix == "error" else "gray",
+                    colormap="inferno" if prefix in ("error", "similarity") else "gray",
                     contrast_limits=(0.0, max(1e-6, float(data.max()))) if prefix == "error" else (0.0, 1.0),
                 )
         m = result.metrics
+        if "cosine_masked" in m:
+            cos = m["cosine_masked"]
+            self.metrics.value = ("no masked patch inside the image" if cos is None else
+                                  f"cosine of predicted and teacher features on masked patches {cos:.3f}  "
+                                  f"ratio {m.get('ratio', 0):.2f}, {m.get('strategy', '')}")
+            return
         if m.get("psnr") is None:
             self.metrics.value = "no masked pixel inside the image: raise the mask ratio"
             return
         bih = f", biharmonic {m['psnr_biharmonic']:.2f} dB" if m.get("psnr_biharmonic") is not None else ""
-        self.metrics.value = (f"masked-pixel PSNR {m['psnr']:.2f} dB (baselines: mean fill "
+        tokens = (f"masked-token accuracy {m['token_acc']:.3f} (most frequent token {m['token_base']:.3f})  "
+                  if "token_acc" in m else "")
+        self.metrics.value = (f"{tokens}masked-pixel PSNR {m['psnr']:.2f} dB (baselines: mean fill "
                               f"{m['psnr_baseline']:.2f} dB{bih})  ratio {m.get('ratio', 0):.2f}, {m.get('strategy', '')}")
+
+    @staticmethod
+    def _outputs(result: ReconstructionResult) -> list[tuple[str, str]]:
+        """(layer prefix, result field) of the pictures ``result`` has: latent targets have no
+        reconstruction, only the masked input, the error and the cosine map."""
+        own = [(p, a) for p, a in METHOD_OUTPUTS if getattr(result, a, None) is not None]
+        plain = [(p, a) for p, a in OUTPUTS if not (result.similarity is not None and a.startswith("recon"))]
+        return plain + own

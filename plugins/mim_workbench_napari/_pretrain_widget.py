@@ -15,6 +15,7 @@ import numpy as np
 from magicgui.widgets import (ComboBox, Container, FloatSpinBox, ProgressBar, PushButton,
                               SpinBox)
 
+from mim_workbench.models.config import METHODS
 from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preparing, Preview, Progress, Started
 
 from ._background import BackgroundRun, RunControls
@@ -52,8 +53,10 @@ class PretrainWidget(RunControls, Container):
         self.data = path_edit(label="Dataset folder", mode="d", value=str(sample_root()))
         self.out = path_edit(label="Run folder", mode="d", value=str(Path.home() / "mim-workbench-runs" / "run"))
         self.preset = ComboBox(label="Preset", choices=PRESET_CHOICES, value="cpu")
-        self.method = ComboBox(label="Method", choices=["mae", "simmim", "miram"], value="mae")
-        self.strategy = ComboBox(label="Masking", choices=["region", "random", "block"], value="region")
+        self.method = ComboBox(label="Method", choices=list(METHODS), value="mae",
+                               tooltip="pixels: mae, simmim, miram (multi-scale); visual tokens: beit; "
+                                       "teacher features: feature (data2vec)")
+        self.strategy = ComboBox(label="Masking", choices=["region", "random", "block", "blockwise"], value="region")
         self.regions = ComboBox(label="Regions from", choices=REGION_SOURCES, value=REGION_SOURCES[0],
                                 tooltip="region masking needs masks: the dataset's own, or proposed with a preset "
                                         "for the images that have none (once; cached)")
@@ -81,6 +84,7 @@ class PretrainWidget(RunControls, Container):
         self.native.layout().addWidget(self.plot.canvas)
 
         self.preset.changed.connect(self.apply_preset)
+        self.method.changed.connect(self.show_method_defaults)
         self.start.changed.connect(self.start_training)
         self.pause.changed.connect(self.toggle_pause)
         self.stop.changed.connect(self.stop_training)
@@ -106,6 +110,14 @@ class PretrainWidget(RunControls, Container):
             self.model.value = encoder["model"]
         if "img_size" in encoder:
             self.img_size.value = int(encoder["img_size"][0])
+
+    def show_method_defaults(self, method: str) -> None:
+        """Set the mask ratio and base learning rate to the chosen method's own (MAE masks 75 %,
+        SimMIM 60 %, BEiT 40 % and learns at a higher rate)."""
+        from mim_workbench.training.config import method_defaults
+
+        defaults = method_defaults(method)
+        self.ratio.value, self.blr.value = defaults["ratio"], defaults["blr"]
 
     def config_dict(self) -> dict:
         from mim_workbench.training import PretrainConfig
@@ -190,7 +202,8 @@ class PretrainWidget(RunControls, Container):
 
     def _render_progress(self, event: Progress) -> None:
         self.progress.value = min(event.step, self.progress.max)
-        self.status.value = (f"step {event.step}/{event.total}  loss {event.loss:.4f}  "
+        extra = "".join(f"{name} {value:.3f}  " for name, value in event.metrics.items())
+        self.status.value = (f"step {event.step}/{event.total}  loss {event.loss:.4f}  {extra}"
                              f"{event.images_per_s:.1f} img/s  ETA {fmt_eta(event.eta_s)}")
 
     def _preview_later(self, event: Preview) -> None:
@@ -217,13 +230,15 @@ class PretrainWidget(RunControls, Container):
         self._show_preview(event)
 
     def _show_preview(self, event: Preview) -> None:
-        layers = {"masked": event.masked, "recon": event.reconstruction, "error": event.error}
+        layers = {"masked": event.masked, "recon": event.reconstruction, "error": event.error, **event.extra}
+        if "similarity" in event.extra:   # latent targets: no pixels to show, the cosine map instead
+            del layers["recon"], layers["error"]
         for prefix, data in layers.items():
             name = f"{prefix}: {self._preview_name}"
             top = max(1e-6, float(data.max())) if prefix == "error" else 1.0
             layer = self.viewer.layers[name] if name in self.viewer.layers else None
             if layer is None:
-                cmap = "inferno" if prefix == "error" else "gray"
+                cmap = "inferno" if prefix in ("error", "similarity") else "gray"
                 self.viewer.add_image(data, name=name, colormap=cmap, contrast_limits=(0.0, top))
                 continue
             if prefix == "error":  # the error shrinks as training goes on: keep it visible
