@@ -97,10 +97,12 @@ class _Contender:
 
     @staticmethod
     def make_key(impl: str, method: str, strategy: str, amp: str, compiled: bool = False) -> str:
+        """``impl:method/strategy@amp`` (``+compile`` when compiled): a contender's name in timings."""
         return f"{impl}:{method}/{strategy}@{amp}" + ("+compile" if compiled else "")
 
     @property
     def key(self) -> str:
+        """This contender's :meth:`make_key`."""
         return self.make_key(self.impl, self.method, self.strategy, self.amp, self.compiled)
 
 
@@ -119,6 +121,7 @@ class _Run:
 
     @property
     def amps(self) -> list[str]:
+        """The main precision first, then the extra ones measured."""
         return [self.main_amp, *self.extra_amps]
 
     def measure_gemm(self, when: str) -> dict[str, Any]:
@@ -229,7 +232,9 @@ def _time_contenders(run: _Run, contenders: Sequence[_Contender], x: torch.Tenso
     losses: dict[str, torch.Tensor] = {}
 
     def caller(c: _Contender) -> Callable[[], Any]:
+        """A no-argument call of ``c``'s step on this batch that keeps its loss."""
         def call() -> None:
+            """One step of ``c``."""
             losses[c.key] = c.fn(x, fine=fine)
         return call
 

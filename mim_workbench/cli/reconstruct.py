@@ -10,9 +10,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .args import CPU_DEVICE_HELP, AddCommand, Runner, add_checkpoint, add_device, add_image, add_out
+
+if TYPE_CHECKING:
+    from ..inference.tiling import Band
 
 
 # ===================================================================== reconstruct
@@ -85,7 +88,8 @@ def _run_reconstruct_tiled(args: argparse.Namespace, ckpt: Any, device: Any) -> 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def progress(band: Any) -> None:
+    def progress(band: Band) -> None:
+        """One line on stderr per band written."""
         print(f"mim-workbench reconstruct: rows {band.row1}, tiles {band.tiles_done}/{band.tiles_total}",
               file=sys.stderr, flush=True)
 

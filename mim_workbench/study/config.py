@@ -47,6 +47,7 @@ class Variant:
 
     @property
     def pretrained(self) -> bool:
+        """Whether this variant pretrains an encoder (scratch and ``init=FILE`` as is do not)."""
         return self.pretrain is not None
 
 
@@ -132,15 +133,18 @@ class StudyConfig:
         parse_variants(self.variants)
 
     def variant_list(self) -> list[Variant]:
+        """The variants' settings, in the order given; ConfigError names an unknown one."""
         return parse_variants(self.variants)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe settings (tuples become lists), as ``summary.json`` records them."""
         d = dataclasses.asdict(self)
         d["fractions"], d["variants"] = list(self.fractions), list(self.variants)
         return d
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> StudyConfig:
+        """Inverse of :meth:`to_dict`; ConfigError names unknown keys and unusable values."""
         from ..errors import check_known_keys
 
         check_known_keys(cls, values, "study setting")

@@ -16,11 +16,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import ConfigError, check_known_keys
 from ..models.config import METHODS, EncoderConfig, nest_encoder_fields
 from .schema import check_field_types
+
+if TYPE_CHECKING:
+    from .finetune import FinetuneConfig
 
 STRATEGY_NAMES = ("random", "block", "blockwise", "region")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -101,7 +104,7 @@ def _bad(cfg: Any, name: str, why: str) -> NoReturn:
     raise ConfigError(f"{name}={getattr(cfg, name)!r}: {why}")
 
 
-def require_data_and_out(cfg: Any) -> None:
+def require_data_and_out(cfg: PretrainConfig | FinetuneConfig) -> None:
     """A training run needs its dataset and its run directory (pretrain and finetune alike)."""
     if not cfg.data:
         raise ConfigError("data: no dataset given (--data PATH)")
@@ -328,6 +331,7 @@ class PretrainConfig:
         return out
 
     def to_json(self, path: str | Path | None = None) -> str:
+        """The settings as indented JSON text, also written to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
@@ -366,6 +370,7 @@ class PretrainConfig:
 
     @classmethod
     def preset_config(cls, name: str, **overrides: Any) -> PretrainConfig:
+        """The preset ``name`` with ``overrides`` on top (see :meth:`from_dict`)."""
         return cls.from_dict({"preset": name, **overrides})
 
 

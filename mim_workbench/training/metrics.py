@@ -40,10 +40,12 @@ class MetricsLog:
         self._fh.flush()
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one step's row (missing columns empty) and flush it to disk."""
         self._writer.writerow({k: _fmt(row.get(k)) for k in self.columns})
         self._fh.flush()
 
     def close(self) -> None:
+        """Close the file (idempotent)."""
         if not self._fh.closed:
             self._fh.close()
 

@@ -33,6 +33,7 @@ from .config import RUN_CONTROL_FIELDS, PretrainConfig, require_data_and_out
 from .control import Control, NullControl
 from .events import (
     CheckpointSaved,
+    Event,
     EventHandler,
     Failed,
     Finished,
@@ -190,7 +191,8 @@ class _Trainer:
         self._setup(config)
 
     # ------------------------------------------------------------------ events
-    def emit(self, event: Any) -> None:
+    def emit(self, event: Event) -> None:
+        """Hand ``event`` to the caller's handler, on rank 0 only."""
         if self.dist.is_main:  # one voice per job: rank 0 logs, checkpoints and reports
             self._emit_raw(event)
 
@@ -545,6 +547,7 @@ class _Trainer:
                          skipped_steps=self.skipped, history=history)
 
     def close(self) -> None:
+        """Close the run's metrics file."""
         if self.metrics is not None:
             self.metrics.close()
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from ..io.cache import cache_base
@@ -31,7 +32,7 @@ def targets_cache_path(signature: str, settings: dict[str, Any]) -> Path:
     return cache_base() / "targets" / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.safetensors"
 
 
-def fit_targets(model: MIMModel, dataset: Any, *, seed: int, signature: str,
+def fit_targets(model: MIMModel, dataset: Dataset, *, seed: int, signature: str,
                 emit: Callable[[Any], None] | None = None) -> str | None:
     """Fit ``model`` (if its method needs it) on up to :data:`FIT_IMAGES` images of ``dataset``
     (items with an ``image [C, H, W]``), or read the fit from the cache; returns a note for

@@ -110,6 +110,8 @@ class InspectWidget(Container):
         return self._models[path]
 
     def reconstruct(self) -> None:
+        """Reconstruct the chosen image layer with the chosen checkpoint in the background (tile by
+        tile when it is large); the pictures arrive as layers aligned with the image."""
         from napari.qt.threading import create_worker
         from napari.utils.notifications import show_error
 
@@ -130,6 +132,7 @@ class InspectWidget(Container):
         region = None if self.region.value is None else np.asarray(self.region.value.data)
 
         def work():
+            """Load (or reuse) the model and reconstruct, off the GUI thread."""
             model, loaded = self._model(ckpt)
             chosen = strategy or loaded.config.get("strategy") or None
             if chosen == "region" and region is None:
@@ -158,6 +161,7 @@ class InspectWidget(Container):
         out = self.maps.new()
 
         def work():
+            """Reconstruct tile by tile, off the GUI thread, handing on each band written."""
             model, loaded = self._model(ckpt)
             config = dict(loaded.config or {})
             chosen = strategy or config.get("strategy") or None

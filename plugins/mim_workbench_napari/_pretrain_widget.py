@@ -16,7 +16,8 @@ from magicgui.widgets import (ComboBox, Container, FloatSpinBox, ProgressBar, Pu
                               SpinBox)
 
 from mim_workbench.models.config import METHODS
-from mim_workbench.training.events import CheckpointSaved, Failed, Finished, Preparing, Preview, Progress, Started
+from mim_workbench.training.events import (CheckpointSaved, Event, Failed, Finished, Preparing, Preview, Progress,
+                                          Started)
 
 from ._background import BackgroundRun, RunControls
 from ._self_check import arm_from_env
@@ -120,6 +121,7 @@ class PretrainWidget(RunControls, Container):
         self.ratio.value, self.blr.value = defaults["ratio"], defaults["blr"]
 
     def config_dict(self) -> dict:
+        """The dock's settings as a checked PretrainConfig dict; ConfigError names a bad one."""
         from mim_workbench.training import PretrainConfig
 
         resume = str(self.resume_from.value) if str(self.resume_from.value) not in ("", ".") else None
@@ -142,6 +144,7 @@ class PretrainWidget(RunControls, Container):
                 self.img_size, self.ratio, self.epochs, self.batch, self.blr, self.device, self.resume_from)
 
     def start_training(self) -> None:
+        """Start pretraining in a child process with the dock's settings; errors are shown, not raised."""
         from napari.utils.notifications import show_error
 
         from mim_workbench.errors import MimError
@@ -162,7 +165,8 @@ class PretrainWidget(RunControls, Container):
         self._set_running(False)
 
     # ------------------------------------------------------------------ events → widgets and layers
-    def on_event(self, event) -> None:
+    def on_event(self, event: Event) -> None:
+        """Show a training event: progress and loss curve, previews, checkpoints, the end."""
         from napari.utils.notifications import show_error, show_info, show_warning
 
         if isinstance(event, Preparing):

@@ -58,6 +58,7 @@ class LossPlot:
 
         class _Canvas(QWidget):
             def paintEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+                """Draw the curves."""
                 plot._paint(self)
 
         self.canvas = _Canvas()
@@ -66,11 +67,13 @@ class LossPlot:
         self.val: tuple[list[int], list[float]] = ([], [])
 
     def clear(self) -> None:
+        """Forget both curves and repaint."""
         self.train = ([], [])
         self.val = ([], [])
         self.canvas.update()
 
     def add(self, step: int, loss: float, val_loss: float | None) -> None:
+        """Add a step's training loss (and validation loss, when given); non-finite values are left out."""
         if math.isfinite(loss):
             self.train[0].append(step)
             self.train[1].append(loss)
@@ -104,6 +107,7 @@ class LossPlot:
         sy = (h - top - bottom) / (y1 - y0)
 
         def points(series):
+            """The series decimated to the plot's width, in widget coordinates."""
             xs_, ys_ = decimate(*series, max(1, w - left - right))
             return QPolygonF([QPointF(left + (x - x0) * sx, top + (y1 - y) * sy) for x, y in zip(xs_, ys_)])
 
