@@ -33,6 +33,30 @@ def test_pretrain_dock_runs_previews_and_checkpoints(make_napari_viewer, qtbot, 
     assert time.monotonic() - timer_start < 50
 
 
+@pytest.mark.parametrize("method", ["beit", "feature"])
+def test_pretrain_dock_runs_the_token_and_feature_methods_with_their_previews(make_napari_viewer, qtbot, tmp_path,
+                                                                             sample_root, method):
+    from mim_workbench_napari._pretrain_widget import PretrainWidget
+
+    viewer = make_napari_viewer()
+    w = PretrainWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.method.value = method
+    assert w.ratio.value == pytest.approx(0.4 if method == "beit" else 0.6), "the method's own mask ratio"
+    fill_pretrain_dock(w, sample_root, tmp_path / "run", epochs=1)
+    w.img_size.value = 128          # 64 patches an image: enough for BEiT's 512 tokens on 11 images
+    w.start_training()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=90_000)
+    assert "finished" in w.status.value, w.status.value
+    name = sample_root.name
+    own = ("tokens", "predicted tokens") if method == "beit" else ("similarity",)
+    for prefix in ("masked", *own):
+        assert f"{prefix}: {name}" in viewer.layers
+    assert (f"recon: {name}" in viewer.layers) == (method == "beit"), "latent targets have no pixels to show"
+    column = "token_acc" if method == "beit" else "target_std"
+    assert column in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+
+
 def test_pretrain_dock_reports_bad_settings(make_napari_viewer, qtbot, tmp_path):
     from mim_workbench_napari._pretrain_widget import PretrainWidget
 
@@ -54,7 +78,8 @@ def test_pretrain_dock_preset_fills_fields_and_config(make_napari_viewer, tmp_pa
     w.preset.value = "quick-cpu"
     assert (w.method.value, w.strategy.value, w.img_size.value, w.batch.value) == ("simmim", "region", 64, 8)
     cfg = w.config_dict()
-    assert (cfg["patch_size"], cfg["embed_dim"], cfg["depth"], cfg["lr"]) == (4, 64, 2, 3e-3)
+    encoder = cfg["encoder"]
+    assert (encoder["patch_size"], encoder["embed_dim"], encoder["depth"], cfg["lr"]) == (4, 64, 2, 3e-3)
     w.epochs.value = 7  # a field changed after choosing the preset wins
     assert w.config_dict()["epochs"] == 7
     w.preset.value = "rgmim-paper"
