@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
 import math
 import random
@@ -65,164 +64,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, MimError, check_known_keys
+from ..errors import ConfigError, MimError
 from ..io.meta import json_safe
 from .control import Control, NullControl
 from .events import CheckpointSaved, EventHandler, Failed, Finished, Progress, Started, null_handler
 from ..models.checkpoint import restore_rng_state
 from ..models.classifier import FINETUNE_KIND
-from ..models.config import ENCODER_FIELDS, EncoderConfig, ModelConfig, nest_encoder_fields, parse_img_size
+from .config import FinetuneConfig
 from .finetune_state import LoopState, load_state, remove_state, restore_loop, save_state
 
 if TYPE_CHECKING:
     from ..io.samples import Sample
     from .mim_dataset import MIMDataset
-
-BALANCE = ("weights", "sampler", "none")
-
-# Defaults that depend on the mode (applied by FinetuneConfig.resolved()).
-_MODE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "probe": {"epochs": 100, "lr": 1e-3, "weight_decay": 0.0, "label_smoothing": 0.0, "drop_path": 0.0,
-              "augment": False, "patience": 20, "warmup_epochs": 5.0},
-    "full": {"epochs": 30, "lr": 3e-4, "weight_decay": 0.05, "label_smoothing": 0.1, "drop_path": 0.1,
-             "augment": True, "patience": 8, "warmup_epochs": 2.0},
-}
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything ``finetune`` needs; None means "the mode's default" (see ``resolved``)."""
-
-    data: str | None = None
-    masks: str | None = None
-    out: str | None = None
-    checkpoint: str | None = None          # pretrain/finetune checkpoint, exported encoder, or None = scratch
-    mode: str = "probe"                    # "probe" | "full"
-    fraction: float = 1.0                  # share of the training labels used
-    val_fraction: float = 0.15
-    test_fraction: float = 0.2
-    split_seed: int = 0                    # the patient split (fixed across seeds of an evaluation)
-    exclude_ids: list[str] = field(default_factory=list)
-    test_data: str | None = None           # an external labelled set (another hospital): scored, never trained on
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)   # a scratch encoder's; a checkpoint brings its own
-    img_size: tuple[int, int] | None = None   # input size (position embeddings resampled); None: the encoder's
-    # optimisation (None: mode default)
-    epochs: int | None = None
-    batch_size: int = 16
-    lr: float | None = None
-    min_lr: float = 1e-6
-    weight_decay: float | None = None
-    layer_decay: float = 0.75              # full mode only
-    label_smoothing: float | None = None
-    drop_path: float | None = None         # full mode only
-    dropout: float = 0.0                   # before the head, full mode only
-    pool: str | None = None                # image feature: "token" or "avg"; None: token (probe), avg (full)
-    warmup_epochs: float | None = None
-    balance: str = "weights"
-    patience: int | None = None            # epochs without a better validation loss; 0 = never stop early
-    augment: bool | None = None
-    positive_class: str | None = None      # binary AUC/AP; default: the second class name
-    # execution
-    device: str = "auto"
-    threads: int | None = None
-    amp: str = "auto"
-    seed: int = 0
-    max_steps: int | None = None
-    time_budget_s: float | None = None
-    num_workers: int = 0
-    cache: bool | None = None              # decoded-image cache (full mode); None: on when the data fit its cap
-    resume: bool = False                   # continue the stopped or crashed run in ``out`` (finetune_state)
-    checkpoint_interval_s: float = 60.0    # resume state at epoch ends no more often than this (0 = every epoch)
-
-    def __post_init__(self) -> None:
-        self.encoder = EncoderConfig.from_dict(self.encoder)
-        if self.img_size is not None:
-            self.img_size = parse_img_size(self.img_size)
-        for name in ("data", "masks", "out", "checkpoint"):
-            v = getattr(self, name)
-            if isinstance(v, Path):
-                setattr(self, name, str(v))
-        self.exclude_ids = list(self.exclude_ids)
-        self.validate()
-
-    def validate(self) -> None:
-        """ConfigError naming the first setting of the wrong type or out of range (run on construction)."""
-        def bad(name: str, why: str) -> None:
-            """Raise ConfigError naming setting ``name``, its value and ``why`` it is refused."""
-            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
-
-        from .schema import check_field_types
-
-        check_field_types(self)  # wrong types first: the range checks below assume numbers
-        if self.mode not in _MODE_DEFAULTS:
-            bad("mode", "choose probe or full")
-        if self.pool not in (None, "token", "avg"):
-            bad("pool", "choose token or avg")
-        if not (0.0 < self.fraction <= 1.0):
-            bad("fraction", "must be in (0, 1]")
-        for name in ("val_fraction", "test_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                bad(name, "must be in [0, 1)")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            bad("test_fraction", "val_fraction + test_fraction must be below 1")
-        if self.balance not in BALANCE:
-            bad("balance", f"choose one of {', '.join(BALANCE)}")
-        for name in ("batch_size",):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(name, "must be a positive integer")
-        for name in ("epochs", "threads", "max_steps"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                bad(name, "must be a positive integer or unset")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 0):
-            bad("patience", "must be an integer >= 0")
-        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            bad("lr", "must be a positive number")
-        if not 0.0 < self.layer_decay <= 1.0:
-            bad("layer_decay", "must be in (0, 1]")
-        if self.label_smoothing is not None and not 0.0 <= self.label_smoothing < 1.0:
-            bad("label_smoothing", "must be in [0, 1)")
-        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
-            bad("drop_path", "must be in [0, 1)")
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            bad("time_budget_s", "must be positive seconds or unset")
-        if not (self.checkpoint_interval_s >= 0 and math.isfinite(self.checkpoint_interval_s)):
-            bad("checkpoint_interval_s", "must be seconds >= 0")
-
-    def resolved(self) -> FinetuneConfig:
-        """A copy with every unset (None) mode-dependent setting filled with ``mode``'s default."""
-        d = _MODE_DEFAULTS[self.mode]
-        return dataclasses.replace(self, **{k: (getattr(self, k) if getattr(self, k) is not None else v)
-                                            for k, v in d.items()})
-
-    def model_config(self) -> ModelConfig:
-        """The ModelConfig of a scratch encoder at the run's input size."""
-        encoder = self.encoder
-        if self.img_size is not None:
-            encoder = dataclasses.replace(encoder, img_size=self.img_size)
-        return ModelConfig(encoder=encoder)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (tuples become lists, the encoder nested)."""
-        d = dataclasses.asdict(self)
-        if self.img_size is not None:
-            d["img_size"] = list(self.img_size)
-        d["encoder"] = self.encoder.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
-        """Build from a mapping (dashes read as underscores; the scratch architecture nested under
-        ``encoder`` or given flat, except ``img_size``, which is the run's input size)."""
-        values = {str(k).replace("-", "_"): v for k, v in values.items()}
-        values = nest_encoder_fields(values, tuple(k for k in ENCODER_FIELDS if k != "img_size"))
-        check_known_keys(cls, values, "finetune setting")
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"invalid finetune config: {exc}") from None
-
 
 @dataclass
 class FinetuneResult:
