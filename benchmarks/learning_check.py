@@ -39,7 +39,7 @@ def subset(source: Path, every: int, limit: int, work: Path) -> Path:
 
 def run(method: str, seed: int, data: Path, work: Path, steps: int) -> dict:
     """One pretraining run; the first and last 10 steps' means of every logged number."""
-    from mim_workbench.training.metrics import read_metrics
+    from mim_workbench.training.metrics_log import read_metrics
 
     out = work / f"{method}-s{seed}"
     if not (out / "metrics.csv").is_file():

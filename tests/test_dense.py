@@ -24,7 +24,7 @@ from mim_workbench.models.dense_head import upsample_window
 from mim_workbench.training import events as ev
 from mim_workbench.models.dense import DenseConfig, DenseHead
 from mim_workbench.training.dense import predict_dense, read_strokes, train_dense
-from mim_workbench.training.metrics_cls import pixel_auc
+from mim_workbench.training.class_metrics import pixel_auc
 from mim_workbench.training.strokes import simulate_strokes, stroke_summary
 
 TINY = ModelConfig.from_dict(dict(img_size=(64, 64), embed_dim=64, depth=2, num_heads=2))

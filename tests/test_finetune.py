@@ -21,7 +21,7 @@ from mim_workbench.training.config import PretrainConfig
 from mim_workbench.training.finetune import FeatureCache, FinetuneConfig, finetune
 from mim_workbench.training.labels import balanced_indices, class_weights, label_subset
 from mim_workbench.training.lr_decay import layer_id, param_groups_lrd
-from mim_workbench.training.metrics_cls import classification_metrics
+from mim_workbench.training.class_metrics import classification_metrics
 from mim_workbench.training.pretrain_loop import pretrain
 
 TINY_ARCH = {"img_size": 64, "embed_dim": 64, "depth": 2, "num_heads": 2}

@@ -16,7 +16,7 @@ from mim_workbench.models import ModelConfig, build_model
 from mim_workbench.models.checkpoint import load_checkpoint
 from mim_workbench.models.tokenizer import PatchTokenizer
 from mim_workbench.training.config import PretrainConfig
-from mim_workbench.training.metrics import read_metrics
+from mim_workbench.training.metrics_log import read_metrics
 from mim_workbench.training.pretrain_loop import pretrain
 from mim_workbench.training.targets import fit_targets, targets_cache_path
 

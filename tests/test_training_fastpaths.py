@@ -24,7 +24,7 @@ from mim_workbench.bench import REFERENCE_CONFIG, example_batch, make_step
 from mim_workbench.training import events as ev
 from mim_workbench.training import runtime
 from mim_workbench.training.config import PretrainConfig
-from mim_workbench.training.metrics import read_metrics
+from mim_workbench.training.metrics_log import read_metrics
 from mim_workbench.training.optim import build_optimizer, grad_norm_, load_optimizer_state
 from mim_workbench.training.pretrain_loop import pretrain
 

@@ -16,7 +16,7 @@ from mim_workbench.training import events as ev
 from mim_workbench.models.checkpoint import list_checkpoints, load_checkpoint
 from mim_workbench.training.config import PretrainConfig
 from mim_workbench.training.control import NullControl, ProcessControl
-from mim_workbench.training.metrics import read_metrics
+from mim_workbench.training.metrics_log import read_metrics
 from mim_workbench.training.pretrain_loop import pretrain
 
 

@@ -1,7 +1,8 @@
 """Pretraining: ``pretrain(config, on_event, control) -> RunResult`` and what it needs.
 
-The loop itself is :mod:`.pretrain_loop`; fine-tuning, dense heads and evaluation are in
-:mod:`.finetune`, :mod:`.dense` and :mod:`.evaluate`.
+The loop itself is :mod:`.pretrain_loop`; fine-tuning and dense heads are in :mod:`.finetune`
+and :mod:`.dense`, the run settings in :mod:`.config`, ``metrics.csv`` in :mod:`.metrics_log`
+and the classification metrics in :mod:`.class_metrics`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from ..models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import PRESETS, PretrainConfig
 from .control import Control, NullControl, ProcessControl
 from .events import CheckpointSaved, Event, Failed, Finished, Preview, Progress, RunResult, Started
-from .metrics import read_metrics
+from .metrics_log import read_metrics
 from .pretrain_loop import pretrain
 
 __all__ = [

@@ -639,7 +639,7 @@ class _Finetune:
     def _score(self, data: tuple[torch.Tensor, torch.Tensor] | MIMDataset,
                split: str | None = None) -> dict[str, Any]:
         """Metrics of the current weights on ``data``; with ``split``, its per-image predictions are kept."""
-        from .metrics_cls import classification_metrics
+        from .class_metrics import classification_metrics
 
         probs, labels = self._predict(data)
         if split is not None:

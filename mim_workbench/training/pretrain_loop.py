@@ -44,7 +44,7 @@ from .events import (
     Started,
     null_handler,
 )
-from .metrics import MetricsLog
+from .metrics_log import MetricsLog
 from .optim import build_optimizer, grad_norm_, load_optimizer_state, lr_at, set_lr
 from .runtime import CompiledForward, DistContext, prepare_device, resolve_amp
 from .sampler import LocalBatches, StepPlan
