@@ -111,14 +111,7 @@ def model_from_checkpoint(checkpoint: CheckpointLike,
 
         raise CheckpointError(f"{ckpt.path}: no model configuration stored; it cannot be rebuilt on its own")
     model = build_model(ModelConfig.from_dict(ckpt.model_config))
-    state = ckpt.model_state()
-    model.check_state(state, str(ckpt.path))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        from ..errors import CheckpointError
-
-        raise CheckpointError(f"{ckpt.path}: weights do not fit the stored model configuration: {exc}") from None
+    model.load_weights(ckpt.model_state(), str(ckpt.path))
     return model.to(torch.device(device)).eval(), ckpt
 
 

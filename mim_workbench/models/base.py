@@ -143,6 +143,17 @@ class MIMModel(nn.Module):
     def check_state(self, state: dict[str, torch.Tensor], where: str) -> None:
         """Raise CheckpointError, naming ``where``, when ``state`` lacks what this method needs."""
 
+    def load_weights(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Load a checkpoint's ``state`` (all of it, strictly); CheckpointError naming ``where``
+        when it lacks what the method needs or does not fit the model."""
+        from ..errors import CheckpointError
+
+        self.check_state(state, where)
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{where}: weights do not fit the model: {exc}") from None
+
     # ----------------------------------------------------------------- helpers
     def _check(self, images: torch.Tensor, mask: torch.Tensor) -> None:
         H, W = self.cfg.encoder.img_size

@@ -315,12 +315,7 @@ class _Trainer:
 
         model = build_model(self.model_cfg, init=None if resume else cfg.init)
         if resume is not None:
-            state = resume.model_state()
-            model.check_state(state, str(resume.path))
-            try:
-                model.load_state_dict(state, strict=True)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{resume.path}: weights do not fit the model: {exc}") from None
+            model.load_weights(resume.model_state(), str(resume.path))
         else:
             note = fit_targets(model, self.train_ds, seed=cfg.seed, signature=self.data_signature, emit=self.emit)
             self.notes += [note] if note else []

@@ -26,7 +26,7 @@ from mim_workbench.inference.reconstruct import ReconstructionResult, model_from
 
 from ._multiscale import ScratchMaps, wants_tiled
 from ._self_check import arm_from_env
-from ._status import job_handlers, path_edit, start_job, status_label
+from ._status import job_handlers, path_edit, status_label
 
 TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
 
@@ -178,13 +178,11 @@ class InspectWidget(Container):
         self.progress.visible = True
         self.band_updates = []
         self.run_button.enabled = False
-        self.worker = start_job(work, on_yield=lambda item: self._show_band(item, img),
-                                on_done=lambda stats: self._show_tiled(stats, img),
-                                on_error=self._failed, on_finished=self._done)
+        self.worker = self.maps.start(work, on_band=lambda item: self._show_band(item, img),
+                                      on_done=lambda stats: self._show_tiled(stats, img),
+                                      on_error=self._failed, on_finished=self._done)
 
     def _show_band(self, item, img) -> None:
-        if self.maps.closed:   # a band sent just before the dock or the viewer closed: its map is gone
-            return
         band, output = item
         if self.maps.shown.get(img.name) != output.path:
             self._add_tiled_layers(output, img)

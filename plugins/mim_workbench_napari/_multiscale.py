@@ -169,6 +169,20 @@ class ScratchMaps:
                 _remove(out)
         return None if self.closed else stats
 
+    def start(self, work: Callable[[], Generator[tuple[Any, Any], None, Any]], *,
+              on_band: Callable[[tuple[Any, Any]], None], on_done: Callable[[Any], None],
+              on_error: Callable[[Exception], None], on_finished: Callable[[], None]) -> Any:
+        """Start ``work`` (a generator of ``(band, output)``, e.g. :meth:`stream`) in a worker; each
+        band reaches ``on_band`` on the GUI thread unless the maps were cleared meanwhile (a band
+        sent just before the dock or the viewer closed: its map is gone)."""
+        from ._status import start_job
+
+        def show(item: tuple[Any, Any]) -> None:
+            if not self.closed:
+                on_band(item)
+
+        return start_job(work, on_yield=show, on_done=on_done, on_error=on_error, on_finished=on_finished)
+
     def prune_stale(self, now: float | None = None) -> list[Path]:
         """Remove the root's maps last modified over :data:`STALE_AFTER_S` before ``now`` (seconds since the
         epoch, default the current time); returns the maps removed. Unreadable entries are skipped."""

@@ -20,7 +20,7 @@ from magicgui.widgets import ComboBox, Container, FloatSlider, PushButton
 from mim_workbench.inference.predict import load_predictor
 
 from ._multiscale import ScratchMaps, layer_pyramid, wants_tiled
-from ._status import job_handlers, path_edit, start_job, status_label
+from ._status import job_handlers, path_edit, status_label
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -133,14 +133,12 @@ class PredictPanel:
         self.result.value = "predicting tile by tile…"
         self.predict_button.enabled = False
         self.band_updates = []
-        self.predict_worker = start_job(
-            work, on_yield=lambda item: self._show_band(item, img),
+        self.predict_worker = self.maps.start(
+            work, on_band=lambda item: self._show_band(item, img),
             on_done=lambda stats: self._show_tiled_prediction(stats, img),
             on_error=self._predict_failed, on_finished=self._predict_done)
 
     def _show_band(self, item, img) -> None:
-        if self.maps.closed:   # a band sent just before the dock or the viewer closed: its map is gone
-            return
         band, output = item
         name = HEATMAP_PREFIX + img.name
         key = output.names[0]   # the classifier's map, or a dense head's first class
