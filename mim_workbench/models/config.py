@@ -99,8 +99,8 @@ class EncoderConfig:
 def nest_encoder_fields(values: dict[str, Any], keys: tuple[str, ...] = ENCODER_FIELDS) -> dict[str, Any]:
     """``values`` with its flat architecture ``keys`` (``model``, ``img_size``, ...) moved into ``encoder``.
 
-    Settings files, presets, the CLI and checkpoints written before the nesting use the flat
-    spelling; a key given both ways is refused rather than silently picking one.
+    The CLI and settings files may spell them flat, as checkpoints of earlier versions do;
+    a key given both ways is refused rather than silently picking one.
     """
     flat = {k: values[k] for k in keys if k in values}
     if not flat:

@@ -47,10 +47,12 @@ class PatchTokenizer(nn.Module):
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` long: the nearest centroid of every patch of ``images [B, C, H, W]``."""
-        x = self.normalised(images)                                            # [B, L, F]
-        c = self.centroids.float()                                             # [K, F]
-        # argmin |x - c|^2 = argmax (2 x.c - |c|^2); |x|^2 is the same for every token
-        return (2 * x @ c.T - (c * c).sum(-1)).argmax(-1)                      # [B, L]
+        # in float32 even under mixed precision: a bf16 product would move patches between tokens
+        with torch.autocast(images.device.type, enabled=False):
+            x = self.normalised(images)                                        # [B, L, F]
+            c = self.centroids.float()                                         # [K, F]
+            # argmin |x - c|^2 = argmax (2 x.c - |c|^2); |x|^2 is the same for every token
+            return (2 * x @ c.T - (c * c).sum(-1)).argmax(-1)                  # [B, L]
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor, *, seed: int, max_patches: int = 100_000) -> None:

@@ -71,8 +71,8 @@ def run_key(values: dict[str, Any], data: StudyData, budget: dict[str, Any]) -> 
     from ..training.config import PretrainConfig
 
     resolved = PretrainConfig.from_dict(values).resolved().to_dict()
-    # the flat spelling, without an unset mlp_ratio: the keys of encoders cached before the
-    # encoder's settings were nested (and mlp_ratio was one of them) still match
+    # keyed in the flat spelling without an unset mlp_ratio, as earlier versions wrote their
+    # settings: encoders they cached are still found
     resolved = {**{k: v for k, v in resolved.pop("encoder").items() if not (k == "mlp_ratio" and v is None)},
                 **resolved}
     kept = {k: v for k, v in resolved.items() if k not in _NOT_IN_KEY}
