@@ -17,14 +17,15 @@ import sys
 
 from .. import __version__
 from ..errors import MimError
-from . import app, bench, cache, finetune, pretrain, reconstruct, regions, study
+from . import app, bench, cache, explain, finetune, pretrain, reconstruct, regions, study
 from .args import AddCommand, Runner
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: Every subcommand's adder, in the order ``mim-workbench --help`` lists them.
 COMMANDS: list[AddCommand] = [
-    *app.COMMANDS, *pretrain.COMMANDS, *reconstruct.COMMANDS, *cache.COMMANDS, *finetune.COMMANDS, *study.COMMANDS,
+    *app.COMMANDS, *pretrain.COMMANDS, *reconstruct.COMMANDS, *explain.COMMANDS, *cache.COMMANDS, *finetune.COMMANDS,
+    *study.COMMANDS,
     *regions.COMMANDS, *bench.COMMANDS,
 ]
 

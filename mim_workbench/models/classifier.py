@@ -28,28 +28,13 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import ConfigError
-from .encoder import grid_of, token_norm
+from .encoder import encoder_tokens, grid_of
 
 MODES = ("probe", "full")
 #: image features: the class token, or the mean of the patch tokens
 POOLS = ("token", "avg")
 #: the ``kind`` of a fine-tuned classifier's checkpoint
 FINETUNE_KIND = "finetune"
-
-
-def encoder_tokens(enc: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """All tokens ``[B, P + L, D]`` after the encoder's per-token norm (P prefix tokens first).
-
-    timm's ``forward_features`` with the norm the MIM models use (``norm``, or
-    ``fc_norm`` for models built with average pooling), so features match what
-    the encoder saw in pretraining.
-    """
-    x = enc.patch_embed(images)
-    x = enc._pos_embed(x)
-    x = enc.patch_drop(x)
-    x = enc.norm_pre(x)
-    x = enc.blocks(x)
-    return token_norm(enc)(x)
 
 
 def patch_grid(enc: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
@@ -145,53 +130,11 @@ class Classifier(nn.Module):
 
     @torch.no_grad()
     def attention_rollout(self, images: torch.Tensor, *, discard_ratio: float = 0.0) -> torch.Tensor:
-        """``[B, gh, gw]`` attention rollout (Abnar & Zuidema 2020) from the class token.
+        """``[B, gh, gw]`` attention rollout of the encoder from the class token, in [0, 1]
+        (see :func:`~mim_workbench.models.attention.rollout`)."""
+        from .attention import block_attentions, rollout
 
-        Attention of every block (mean over heads), plus the identity for the
-        residual, rows renormalised, multiplied through the blocks.  The row of
-        the class token (the mean over rows when there is none) restricted to
-        the patches is the map, scaled to [0, 1].
-        """
-        enc = self.encoder
-        attns: list[torch.Tensor] = []
-        hooks = []
-
-        def grab(module: nn.Module, inputs: tuple, _out: torch.Tensor) -> None:
-            """Forward hook: recompute the block's attention ``[B, N, N]`` (mean over heads) into ``attns``."""
-            x = inputs[0]
-            B, N, _ = x.shape
-            qkv = module.qkv(x).reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
-            q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])
-            attns.append(((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1))  # [B, N, N]
-
-        for blk in enc.blocks:
-            hooks.append(blk.attn.register_forward_hook(grab))
-        try:
-            encoder_tokens(enc, images)
-        finally:
-            for h in hooks:
-                h.remove()
-        B, N, _ = attns[0].shape
-        eye = torch.eye(N, device=images.device)[None]
-        roll = eye.expand(B, N, N).clone()
-        for a in attns:
-            if discard_ratio > 0:
-                flat = a.reshape(B, -1)
-                k = int(flat.shape[1] * discard_ratio)
-                if k:
-                    low = flat.topk(k, dim=1, largest=False).indices
-                    flat = flat.scatter(1, low, 0.0)
-                    a = flat.reshape(B, N, N)
-            a = a + eye
-            a = a / a.sum(dim=-1, keepdim=True)
-            roll = a @ roll
-        P = enc.num_prefix_tokens
-        row = roll[:, 0, P:] if enc.cls_token is not None else roll[:, P:, P:].mean(dim=1)
-        gh, gw = grid_of(enc)
-        m = row.reshape(B, gh, gw)
-        lo = m.amin(dim=(1, 2), keepdim=True)
-        hi = m.amax(dim=(1, 2), keepdim=True)
-        return (m - lo) / (hi - lo).clamp_min(1e-12)
+        return rollout(self.encoder, block_attentions(self.encoder, images), discard_ratio=discard_ratio)
 
 
-__all__ = ["MODES", "Classifier", "encoder_tokens", "patch_grid"]
+__all__ = ["MODES", "Classifier", "patch_grid"]

@@ -221,7 +221,8 @@ class DenseHead:
         """Working image, its channels and its encoder patch features (``norm``: see :func:`image_channels`)."""
         from ..io.model_input import to_channels
         from ..io.letterbox import letterbox, place, resize_to
-        from .classifier import encoder_tokens, patch_grid
+        from .classifier import patch_grid
+        from .encoder import encoder_tokens
 
         src = as_image(image)
         grey = src if src.ndim == 2 else src[..., :3].mean(axis=-1)

@@ -218,6 +218,21 @@ def _run_blocks(enc: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return token_norm(enc)(x)
 
 
+def encoder_tokens(enc: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """All tokens ``[B, P + L, D]`` after the encoder's per-token norm (P prefix tokens first).
+
+    timm's ``forward_features`` with the norm the MIM models use (``norm``, or
+    ``fc_norm`` for models built with average pooling), so features match what
+    the encoder saw in pretraining.
+    """
+    x = enc.patch_embed(images)
+    x = enc._pos_embed(x)
+    x = enc.patch_drop(x)
+    x = enc.norm_pre(x)
+    x = enc.blocks(x)
+    return token_norm(enc)(x)
+
+
 def block_outputs(enc: VisionTransformer, images: torch.Tensor) -> list[torch.Tensor]:
     """Every block's output (the residual stream, before the final norm) for whole ``images``:
     one ``[B, P + L, D]`` tensor per block, first block first."""
@@ -283,6 +298,7 @@ def encode_with_mask_token(
 __all__ = [
     "attention_path",
     "block_outputs",
+    "encoder_tokens",
     "cpu_bf16_autocast",
     "create_encoder",
     "encode_visible",

@@ -1,0 +1,216 @@
+"""One embedding per image of a data set, nearest-neighbour search over them, and label agreement.
+
+:func:`embed_dataset` writes an index folder: ``embeddings.npy`` (``[N, D]`` float32, unit
+length) and ``index.json`` (the checkpoint and its digest, the pooling, and per image its
+path, id, label, patient and file fingerprint).  Run again on the same folder it keeps the
+rows of unchanged images and embeds only new or changed ones; a changed checkpoint (another
+digest) or pooling embeds everything again.  Distances are cosine distances (1 - cosine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..io.samples import Sample
+    from .reconstruct import CheckpointLike, ImageLike
+
+INDEX_FILE, VECTORS_FILE = "index.json", "embeddings.npy"
+
+
+def checkpoint_digest(checkpoint: CheckpointLike) -> str:
+    """sha256 (first 16 hex digits) of the weights ``checkpoint`` names: it changes when they do."""
+    from ..models.checkpoint import MODEL_FILE, load_checkpoint
+
+    path = Path(str(checkpoint))
+    weights = path if path.is_file() and path.suffix == ".safetensors" else load_checkpoint(path).path / MODEL_FILE
+    h = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class Embedder:
+    """A checkpoint's encoder turning images into unit-length feature vectors."""
+
+    def __init__(self, checkpoint: CheckpointLike, *, pool: str = "token", device: str | torch.device = "cpu") -> None:
+        """``pool``: the class token ("token", the mean of the patch tokens without one) or "avg".
+        CheckpointError when the checkpoint holds no encoder; ConfigError for another pool."""
+        from .explain import Explainer
+
+        if pool not in ("token", "avg"):
+            raise ConfigError(f"pool={pool!r}: choose token or avg")
+        self.explainer, self.pool = Explainer(checkpoint, device=device), pool
+
+    @torch.no_grad()
+    def vectors(self, images: list[ImageLike]) -> np.ndarray:
+        """``[len(images), D]`` float32 unit-length embeddings."""
+        from ..models.encoder import encoder_tokens
+
+        enc = self.explainer.encoder
+        if not images:
+            return np.zeros((0, enc.embed_dim), np.float32)
+        x = torch.cat([self.explainer.model_input(im)[0] for im in images])
+        tokens = encoder_tokens(enc, x)
+        P = enc.num_prefix_tokens
+        feat = tokens[:, 0] if self.pool == "token" and enc.cls_token is not None else tokens[:, P:].mean(1)
+        return torch.nn.functional.normalize(feat.float(), dim=-1).cpu().numpy()
+
+
+@dataclass
+class EmbeddingIndex:
+    """The embeddings of a data set and what each row is (see the module docstring)."""
+
+    root: Path
+    checkpoint: str
+    digest: str
+    pool: str
+    rows: list[dict[str, Any]]       # path, id, label, patient, fingerprint
+    vectors: np.ndarray              # [N, D] float32, unit length
+
+    @classmethod
+    def load(cls, root: str | Path) -> EmbeddingIndex:
+        """Read an index folder; ConfigError naming what is missing or unreadable."""
+        root = Path(root)
+        try:
+            meta = json.loads((root / INDEX_FILE).read_text(encoding="utf-8"))
+            vectors = np.load(root / VECTORS_FILE)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{root}: not an embedding index (mim-workbench embed writes one): {exc}") from None
+        if len(meta.get("rows", [])) != len(vectors):
+            raise ConfigError(f"{root}: {INDEX_FILE} and {VECTORS_FILE} disagree; embed the data set again")
+        return cls(root, meta["checkpoint"], meta["digest"], meta["pool"], meta["rows"], vectors)
+
+    def save(self) -> None:
+        """Write the two files (the vectors first, so a crash never leaves rows without vectors)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        np.save(self.root / VECTORS_FILE, self.vectors.astype(np.float32))
+        meta = {"checkpoint": self.checkpoint, "digest": self.digest, "pool": self.pool, "rows": self.rows}
+        (self.root / INDEX_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+    def labels(self) -> list[str | None]:
+        """Each row's label (None where the data set has none)."""
+        return [r.get("label") for r in self.rows]
+
+
+def _fingerprint(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def embed_dataset(checkpoint: CheckpointLike, data: str | Path, out: str | Path, *, pool: str = "token",
+                  batch_size: int = 32, device: str | torch.device = "cpu",
+                  on_progress: Callable[[int, int], None] | None = None) -> EmbeddingIndex:
+    """Embed every image of ``data`` (any layout ``discover`` reads) into the index folder ``out``,
+    reusing the rows of an earlier run with the same checkpoint and pooling for unchanged
+    images; ``on_progress(done, total)`` after each batch.  ConfigError for an empty data set."""
+    from ..io.datasets import discover
+
+    samples = list(discover(data).samples)
+    if not samples:
+        raise ConfigError(f"data={str(data)!r}: no images found")
+    digest = checkpoint_digest(checkpoint)
+    old = _reusable(Path(out), digest, pool)
+    embedder = Embedder(checkpoint, pool=pool, device=device)
+    rows, vectors, todo = _rows(samples), [None] * len(samples), []
+    for i, row in enumerate(rows):
+        hit = old.get(tuple(row["fingerprint"]))
+        vectors[i] = hit
+        if hit is None:
+            todo.append(i)
+    for start in range(0, len(todo), batch_size):
+        part = todo[start:start + batch_size]
+        for i, v in zip(part, embedder.vectors([samples[i].image for i in part])):
+            vectors[i] = v
+        if on_progress is not None:
+            on_progress(len(samples) - len(todo) + start + len(part), len(samples))
+    index = EmbeddingIndex(Path(out), str(checkpoint), digest, pool, rows, np.stack(vectors).astype(np.float32))
+    index.save()
+    return index
+
+
+def _rows(samples: list[Sample]) -> list[dict[str, Any]]:
+    return [{"path": str(s.image), "id": s.id, "label": s.label, "patient": s.patient,
+             "fingerprint": _fingerprint(Path(s.image))} for s in samples]
+
+
+def _reusable(out: Path, digest: str, pool: str) -> dict[tuple, np.ndarray]:
+    """Vectors of an earlier index in ``out`` by image fingerprint, when made with this checkpoint and pooling."""
+    if not (out / INDEX_FILE).is_file():
+        return {}
+    try:
+        old = EmbeddingIndex.load(out)
+    except ConfigError:
+        return {}
+    if (old.digest, old.pool) != (digest, pool):
+        return {}
+    return {tuple(r["fingerprint"]): v for r, v in zip(old.rows, old.vectors)}
+
+
+def knn_agreement(vectors: np.ndarray, labels: list[str | None], *, k: int = 20) -> float | None:
+    """Leave-one-out k-nearest-neighbour label agreement (cosine): the share of labelled images whose
+    ``k`` nearest other labelled images vote (majority, nearer first on a tie) for their own label.
+    None with fewer than two labelled images."""
+    keep = [i for i, lab in enumerate(labels) if lab is not None]
+    if len(keep) < 2:
+        return None
+    x = vectors[keep]
+    y = [labels[i] for i in keep]
+    k = min(k, len(keep) - 1)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    right = 0
+    for i, nbrs in enumerate(order):
+        votes = Counter(y[j] for j in nbrs)
+        top = max(votes.values())
+        winner = next(y[j] for j in nbrs if votes[y[j]] == top)   # the nearest of the tied labels
+        right += winner == y[i]
+    return right / len(keep)
+
+
+def similar(index: EmbeddingIndex, image: ImageLike, *, k: int = 8, exclude_same_patient: bool = False,
+            device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """The ``k`` images of ``index`` nearest to ``image`` (``path``, ``distance``, ``label``),
+    nearest first; an image of the index is its own first neighbour, at distance 0."""
+    rows = index.rows
+    own = _own_row(index, image)
+    if own is not None:
+        query = index.vectors[own]
+    else:
+        query = Embedder(index.checkpoint, pool=index.pool, device=device).vectors([image])[0]
+    dist = 1.0 - index.vectors @ query
+    if own is not None:
+        dist[own] = 0.0
+    patient = rows[own].get("patient") if own is not None else None
+    out = []
+    for i in np.argsort(dist, kind="stable"):
+        if exclude_same_patient and patient is not None and i != own and rows[i].get("patient") == patient:
+            continue
+        out.append({"path": rows[i]["path"], "distance": float(max(dist[i], 0.0)), "label": rows[i].get("label")})
+        if len(out) == k:
+            break
+    return out
+
+
+def _own_row(index: EmbeddingIndex, image: ImageLike) -> int | None:
+    """The row of ``image`` (a path) in the index, if it is one of its images."""
+    if not isinstance(image, (str, Path)):
+        return None
+    target = str(Path(image).resolve())
+    return next((i for i, r in enumerate(index.rows) if r["fingerprint"][0] == target), None)
+
+
+__all__ = ["EmbeddingIndex", "Embedder", "checkpoint_digest", "embed_dataset", "knn_agreement", "similar"]
