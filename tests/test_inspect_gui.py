@@ -70,3 +70,35 @@ def test_inspect_bad_checkpoint_notifies(make_napari_viewer, qtbot, tmp_path):
     qtbot.waitUntil(lambda: w.worker is None, timeout=30_000)
     assert "failed" in w.metrics.value
     assert len(notification_manager.records) > before
+
+
+def test_explain_adds_aligned_maps_and_similar_cases_sit_beside_the_image(make_napari_viewer, qtbot,
+                                                                          tiny_checkpoint, sample_root, tmp_path,
+                                                                          monkeypatch):
+    from mim_workbench.io import read_image
+    from mim_workbench_napari._inspect_widget import InspectWidget
+
+    monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path))
+    viewer = make_napari_viewer()
+    image = read_image(sample_root / "paediatric" / "images" / "km_n00001.png")
+    layer = viewer.add_image(image.data, name="child", scale=(0.5, 0.5), translate=(10, 20))
+    w = InspectWidget(viewer)
+    w.checkpoint.value = tiny_checkpoint
+    w.image.value = layer
+    panel = w.explain_panel
+    panel.explain()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    for name in ("attention: child", "rollout: child", "features: child"):
+        out = viewer.layers[name]
+        assert out.data.shape[:2] == image.data.shape[:2], name
+        assert tuple(out.scale) == tuple(layer.scale) and tuple(out.translate) == tuple(layer.translate)
+    assert viewer.layers["features: child"].rgb and "rollout" in panel.status.value
+    assert [l.name for l in w.image.choices] == ["child"], "the maps are not offered as images to inspect"
+
+    panel.data.value = str(sample_root / "paediatric")
+    panel.k.value = 3
+    panel.find_similar()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=90_000)
+    similar = [l.name for l in viewer.layers if l.name.startswith("similar ")]
+    assert len(similar) == 3 and similar[0].startswith("similar 1: km_n00001 (d=0.000, Normal)"), similar
+    assert w._grid().enabled and [h["distance"] for h in panel.neighbours] == sorted(h["distance"] for h in panel.neighbours)

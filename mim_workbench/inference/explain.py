@@ -28,15 +28,20 @@ if TYPE_CHECKING:
 
 @dataclass
 class PatchPCA:
-    """Three principal components of patch features and the range that maps each to [0, 1]."""
+    """Three principal components of patch features and the range that maps each to [0, 1].
 
-    mean: np.ndarray          # [D]
+    A ViT's patch tokens carry their position (the position embedding), which would colour
+    every image with the same gradient; fitted on several images, each grid position's mean
+    over them is taken out first, so the colours follow what differs: the content.
+    """
+
+    mean: np.ndarray          # [gh, gw, D] the mean at each position (all the same when fitted on one image)
     components: np.ndarray    # [3, D]
     low: np.ndarray           # [3]: 1st percentile of each component over the fitting set
     high: np.ndarray          # [3]: 99th percentile
 
     def colours(self, features: np.ndarray) -> np.ndarray:
-        """``[..., D]`` features -> ``[..., 3]`` RGB in [0, 1] (clipped outside the fitted range)."""
+        """``[gh, gw, D]`` features -> ``[gh, gw, 3]`` RGB in [0, 1] (clipped outside the fitted range)."""
         proj = (np.asarray(features, np.float64) - self.mean) @ self.components.T
         return np.clip((proj - self.low) / np.maximum(self.high - self.low, 1e-12), 0.0, 1.0).astype(np.float32)
 
@@ -171,19 +176,21 @@ class _Back:
 def fit_patch_pca(explainer: Explainer, images: list[ImageLike], *, max_patches: int = 50_000,
                   seed: int = 0) -> PatchPCA:
     """A :class:`PatchPCA` of the patch features of ``images`` (at most ``max_patches`` of them,
-    drawn with ``seed``); the same images and seed give the same colours.  ValueError for no image."""
+    drawn with ``seed``; with two images or more each position's mean is taken out first); the
+    same images and seed give the same colours.  ValueError for no image."""
     from sklearn.decomposition import PCA
 
     if not images:
         raise ValueError("fitting the feature colours needs at least one image")
-    feats = np.concatenate([explainer.patch_features(im).reshape(-1, explainer.encoder.embed_dim)
-                            for im in images])
+    grids = np.stack([explainer.patch_features(im) for im in images]).astype(np.float64)   # [n, gh, gw, D]
+    mean = grids.mean(axis=0) if len(grids) > 1 else np.broadcast_to(grids.mean(axis=(0, 1, 2)), grids.shape[1:])
+    feats = (grids - mean).reshape(-1, grids.shape[-1])
     rng = np.random.default_rng(seed)
     if len(feats) > max_patches:
         feats = feats[rng.choice(len(feats), max_patches, replace=False)]
-    pca = PCA(n_components=3, svd_solver="full").fit(feats.astype(np.float64))
-    proj = pca.transform(feats.astype(np.float64))
-    return PatchPCA(mean=pca.mean_, components=pca.components_, low=np.percentile(proj, 1, axis=0),
+    pca = PCA(n_components=3, svd_solver="full").fit(feats)
+    proj = feats @ pca.components_.T
+    return PatchPCA(mean=np.array(mean), components=pca.components_, low=np.percentile(proj, 1, axis=0),
                     high=np.percentile(proj, 99, axis=0))
 
 

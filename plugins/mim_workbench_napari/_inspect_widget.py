@@ -24,6 +24,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, Progre
 # segfaulted (Mesa/Xvfb).
 from mim_workbench.inference.reconstruct import ReconstructionResult, model_from_checkpoint, reconstruct
 
+from ._explain_panel import MAP_LAYERS, SIMILAR_PREFIX, ExplainPanel
 from ._multiscale import ScratchMaps, wants_tiled
 from ._self_check import arm_from_env
 from ._status import job_handlers, path_edit, status_label
@@ -34,7 +35,8 @@ OUTPUTS = (("masked", "masked"), ("recon", "reconstruction"), ("recon+visible", 
            ("error", "error"))
 #: the methods' own pictures, shown when the result has them: BEiT's token maps, the cosine map of latent targets
 METHOD_OUTPUTS = (("tokens", "tokens"), ("predicted tokens", "tokens_pred"), ("similarity", "similarity"))
-_OWN_PREFIXES = tuple(f"{p}: " for p, _ in OUTPUTS + METHOD_OUTPUTS) + ("masking preview: ",)
+_OWN_PREFIXES = (tuple(f"{p}: " for p, _ in OUTPUTS + METHOD_OUTPUTS) + ("masking preview: ",)
+                 + tuple(f"{p}: " for p, _, _ in MAP_LAYERS) + ("features: ", "class ", SIMILAR_PREFIX))
 
 
 class InspectWidget(Container):
@@ -56,8 +58,10 @@ class InspectWidget(Container):
         self.metrics = status_label("Choose a pretraining checkpoint (Pretrain fills it in when a run "
                                     "saves one) and an image layer, then Reconstruct.")
         self.progress = ProgressBar(label="Tiles", min=0, max=100, value=0, visible=False)
+        self.explain_panel = ExplainPanel(napari_viewer, self.checkpoint, self.image)
         self.extend([self.checkpoint, self.image, self.region, self.strategy, self.ratio, self.seed,
-                     self.run_button, self.resample, self.side_by_side, self.metrics, self.progress])
+                     self.run_button, self.resample, self.side_by_side, self.metrics, self.progress,
+                     self.explain_panel])
         self._failed, self._done = job_handlers(self, label=self.metrics, button=self.run_button,
                                                 worker_attr="worker", action="Reconstruction")
         self.run_button.changed.connect(self.reconstruct)

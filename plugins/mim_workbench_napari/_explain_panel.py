@@ -1,0 +1,175 @@
+"""The Inspect dock's look inside the encoder: attention and feature maps, similar cases.
+
+*Explain* adds, aligned with the chosen image, the class token's attention in the last block
+(mean over heads), the attention rollout, the patch features as colours and, for a
+fine-tuned classifier, the class-activation map of the predicted class.  *Similar cases*
+embeds a data folder once (kept in the workbench's cache, redone when the checkpoint or the
+images change) and shows the image's nearest neighbours beside it in grid mode, with their
+distances and labels.  Both run in the background through the core's ``explain`` and
+``embed`` functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import Container, PushButton, SpinBox
+
+from ._status import job_handlers, path_edit, start_job, status_label
+
+if TYPE_CHECKING:
+    import napari
+    from magicgui.widgets import ComboBox, FileEdit
+
+    from mim_workbench.inference.explain import Explanation
+
+#: the maps' layers: (prefix, Explanation field, colormap)
+MAP_LAYERS = (("attention", "attn_mean", "inferno"), ("rollout", "rollout", "inferno"))
+SIMILAR_PREFIX = "similar "
+
+
+class ExplainPanel(Container):
+    """Explain and Similar cases, on the Inspect dock's checkpoint and image."""
+
+    def __init__(self, viewer: napari.viewer.Viewer, checkpoint: FileEdit, image: ComboBox) -> None:
+        super().__init__(labels=True)
+        self.viewer, self.checkpoint, self.image = viewer, checkpoint, image
+        self.explain_button = PushButton(text="Explain (attention, features)")
+        self.data = path_edit(label="Similar in", mode="d", value="",
+                              placeholder="a folder of images (embedded once, then cached)")
+        self.k = SpinBox(label="Neighbours", min=1, max=32, value=6)
+        self.similar_button = PushButton(text="Similar cases")
+        self.status = status_label("Explain shows what the encoder attends to; Similar cases finds the "
+                                   "images of a folder it treats as alike.")
+        self.extend([self.explain_button, self.data, self.k, self.similar_button, self.status])
+        self._failed, self._done = job_handlers(self, label=self.status, button=self.explain_button,
+                                                worker_attr="worker", action="Explaining")
+        self.explain_button.changed.connect(self.explain)
+        self.similar_button.changed.connect(self.find_similar)
+        self.worker = None
+        self.neighbours: list[dict[str, Any]] = []
+
+    def _inputs(self) -> tuple[str, Any] | None:
+        """(checkpoint, image layer), or None after telling the user what is missing."""
+        from napari.utils.notifications import show_error
+
+        ckpt, img = str(self.checkpoint.value), self.image.value
+        if img is None or ckpt in ("", "."):
+            show_error("Choose a checkpoint and an image layer first.")
+            return None
+        return ckpt, img
+
+    # ------------------------------------------------------------------ maps
+    def explain(self) -> None:
+        """Compute the image's maps in the background; they arrive as layers aligned with it."""
+        chosen = self._inputs()
+        if chosen is None:
+            return
+        ckpt, img = chosen
+        data = np.asarray(img.data)
+        folder = str(self.data.value)
+
+        def work():
+            """Load the encoder, fit the colours (on the image and a few of the Similar-in folder's
+            images, when one is chosen) and compute the maps, off the GUI thread."""
+            from mim_workbench.inference.explain import Explainer, fit_patch_pca
+
+            explainer = Explainer(ckpt)
+            return explainer.explain(data, pca=fit_patch_pca(explainer, [data, *_some_images(folder)]))
+            yield  # a generator, as start_job expects
+
+        self.status.value = "explaining…"
+        self.explain_button.enabled = False
+        self.worker = start_job(work, on_yield=lambda _: None, on_done=lambda exp: self._show_maps(exp, img),
+                                on_error=self._failed, on_finished=self._done)
+
+    def _show_maps(self, exp: Explanation, img: Any) -> None:
+        """Add (or update) the map layers of ``img``: same scale and translate as the image."""
+        layers = [(f"{prefix}: {img.name}", getattr(exp, field), cmap) for prefix, field, cmap in MAP_LAYERS]
+        layers.append((f"features: {img.name}", exp.pca_rgb, None))
+        layers += [(f"class {c}: {img.name}", m, "inferno") for c, m in exp.cams.items()]
+        for name, data, cmap in layers:
+            if name in self.viewer.layers:
+                self.viewer.layers[name].data = data
+                continue
+            extra = {"rgb": True} if cmap is None else {"colormap": cmap, "opacity": 0.6, "blending": "additive"}
+            self.viewer.add_image(data, name=name, scale=img.scale[-2:], translate=img.translate[-2:], **extra)
+        cams = f"; class map of {', '.join(exp.cams)}" if exp.cams else ""
+        self.status.value = (f"attention of {len(exp.attn_heads)} heads, rollout and feature colours "
+                             f"of {img.name}{cams}")
+
+    # ------------------------------------------------------------------ similar cases
+    def find_similar(self) -> None:
+        """Embed the folder (or reuse its index) and show the image's nearest neighbours."""
+        from napari.utils.notifications import show_error
+
+        chosen = self._inputs()
+        if chosen is None:
+            return
+        folder = str(self.data.value)
+        if folder in ("", ".") or not Path(folder).is_dir():
+            show_error("Choose a folder of images to search (Similar in).")
+            return
+        ckpt, img = chosen
+        data, k = np.asarray(img.data), int(self.k.value)
+        out = index_folder(ckpt, folder)
+
+        def work():
+            """Embed what the index lacks (progress per batch), then search, off the GUI thread."""
+            from mim_workbench.inference.embed import embed_dataset, similar
+
+            index = embed_dataset(ckpt, folder, out)
+            yield len(index.rows)
+            return similar(index, data, k=k)
+
+        self.status.value = "embedding the folder…"
+        self.similar_button.enabled = False
+        self.worker = start_job(work, on_yield=self._embedded, on_done=lambda hits: self._show_neighbours(hits, img),
+                                on_error=self._failed, on_finished=self._similar_done)
+
+    def _embedded(self, count: int) -> None:
+        """The folder's index is ready: say so while the search runs."""
+        self.status.value = f"{count} images embedded; searching…"
+
+    def _similar_done(self) -> None:
+        """The search ended (found or failed): both buttons work again."""
+        self.similar_button.enabled = True
+        self._done()
+
+    def _show_neighbours(self, hits: list[dict[str, Any]], img: Any) -> None:
+        """The neighbours as image layers beside ``img`` in grid mode, nearest first."""
+        from mim_workbench.io import read_image
+
+        for layer in [l for l in self.viewer.layers if l.name.startswith(SIMILAR_PREFIX)]:
+            self.viewer.layers.remove(layer)
+        for rank, hit in enumerate(hits, 1):
+            label = f", {hit['label']}" if hit.get("label") else ""
+            name = f"{SIMILAR_PREFIX}{rank}: {Path(hit['path']).stem} (d={hit['distance']:.3f}{label})"
+            self.viewer.add_image(read_image(hit["path"]).data, name=name, colormap="gray")
+        grid = getattr(getattr(self.viewer, "canvas", None), "grid", None) or self.viewer.grid
+        grid.enabled, grid.stride = True, 1
+        self.viewer.reset_view()
+        self.neighbours = hits
+        self.status.value = f"{len(hits)} most similar images of the folder, nearest first (cosine distance)"
+
+
+def index_folder(checkpoint: str, folder: str) -> Path:
+    """Where the embeddings of ``folder`` under ``checkpoint`` are kept: the workbench's cache."""
+    from mim_workbench.io.cache import cache_base
+
+    key = hashlib.sha256(f"{Path(checkpoint).resolve()}|{Path(folder).resolve()}".encode()).hexdigest()[:20]
+    return cache_base() / "embeddings" / key
+
+
+def _some_images(folder: str, count: int = 15) -> list[Path]:
+    """Up to ``count`` images of ``folder`` spread over it (none when no folder is chosen)."""
+    if folder in ("", ".") or not Path(folder).is_dir():
+        return []
+    from mim_workbench.io.datasets import discover
+
+    samples = list(discover(folder).samples)
+    step = max(1, len(samples) // count)
+    return [s.image for s in samples[::step][:count]]
