@@ -102,3 +102,31 @@ def test_explain_adds_aligned_maps_and_similar_cases_sit_beside_the_image(make_n
     similar = [l.name for l in viewer.layers if l.name.startswith("similar ")]
     assert len(similar) == 3 and similar[0].startswith("similar 1: km_n00001 (d=0.000, Normal)"), similar
     assert w._grid().enabled and [h["distance"] for h in panel.neighbours] == sorted(h["distance"] for h in panel.neighbours)
+
+
+@pytest.mark.parametrize("method", ["beit", "feature"])
+def test_inspect_shows_token_maps_or_the_cosine_map(make_napari_viewer, qtbot, tmp_path, sample_root, method):
+    from _mim_tiny import tiny
+
+    from mim_workbench.io import read_image
+    from mim_workbench.training.config import PretrainConfig
+    from mim_workbench.training.pretrain_loop import pretrain
+    from mim_workbench_napari._inspect_widget import InspectWidget
+
+    run = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", method=method, max_steps=2,
+                                                 model_options={"codebook_size": 32}))).last_checkpoint
+    viewer = make_napari_viewer()
+    image = read_image(sample_root / "images" / "cxr0000.png")
+    viewer.add_image(image.data, name="x")
+    w = InspectWidget(viewer)
+    w.checkpoint.value = run
+    w.reconstruct()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
+    names = {layer.name for layer in viewer.layers}
+    if method == "beit":
+        assert {"tokens: x", "predicted tokens: x", "recon: x"} <= names
+        assert "masked-token accuracy" in w.metrics.value
+    else:
+        assert "similarity: x" in names and "recon: x" not in names
+        assert "cosine of predicted and teacher features" in w.metrics.value
+    assert viewer.layers["masked: x"].data.shape == image.data.shape
