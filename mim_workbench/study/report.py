@@ -24,8 +24,9 @@ def comparisons(variants: list[str]) -> list[tuple[str, str]]:
     """(variant, reference) pairs worth a paired difference, in the order the verdict says them."""
     pairs = [(v, "scratch") for v in variants if v != "scratch" and not v.startswith("init:")
              and "scratch" in variants]
-    if "rgmim" in variants and "mae" in variants:
-        pairs.append(("rgmim", "mae"))
+    if "mae" in variants:   # every other pretraining method against MAE's, region guidance first
+        pairs += [(v, "mae") for v in sorted(variants, key=lambda v: v != "rgmim")
+                  if v not in ("mae", "scratch") and not v.startswith("init:")]
     pairs += [(v, v[: -len("+mae")]) for v in variants if v.startswith("init:") and v.endswith("+mae")
               and v[: -len("+mae")] in variants]
     pairs += [(v, "scratch") for v in variants if v.startswith("init:") and "scratch" in variants]
