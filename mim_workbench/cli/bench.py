@@ -39,9 +39,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> Runner:
                     "GEMM rate, efficiency, masking, data pipeline and inference throughput. Prints JSON lines.",
     )
     p.add_argument("--quick", action="store_true", help="few repetitions (smoke test; numbers are not stable)")
-    p.add_argument("--methods", type=_csv(), default=None, help="comma list of mae,simmim,miram (default all)")
+    p.add_argument("--methods", type=_csv(), default=None, help="comma list of mae,simmim,miram,beit,feature (default all)")
     p.add_argument("--strategies", type=_csv(), default=None,
-                   help="comma list of random,block,region (default random,region)")
+                   help="comma list of random,block,blockwise,region (default random,region)")
     p.add_argument("--channels", type=_csv(int), default=None, help="input channels to time, e.g. 1,3 (default 1,3)")
     p.add_argument("--sections", type=_csv(), default=None,
                    help="subset of gemm,step,masking,data,inference (default all)")
