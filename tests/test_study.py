@@ -155,6 +155,10 @@ def test_bad_input_is_refused_naming_what(sets, tmp_path):
         run_study(_config(sets, tmp_path / "c", test_data=str(other)))
     with pytest.raises(ConfigError, match="variant 'dino'"):
         StudyConfig(variants=("dino",))
+    run_study(_config(sets, tmp_path / "d", variants=("scratch",), fractions=(1.0,), seeds=1))
+    with pytest.raises(ConfigError, match="data='/nowhere/labelled': no such folder"):   # before 'other data'
+        run_study(_config(sets, tmp_path / "d", variants=("scratch",), fractions=(1.0,), seeds=1,
+                          data="/nowhere/labelled"))
 
 
 def test_evaluate_command(sets, tmp_path, capsys):

@@ -81,6 +81,7 @@ def run_study(config: StudyConfig, on_event: Callable[[StudyProgress | StudyFini
     emit = on_event or (lambda _e: None)
     control = control or NullControl()
     t0 = time.perf_counter()
+    _check_sources(config)
     out = _claim_out(config)
     data = prepare_data(config)
     variants, notes = _usable_variants(config, data)
@@ -95,6 +96,15 @@ def run_study(config: StudyConfig, on_event: Callable[[StudyProgress | StudyFini
     emit(StudyFinished(out=result.out, files=result.files, verdict=result.verdict, notes=tuple(result.notes),
                        table=tuple(result.table)))
     return result
+
+
+def _check_sources(cfg: StudyConfig) -> None:
+    """Name a data folder that does not exist before anything else is judged (a study resumed with
+    a mistyped path must not be told that its results belong to other data)."""
+    for name in ("data", "unlabeled", "test_data", "masks"):
+        value = getattr(cfg, name)
+        if value and not Path(value).expanduser().exists():
+            raise ConfigError(f"{name}={value!r}: no such folder or file")
 
 
 def _claim_out(cfg: StudyConfig) -> Path:
