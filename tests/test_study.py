@@ -102,9 +102,11 @@ def test_an_interrupted_study_resumes_and_encoders_are_reused(study, sets):
     res, _, out = study
     # Lose one cell, as a crash would; everything else is read back.
     shutil.rmtree(out / "runs" / "mae" / "f0.5-s1")
+    first_s = json.loads((out / "summary.json").read_text())["wall_s_total"]
     again = run_study(_config(sets, out))
     assert [r["reused"] for r in again.rows].count(False) == 1
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_s_total"] == pytest.approx(first_s + summary["wall_s"], abs=0.2), "both runs' time"
     assert summary["pretraining"]["mae"]["reused"] and summary["pretraining"]["rgmim"]["reused"]
     assert [r["auc"] for r in again.rows if r["reused"]] == [r["auc"] for r in res.rows if
                                                              (r["variant"], r["fraction"], r["seed"]) != ("mae", 0.5, 1)]

@@ -241,9 +241,20 @@ def _report(cfg: StudyConfig, data: StudyData, variants: list[Variant], encoders
     Path(files["table_md"]).write_text(rep.markdown(table, keys, ivs, cfg.fractions, names, title="Pretraining study",
                                                     header=header, verdict_text=text, notes=notes), encoding="utf-8")
     rep.plot(panels, names, Path(files["plot"]))
-    Path(files["summary"]).write_text(json.dumps(summary(cfg, data, encoders, table, ivs, ext_ivs, text, notes,
-                                                         wall_s), indent=2) + "\n", encoding="utf-8")
+    record = summary(cfg, data, encoders, table, ivs, ext_ivs, text, notes, wall_s)
+    record["wall_s_total"] = round(wall_s + _earlier_wall_s(Path(files["summary"])), 1)
+    Path(files["summary"]).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return StudyResult(out=str(out), rows=rows, table=table, files=files, verdict=text, notes=notes)
+
+
+def _earlier_wall_s(path: Path) -> float:
+    """Seconds the runs of this study before this one took (from their ``summary.json``; a run that
+    stopped before its report is not counted), so a resumed study reports more than its last part."""
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+        return float(before.get("wall_s_total", before.get("wall_s", 0.0)))
+    except (OSError, ValueError, TypeError):
+        return 0.0
 
 
 def _header(cfg: StudyConfig, data: StudyData, encoders: dict[str, Encoder]) -> str:

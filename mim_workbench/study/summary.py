@@ -34,7 +34,8 @@ def summary(cfg: StudyConfig, data: StudyData, encoders: dict[str, Encoder], tab
             ivs: dict[str, Any], ext_ivs: dict[str, Any] | None, verdict: str, notes: list[str],
             wall_s: float) -> dict[str, Any]:
     """The JSON-safe content of ``summary.json``: settings, data digests and ids, encoders, table, intervals,
-    verdict, package versions, machine and ``wall_s`` (seconds).  Writes nothing itself."""
+    verdict, package versions, machine and ``wall_s`` (seconds of this run; the caller adds
+    ``wall_s_total``, all runs of a resumed study together).  Writes nothing itself."""
     from ..bench.machine import machine_record
 
     return json_safe({
