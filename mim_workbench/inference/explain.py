@@ -95,11 +95,11 @@ class Explainer:
         self.classifier: Classifier | None = None
         self.classes: list[str] = []
         path = Path(str(checkpoint))
-        kind = None if path.suffix == ".safetensors" else load_checkpoint(path).kind
-        if kind == FINETUNE_KIND:
+        ckpt = None if path.suffix == ".safetensors" else load_checkpoint(path)
+        if ckpt is not None and ckpt.kind == FINETUNE_KIND:
             from .predict import Predictor
 
-            pred = Predictor(checkpoint, device=self.device)
+            pred = Predictor(ckpt, device=self.device)   # the checkpoint read once
             self.classifier, self.classes = pred.model, pred.classes
             self.encoder: VisionTransformer = pred.model.encoder
             encoder_cfg = pred.model_config.encoder

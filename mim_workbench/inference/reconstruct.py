@@ -28,6 +28,7 @@ import torch
 from ..errors import ConfigError, ReaderError
 from ..io.model_input import as_unit_array, to_channels
 from ..io.meta import json_safe
+from ..models.render import METHOD_PICTURES
 
 if TYPE_CHECKING:
     from ..io.letterbox import Letterbox
@@ -271,7 +272,7 @@ def _result(x: torch.Tensor, r: Rendered, content: np.ndarray, lb: Letterbox,
     img = _grey(x)
     rpv = _grey(r.recon_plus_visible)
     pix_mask = r.mask[0, 0].cpu().numpy() > 0.5
-    extra = {name: _grey(getattr(r, name)) for name in ("fine_reconstruction", "tokens", "tokens_pred", "similarity")
+    extra = {name: _grey(getattr(r, name)) for name in ("fine_reconstruction", *(field for field, _ in METHOD_PICTURES))
              if getattr(r, name, None) is not None}
     if "similarity" in extra:   # latent targets: no pixels were predicted
         on = pix_mask & content

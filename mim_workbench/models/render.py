@@ -47,6 +47,10 @@ class PatchGrid(Protocol):
     cfg: ModelConfig           # ``miram_scale`` for the fine picture
 
 
+#: the methods' own pictures in a :class:`Rendered`, by field, with the name they are shown under
+METHOD_PICTURES = (("tokens", "tokens"), ("tokens_pred", "predicted tokens"), ("similarity", "similarity"))
+
+
 @dataclass
 class Rendered:
     """Detached float32 pictures; images ``[B, C, H, W]`` unless stated."""

@@ -29,6 +29,7 @@ from ..errors import CheckpointError, ConfigError, MimError, TrainingError
 from ..models import ModelConfig
 from ..models import checkpoint as ckpt_mod
 from ..models.config import ENCODER_FIELDS
+from ..models.render import METHOD_PICTURES
 from .config import RUN_CONTROL_FIELDS, PretrainConfig, require_data_and_out
 from .control import Control, NullControl
 from .events import (
@@ -56,8 +57,6 @@ _MASK_SEED_OFFSET = 1
 _VAL_SEED_OFFSET = 4_242
 _PREVIEW_SEED_OFFSET = 9_999
 _PLAN_AFTER_STEPS = 3      # step times before this are warm-up (allocation, compilation)
-#: the methods' own preview pictures: (Rendered field, name in ``Preview.extra``)
-_EXTRA_PICTURES = (("tokens", "tokens"), ("tokens_pred", "predicted tokens"), ("similarity", "similarity"))
 
 
 def pretrain(config: PretrainConfig, on_event: EventHandler | None = None,
@@ -844,7 +843,7 @@ class _Trainer:
             reconstruction=_small(r.reconstruction, size),
             error=_small(r.error, size),
             recon_plus_visible=_small(r.recon_plus_visible, size),
-            extra={label: _small(getattr(r, name), size) for name, label in _EXTRA_PICTURES
+            extra={label: _small(getattr(r, name), size) for name, label in METHOD_PICTURES
                    if getattr(r, name) is not None},
         ))
         self._t_active += time.perf_counter() - t0

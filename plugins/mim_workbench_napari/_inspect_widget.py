@@ -23,6 +23,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSlider, Progre
 # triton, and loading triton's LLVM from a worker thread after napari made its GL context
 # segfaulted (Mesa/Xvfb).
 from mim_workbench.inference.reconstruct import ReconstructionResult, model_from_checkpoint, reconstruct
+from mim_workbench.models.render import METHOD_PICTURES
 
 from ._explain_panel import MAP_LAYERS, SIMILAR_PREFIX, ExplainPanel
 from ._multiscale import ScratchMaps, wants_tiled
@@ -34,7 +35,7 @@ TILED_OUTPUTS = (("recon", "reconstruction"), ("error", "error"))
 OUTPUTS = (("masked", "masked"), ("recon", "reconstruction"), ("recon+visible", "recon_plus_visible"),
            ("error", "error"))
 #: the methods' own pictures, shown when the result has them: BEiT's token maps, the cosine map of latent targets
-METHOD_OUTPUTS = (("tokens", "tokens"), ("predicted tokens", "tokens_pred"), ("similarity", "similarity"))
+METHOD_OUTPUTS = tuple((label, field) for field, label in METHOD_PICTURES)
 _OWN_PREFIXES = (tuple(f"{p}: " for p, _ in OUTPUTS + METHOD_OUTPUTS) + ("masking preview: ",)
                  + tuple(f"{p}: " for p, _, _ in MAP_LAYERS) + ("features: ", "class ", SIMILAR_PREFIX))
 
