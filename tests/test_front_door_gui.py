@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gui
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-DOCKS = ["Evaluate", "Fine-tune", "Inspect", "Pretrain", "Workbench"]
+DOCKS = ["Embedding map", "Evaluate", "Fine-tune", "Inspect", "Pretrain", "Workbench"]
 BINDINGS = [pytest.param(api, marks=pytest.mark.skipif(importlib.util.find_spec(mod) is None,
                                                      reason=f"{mod} is not installed"))
             for api, mod in (("pyqt6", "PyQt6"), ("pyqt5", "PyQt5"))]

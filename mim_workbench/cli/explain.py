@@ -89,6 +89,9 @@ def _add_similar(sub: argparse._SubParsersAction) -> Runner:
                        description="One JSON line per neighbour, nearest first: path, cosine distance, label.")
     p.add_argument("--index", required=True, help="a folder written by mim-workbench embed")
     add_image(p, "the query image (an image of the index comes first, at distance 0)")
+    p.add_argument("--box", default=None, metavar="TOP,LEFT,BOTTOM,RIGHT",
+                   help="search by this region of the image (pixels): images holding something like it, "
+                        "each with the box where it matches best")
     p.add_argument("-k", type=int, default=8, help="neighbours (default 8)")
     p.add_argument("--exclude-same-patient", action="store_true",
                    help="leave out the query's other images (where the data set names patients)")
@@ -101,10 +104,29 @@ def _run_similar(args: argparse.Namespace) -> int:
     from ..training.runtime import select_device
 
     index = EmbeddingIndex.load(args.index)
-    for row in similar(index, args.image, k=args.k, exclude_same_patient=args.exclude_same_patient,
-                       device=select_device(args.device)):
+    options = {"k": args.k, "exclude_same_patient": args.exclude_same_patient, "device": select_device(args.device)}
+    if args.box is None:
+        hits = similar(index, args.image, **options)
+    else:
+        from ..inference.region_search import similar_region
+
+        hits = similar_region(index, args.image, _box(args.box), **options)
+    for row in hits:
         print(json.dumps(row))
     return 0
+
+
+def _box(text: str) -> tuple[float, ...]:
+    """``--box TOP,LEFT,BOTTOM,RIGHT`` as numbers; ConfigError naming the value otherwise."""
+    from ..errors import ConfigError
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ConfigError(f"--box {text!r}: give four numbers TOP,LEFT,BOTTOM,RIGHT (pixels)")
+    return values
 
 
 COMMANDS: list[AddCommand] = [_add_explain, _add_embed, _add_similar]

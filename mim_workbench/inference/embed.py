@@ -1,10 +1,12 @@
 """One embedding per image of a data set, nearest-neighbour search over them, and label agreement.
 
 :func:`embed_dataset` writes an index folder: ``embeddings.npy`` (``[N, D]`` float32, unit
-length) and ``index.json`` (the checkpoint and its digest, the pooling, and per image its
-path, id, label, patient and file fingerprint).  Run again on the same folder it keeps the
-rows of unchanged images and embeds only new or changed ones; a changed checkpoint (another
-digest) or pooling embeds everything again.  Distances are cosine distances (1 - cosine).
+length), ``patches.npy`` (``[N, D, gh, gw]`` float16: each image's patch features, for
+searching by region, :mod:`.region_search`) and ``index.json`` (the checkpoint and its
+digest, the pooling, the encoder's input size, and per image its path, id, label, patient,
+size and file fingerprint).  Run again on the same folder it keeps the rows of unchanged
+images and embeds only new or changed ones; a changed checkpoint (another digest) or pooling
+embeds everything again.  Distances are cosine distances (1 - cosine).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
     from ..io.samples import Sample
     from .reconstruct import CheckpointLike, ImageLike
 
-INDEX_FILE, VECTORS_FILE = "index.json", "embeddings.npy"
+INDEX_FILE, VECTORS_FILE, PATCHES_FILE = "index.json", "embeddings.npy", "patches.npy"
+#: patch grids wider than this are average-pooled to it, so an index stays a few hundred MB at most
+MAX_GRID = 16
 
 
 def checkpoint_digest(checkpoint: CheckpointLike) -> str:
@@ -54,19 +58,29 @@ class Embedder:
             raise ConfigError(f"pool={pool!r}: choose token or avg")
         self.explainer, self.pool = Explainer(checkpoint, device=device), pool
 
-    @torch.no_grad()
     def vectors(self, images: list[ImageLike]) -> np.ndarray:
         """``[len(images), D]`` float32 unit-length embeddings."""
+        return self.encode(images)[0]
+
+    @torch.no_grad()
+    def encode(self, images: list[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings ``[n, D]`` (float32, unit length) and patch features ``[n, D, gh, gw]``
+        (float32, after the final norm; grids wider than ``MAX_GRID`` average-pooled to it)."""
+        from ..models.classifier import patch_grid
         from ..models.encoder import encoder_tokens
 
         enc = self.explainer.encoder
         if not images:
-            return np.zeros((0, enc.embed_dim), np.float32)
+            return np.zeros((0, enc.embed_dim), np.float32), np.zeros((0, enc.embed_dim, 1, 1), np.float32)
         x = torch.cat([self.explainer.model_input(im)[0] for im in images])
         tokens = encoder_tokens(enc, x)
         P = enc.num_prefix_tokens
         feat = tokens[:, 0] if self.pool == "token" and enc.cls_token is not None else tokens[:, P:].mean(1)
-        return torch.nn.functional.normalize(feat.float(), dim=-1).cpu().numpy()
+        grid = patch_grid(enc, tokens).float()
+        if max(grid.shape[-2:]) > MAX_GRID:
+            grid = torch.nn.functional.adaptive_avg_pool2d(grid, (min(grid.shape[-2], MAX_GRID),
+                                                                  min(grid.shape[-1], MAX_GRID)))
+        return (torch.nn.functional.normalize(feat.float(), dim=-1).cpu().numpy(), grid.cpu().numpy())
 
 
 @dataclass
@@ -77,8 +91,10 @@ class EmbeddingIndex:
     checkpoint: str
     digest: str
     pool: str
-    rows: list[dict[str, Any]]       # path, id, label, patient, fingerprint
+    rows: list[dict[str, Any]]       # path, id, label, patient, size (H, W), fingerprint
     vectors: np.ndarray              # [N, D] float32, unit length
+    patches: np.ndarray | None = None   # [N, D, gh, gw] float16 (None: an index without them)
+    img_size: tuple[int, int] | None = None   # the encoder's input (H, W), which the patch grid covers
 
     @classmethod
     def load(cls, root: str | Path) -> EmbeddingIndex:
@@ -91,13 +107,20 @@ class EmbeddingIndex:
             raise ConfigError(f"{root}: not an embedding index (mim-workbench embed writes one): {exc}") from None
         if len(meta.get("rows", [])) != len(vectors):
             raise ConfigError(f"{root}: {INDEX_FILE} and {VECTORS_FILE} disagree; embed the data set again")
-        return cls(root, meta["checkpoint"], meta["digest"], meta["pool"], meta["rows"], vectors)
+        patches = np.load(root / PATCHES_FILE, mmap_mode="r") if (root / PATCHES_FILE).is_file() else None
+        if patches is not None and len(patches) != len(vectors):
+            patches = None       # written by an interrupted run: region search asks to embed again
+        img_size = tuple(meta["img_size"]) if meta.get("img_size") else None
+        return cls(root, meta["checkpoint"], meta["digest"], meta["pool"], meta["rows"], vectors, patches, img_size)
 
     def save(self) -> None:
-        """Write the two files (the vectors first, so a crash never leaves rows without vectors)."""
+        """Write the files (the arrays first, so a crash never leaves rows without vectors)."""
         self.root.mkdir(parents=True, exist_ok=True)
         np.save(self.root / VECTORS_FILE, self.vectors.astype(np.float32))
-        meta = {"checkpoint": self.checkpoint, "digest": self.digest, "pool": self.pool, "rows": self.rows}
+        if self.patches is not None:
+            np.save(self.root / PATCHES_FILE, np.asarray(self.patches, dtype=np.float16))
+        meta = {"checkpoint": self.checkpoint, "digest": self.digest, "pool": self.pool,
+                "img_size": list(self.img_size) if self.img_size else None, "rows": self.rows}
         (self.root / INDEX_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
 
     def labels(self) -> list[str | None]:
@@ -116,6 +139,7 @@ def embed_dataset(checkpoint: CheckpointLike, data: str | Path, out: str | Path,
     """Embed every image of ``data`` (any layout ``discover`` reads) into the index folder ``out``,
     reusing the rows of an earlier run with the same checkpoint and pooling for unchanged
     images; ``on_progress(done, total)`` after each batch.  ConfigError for an empty data set."""
+    from ..io import read_image
     from ..io.datasets import discover
 
     samples = list(discover(data).samples)
@@ -124,39 +148,45 @@ def embed_dataset(checkpoint: CheckpointLike, data: str | Path, out: str | Path,
     digest = checkpoint_digest(checkpoint)
     old = _reusable(Path(out), digest, pool)
     embedder = Embedder(checkpoint, pool=pool, device=device)
-    rows, vectors, todo = _rows(samples), [None] * len(samples), []
+    rows, vectors, grids, todo = _rows(samples), [None] * len(samples), [None] * len(samples), []
     for i, row in enumerate(rows):
-        hit = old.get(tuple(row["fingerprint"]))
-        vectors[i] = hit
-        if hit is None:
+        vectors[i], grids[i], size = old.get(tuple(row["fingerprint"]), (None, None, None))
+        if vectors[i] is None:
             todo.append(i)
+        row["size"] = size
     for start in range(0, len(todo), batch_size):
         part = todo[start:start + batch_size]
-        for i, v in zip(part, embedder.vectors([samples[i].image for i in part])):
-            vectors[i] = v
+        images = [read_image(samples[i].image, keep_color=False) for i in part]
+        for i, image in zip(part, images):
+            rows[i]["size"] = [int(image.data.shape[0]), int(image.data.shape[1])]
+        for i, v, g in zip(part, *embedder.encode(images)):
+            vectors[i], grids[i] = v, g.astype(np.float16)
         if on_progress is not None:
             on_progress(len(samples) - len(todo) + start + len(part), len(samples))
-    index = EmbeddingIndex(Path(out), str(checkpoint), digest, pool, rows, np.stack(vectors).astype(np.float32))
+    index = EmbeddingIndex(Path(out), str(checkpoint), digest, pool, rows, np.stack(vectors).astype(np.float32),
+                           np.stack(grids), tuple(embedder.explainer.img_size))
     index.save()
     return index
 
 
 def _rows(samples: list[Sample]) -> list[dict[str, Any]]:
-    return [{"path": str(s.image), "id": s.id, "label": s.label, "patient": s.patient,
+    return [{"path": str(s.image), "id": s.id, "label": s.label, "patient": s.patient, "size": None,
              "fingerprint": _fingerprint(Path(s.image))} for s in samples]
 
 
-def _reusable(out: Path, digest: str, pool: str) -> dict[tuple, np.ndarray]:
-    """Vectors of an earlier index in ``out`` by image fingerprint, when made with this checkpoint and pooling."""
+def _reusable(out: Path, digest: str, pool: str) -> dict[tuple, tuple[np.ndarray, np.ndarray, list[int]]]:
+    """(vector, patch grid, image size) of an earlier index in ``out`` by image fingerprint, when made with
+    this checkpoint and pooling and holding patch grids."""
     if not (out / INDEX_FILE).is_file():
         return {}
     try:
         old = EmbeddingIndex.load(out)
     except ConfigError:
         return {}
-    if (old.digest, old.pool) != (digest, pool):
+    if (old.digest, old.pool) != (digest, pool) or old.patches is None:
         return {}
-    return {tuple(r["fingerprint"]): v for r, v in zip(old.rows, old.vectors)}
+    return {tuple(r["fingerprint"]): (v, np.array(g), r.get("size"))
+            for r, v, g in zip(old.rows, old.vectors, old.patches)}
 
 
 def knn_agreement(vectors: np.ndarray, labels: list[str | None], *, k: int = 20) -> float | None:

@@ -517,3 +517,20 @@ def _ensure_nonempty(assign: dict[str, str], order: list[str], groups: dict[str,
                 continue  # moving it would overshoot more than it helps
             assign[key] = split
             have += size
+
+
+def table_columns(data: str | os.PathLike, samples: Sequence[Sample]) -> dict[str, list[str | None]]:
+    """Every column of a data set's table for ``samples``, in their order: the manifest when
+    ``data`` is one, else ``labels.csv`` in the folder (rows matched by id or file stem); empty
+    when there is none.  The id/image column itself is left out."""
+    path = Path(data)
+    table = path if path.is_file() else path / "labels.csv"
+    if not table.is_file() or table.suffix.lower() not in MANIFEST_SUFFIXES:
+        return {}
+    fieldnames, rows = _read_csv(table)
+    id_col = _find_col(fieldnames, _ID_COLUMNS)
+    if id_col is None:
+        return {}
+    by_key = {file_stem(Path(r[id_col])): r for r in rows if _clean(r.get(id_col))}
+    matched = [by_key.get(file_stem(s.image)) or by_key.get(s.id) or {} for s in samples]
+    return {col: [_clean(r.get(col)) for r in matched] for col in fieldnames if col and col != id_col}

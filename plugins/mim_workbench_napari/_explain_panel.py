@@ -5,7 +5,8 @@
 fine-tuned classifier, the class-activation map of the predicted class.  *Similar cases*
 embeds a data folder once (kept in the workbench's cache, redone when the checkpoint or the
 images change) and shows the image's nearest neighbours beside it in grid mode, with their
-distances and labels.  Both run in the background through the core's ``explain`` and
+distances and labels; with a search box drawn on the image it searches by that region, and
+each neighbour shows the box where it matches best.  Both run in the background through the core's ``explain`` and
 ``embed`` functions.
 """
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 #: the maps' layers: (prefix, Explanation field, colormap)
 MAP_LAYERS = (("attention", "attn_mean", "inferno"), ("rollout", "rollout", "inferno"))
 SIMILAR_PREFIX = "similar "
+BOX_PREFIX = "search box: "
+#: drawn around the best-matching region of each neighbour
+MATCH_STYLE = {"edge_color": "yellow", "face_color": "transparent", "edge_width": 3, "shape_type": "rectangle"}
 
 
 class ExplainPanel(Container):
@@ -41,14 +45,16 @@ class ExplainPanel(Container):
         self.data = path_edit(label="Similar in", mode="d", value="",
                               placeholder="a folder of images (embedded once, then cached)")
         self.k = SpinBox(label="Neighbours", min=1, max=32, value=6)
+        self.box_button = PushButton(text="Draw a search box (optional)")
         self.similar_button = PushButton(text="Similar cases")
         self.status = status_label("Explain shows what the encoder attends to; Similar cases finds the "
-                                   "images of a folder it treats as alike.")
-        self.extend([self.explain_button, self.data, self.k, self.similar_button, self.status])
+                                   "images of a folder it treats as alike (the whole image, or a box drawn on it).")
+        self.extend([self.explain_button, self.data, self.k, self.box_button, self.similar_button, self.status])
         self._failed, self._done = job_handlers(self, label=self.status, button=self.explain_button,
                                                 worker_attr="worker", action="Explaining")
         self.explain_button.changed.connect(self.explain)
         self.similar_button.changed.connect(self.find_similar)
+        self.box_button.changed.connect(self.draw_box)
         self.worker = None
         self.neighbours: list[dict[str, Any]] = []
 
@@ -114,21 +120,46 @@ class ExplainPanel(Container):
             show_error("Choose a folder of images to search (Similar in).")
             return
         ckpt, img = chosen
-        data, k = np.asarray(img.data), int(self.k.value)
+        data, k, box = np.asarray(img.data), int(self.k.value), self.search_box(img)
         out = index_folder(ckpt, folder)
 
         def work():
             """Embed what the index lacks (progress per batch), then search, off the GUI thread."""
             from mim_workbench.inference.embed import embed_dataset, similar
+            from mim_workbench.inference.region_search import similar_region
 
             index = embed_dataset(ckpt, folder, out)
             yield len(index.rows)
-            return similar(index, data, k=k)
+            return similar(index, data, k=k) if box is None else similar_region(index, data, box, k=k)
 
         self.status.value = "embedding the folder…"
         self.similar_button.enabled = False
         self.worker = start_job(work, on_yield=self._embedded, on_done=lambda hits: self._show_neighbours(hits, img),
                                 on_error=self._failed, on_finished=self._similar_done)
+
+    def draw_box(self) -> None:
+        """Add (or select) the image's search-box layer, ready to draw a rectangle on it."""
+        chosen = self._inputs()
+        if chosen is None:
+            return
+        img = chosen[1]
+        name = BOX_PREFIX + img.name
+        if name not in self.viewer.layers:
+            self.viewer.add_shapes(name=name, scale=img.scale[-2:], translate=img.translate[-2:],
+                                   edge_color="cyan", face_color="transparent", edge_width=3)
+        layer = self.viewer.layers[name]
+        self.viewer.layers.selection.active = layer
+        layer.mode = "add_rectangle"
+        self.status.value = f"draw a box on {img.name}, then press Similar cases (delete the box to search the whole image)"
+
+    def search_box(self, img: Any) -> tuple[float, float, float, float] | None:
+        """The last box drawn on ``img`` (top, left, bottom, right in its pixels), or None."""
+        name = BOX_PREFIX + img.name
+        if name not in self.viewer.layers or not len(self.viewer.layers[name].data):
+            return None
+        corners = np.asarray(self.viewer.layers[name].data[-1])[:, -2:]
+        (top, left), (bottom, right) = corners.min(0), corners.max(0)
+        return float(top), float(left), float(bottom), float(right)
 
     def _embedded(self, count: int) -> None:
         """The folder's index is ready: say so while the search runs."""
@@ -145,15 +176,22 @@ class ExplainPanel(Container):
 
         for layer in [l for l in self.viewer.layers if l.name.startswith(SIMILAR_PREFIX)]:
             self.viewer.layers.remove(layer)
+        by_box = any("box" in hit for hit in hits)
         for rank, hit in enumerate(hits, 1):
             label = f", {hit['label']}" if hit.get("label") else ""
             name = f"{SIMILAR_PREFIX}{rank}: {Path(hit['path']).stem} (d={hit['distance']:.3f}{label})"
             self.viewer.add_image(read_image(hit["path"]).data, name=name, colormap="gray")
+            if by_box:    # the match's box right above its image: the two share a grid cell (stride 2)
+                top, left, bottom, right = hit["box"]
+                rect = np.array([[top, left], [top, right], [bottom, right], [bottom, left]], dtype=float)
+                self.viewer.add_shapes([rect], name=f"{SIMILAR_PREFIX}{rank} box", **MATCH_STYLE)
         grid = getattr(getattr(self.viewer, "canvas", None), "grid", None) or self.viewer.grid
-        grid.enabled, grid.stride = True, 1
+        grid.enabled, grid.stride = True, 2 if by_box else 1
         self.viewer.reset_view()
         self.neighbours = hits
-        self.status.value = f"{len(hits)} most similar images of the folder, nearest first (cosine distance)"
+        what = "the search box's region" if by_box else "the image"
+        self.status.value = (f"{len(hits)} images of the folder most like {what}, nearest first (cosine distance)"
+                             + ("; yellow: where each matches best" if by_box else ""))
 
 
 def index_folder(checkpoint: str, folder: str) -> Path:

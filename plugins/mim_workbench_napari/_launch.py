@@ -14,7 +14,7 @@ from mim_workbench.errors import MimError
 if TYPE_CHECKING:
     import napari
 
-DOCKS = ("Workbench", "Pretrain", "Inspect", "Fine-tune", "Evaluate")
+DOCKS = ("Workbench", "Pretrain", "Inspect", "Fine-tune", "Evaluate", "Embedding map")
 
 
 class LaunchError(MimError):
@@ -103,7 +103,7 @@ def _run_self_check(viewer, screenshot: Path | None, timeout_s: float) -> int:
 def open_workbench(viewer: napari.viewer.Viewer, paths: list[str] | None = None) -> dict:
     """Dock the workbench and load ``paths`` (or the sample chest X-ray with its lung mask).
 
-    Returns the dock widgets by name: Workbench, Pretrain, Inspect, Fine-tune, Evaluate. Raises
+    Returns the dock widgets by name (``DOCKS``). Raises
     :class:`LaunchError` naming the dock that failed to load, or the path that failed to open.
     """
     for p in paths or []:
