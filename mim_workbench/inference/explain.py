@@ -30,12 +30,13 @@ if TYPE_CHECKING:
 class PatchPCA:
     """Three principal components of patch features and the range that maps each to [0, 1].
 
-    A ViT's patch tokens carry their position (the position embedding), which would colour
-    every image with the same gradient; fitted on several images, each grid position's mean
-    over them is taken out first, so the colours follow what differs: the content.
+    A plain PCA of all patches of the fitting set (one mean for every position): on aligned
+    radiographs, where anatomy and position go together, taking each position's own mean out
+    would take the anatomy out with it.  A random network's colours then follow only its
+    position embedding (the same gradient on every image); a trained one's follow content.
     """
 
-    mean: np.ndarray          # [gh, gw, D] the mean at each position (all the same when fitted on one image)
+    mean: np.ndarray          # [gh, gw, D] the fitting set's mean patch feature, at every position
     components: np.ndarray    # [3, D]
     low: np.ndarray           # [3]: 1st percentile of each component over the fitting set
     high: np.ndarray          # [3]: 99th percentile
@@ -176,14 +177,13 @@ class _Back:
 def fit_patch_pca(explainer: Explainer, images: list[ImageLike], *, max_patches: int = 50_000,
                   seed: int = 0) -> PatchPCA:
     """A :class:`PatchPCA` of the patch features of ``images`` (at most ``max_patches`` of them,
-    drawn with ``seed``; with two images or more each position's mean is taken out first); the
-    same images and seed give the same colours.  ValueError for no image."""
+    drawn with ``seed``); the same images and seed give the same colours.  ValueError for no image."""
     from sklearn.decomposition import PCA
 
     if not images:
         raise ValueError("fitting the feature colours needs at least one image")
     grids = np.stack([explainer.patch_features(im) for im in images]).astype(np.float64)   # [n, gh, gw, D]
-    mean = grids.mean(axis=0) if len(grids) > 1 else np.broadcast_to(grids.mean(axis=(0, 1, 2)), grids.shape[1:])
+    mean = np.broadcast_to(grids.mean(axis=(0, 1, 2)), grids.shape[1:])
     feats = (grids - mean).reshape(-1, grids.shape[-1])
     rng = np.random.default_rng(seed)
     if len(feats) > max_patches:
