@@ -36,6 +36,7 @@ def test_the_map_colours_opens_on_click_and_labels_a_lasso(make_napari_viewer, q
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path / "cache"))
     viewer = make_napari_viewer()
     w = EmbeddingMapWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Embedding map")     # docked: napari re-reads its choices on layer changes
     w.checkpoint.value = tiny_checkpoint
     w.data.value = str(sample_root / "paediatric")
     w.labels_file.value = str(tmp_path / "labels.csv")
@@ -52,6 +53,7 @@ def test_the_map_colours_opens_on_click_and_labels_a_lasso(make_napari_viewer, q
     _click(w.canvas, w.axes, *w.xy[target])
     opened = [l.name for l in viewer.layers if l.name.startswith(MAP_PREFIX)]
     assert len(opened) == 1, opened
+    assert w.colour.value == "label", "opening a layer keeps the colouring"
     # the point clicked, or one drawn exactly on top of it
     assert np.allclose(w.xy[[r["path"] for r in w.rows].index(w.opened[-1])], w.xy[target], atol=1e-3)
 

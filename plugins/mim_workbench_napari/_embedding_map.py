@@ -39,7 +39,8 @@ class EmbeddingMapWidget(Container):
         self.data = path_edit(label="Folder", mode="d", value="", placeholder="the images to map")
         self.projection = ComboBox(label="Projection", choices=["pca", "tsne", "umap"], value="pca")
         self.map_button = PushButton(text="Map the folder")
-        self.colour = ComboBox(label="Colour by", choices=[], nullable=True, value=None)
+        # choices from a function: napari re-reads a docked widget's choices whenever layers change
+        self.colour = ComboBox(label="Colour by", choices=self._colour_choices, nullable=True, value=None)
         self.label_text = LineEdit(label="Label", value="")
         self.labels_file = path_edit(label="Labels file", mode="w", value="",
                                      placeholder="a CSV manifest (default: map-labels.csv in the folder)")
@@ -63,6 +64,10 @@ class EmbeddingMapWidget(Container):
         self.selected = np.zeros(0, bool)
         self.opened: list[str] = []
         self._lasso = None
+
+    def _colour_choices(self, *_: Any) -> list[str]:
+        """What the map can be coloured by: the columns read with the last map."""
+        return list(getattr(self, "columns", {}))
 
     # ------------------------------------------------------------------ mapping
     def make_map(self) -> None:
@@ -99,7 +104,7 @@ class EmbeddingMapWidget(Container):
         self.rows, self.xy, self.columns = result
         self.selected = np.zeros(len(self.rows), bool)
         self._add_labels_file_column()
-        self.colour.choices = list(self.columns)
+        self.colour.reset_choices()
         self.colour.value = next(iter(self.columns), None)
         self.draw()
         self.status.value = (f"{len(self.rows)} images mapped ({self.projection.value}); click a point to open it, "
@@ -182,7 +187,7 @@ class EmbeddingMapWidget(Container):
             show_error(f"Labels not saved: {exc}")
             return
         self._add_labels_file_column()
-        self.colour.choices = list(self.columns)
+        self.colour.reset_choices()
         self.colour.value = target.name
         self.draw()
         show_info(f"Labelled {len(chosen)} images {label!r} in {target}")
