@@ -142,3 +142,42 @@ def test_embed_and_similar_commands(run, tmp_path, capsys):
     assert main(["similar", "--index", str(tmp_path), "--image", query]) == 2     # not an index: one line, exit 2
     assert "not an embedding index" in capsys.readouterr().err
     torch.manual_seed(0)
+
+
+def test_large_images_are_reduced_and_explained_tile_by_tile(run, monkeypatch, tmp_path, capsys):
+    import dask.array as da
+
+    from mim_workbench.inference import explain as explain_module
+    from mim_workbench.io.model_input import as_unit_array
+
+    monkeypatch.setattr(explain_module, "MAX_MAP_SIDE", 256)
+    from mim_workbench.io.letterbox import fit_shape
+
+    pixels = (np.tile(as_unit_array(IMAGES[0]), (3, 2)) * 65535).astype(np.uint16)       # taller than wide
+    big = da.from_array(pixels, chunks=128)
+    reduced = fit_shape(pixels.shape, (256, 256))
+    assert reduced[0] == 256 and 128 < reduced[1] < 256
+    explainer = Explainer(run)
+    exp = explainer.explain(big)
+    assert exp.attn_mean.shape == reduced and exp.scale == pytest.approx(pixels.shape[0] / 256) and exp.tiles == 1
+    done: list[tuple[int, int]] = []
+    tiled = explainer.explain_tiled(big, tile=128, on_tile=lambda k, n: done.append((k, n)))
+    assert done == [(1, 4), (2, 4), (3, 4), (4, 4)] and tiled.tiles == 4
+    assert tiled.attn_heads.shape == (2, *reduced) and tiled.pca_rgb.shape == (*reduced, 3)
+    for r0, c0 in ((0, 0), (0, 128), (128, 0), (128, 128)):
+        block = tiled.rollout[r0:r0 + 128, c0:c0 + 128]
+        assert 0.5 < block.max() <= 1.0 + 1e-5, "each tile's rollout is its own, scaled to 1"
+    assert 0.0 <= tiled.pca_rgb.min() and tiled.pca_rgb.max() <= 1.0
+    with pytest.raises(ConfigError, match="tile=8"):
+        explainer.explain_tiled(big, tile=8)
+
+    from mim_workbench.cli import main
+
+    monkeypatch.undo()                                                   # the image at its own 409 x 512
+
+    assert main(["explain", "--checkpoint", str(run), "--image", str(IMAGES[0]), "--out", str(tmp_path / "t"),
+                 "--tiled", "--tile", "112"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    side = as_unit_array(IMAGES[0]).shape[:2]
+    assert record["tiles"] == -(-side[0] // 112) * -(-side[1] // 112) and record["shape"] == list(side)
+    assert "pca_rgb.png" in record["files"]

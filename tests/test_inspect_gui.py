@@ -130,3 +130,28 @@ def test_inspect_shows_token_maps_or_the_cosine_map(make_napari_viewer, qtbot, t
         assert "similarity: x" in names and "recon: x" not in names
         assert "cosine of predicted and teacher features" in w.metrics.value
     assert viewer.layers["masked: x"].data.shape == image.data.shape
+
+
+def test_a_multiscale_image_is_explained_tile_by_tile_at_its_own_scale(make_napari_viewer, qtbot, tiny_checkpoint,
+                                                                       sample_root, monkeypatch):
+    from mim_workbench.inference import explain as explain_module
+    from mim_workbench.io import read_image
+    from mim_workbench_napari._inspect_widget import InspectWidget
+
+    monkeypatch.setattr(explain_module, "MAX_MAP_SIDE", 200)
+    monkeypatch.setattr(explain_module, "DEFAULT_TILE", 100)
+    base = read_image(sample_root / "paediatric" / "images" / "km_n00001.png").data
+    level0 = np.tile(base, (2, 2))                                   # 448 x 448
+    viewer = make_napari_viewer()
+    layer = viewer.add_image([level0, level0[::2, ::2]], multiscale=True, name="big", scale=(0.1, 0.1))
+    w = InspectWidget(viewer)
+    w.checkpoint.value = tiny_checkpoint
+    w.image.value = layer
+    panel = w.explain_panel
+    panel.explain()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    rollout = viewer.layers["rollout: big"]
+    assert rollout.data.shape == (200, 200) and "(4 tiles)" in panel.status.value
+    # level 1 (224 px) was explained and reduced to 200 px: each map pixel covers 448 / 200 level-0 pixels
+    np.testing.assert_allclose(rollout.scale, [0.1 * 448 / 200] * 2, rtol=1e-6)
+    assert rollout.data.shape[0] * rollout.scale[0] == pytest.approx(448 * 0.1)

@@ -30,6 +30,10 @@ def _add_explain(sub: argparse._SubParsersAction) -> Runner:
                         "gives the same colours to every image")
     p.add_argument("--cam-class", action="append", default=None,
                    help="class of a fine-tuned classifier to map (repeatable; default the predicted one)")
+    p.add_argument("--tiled", action="store_true",
+                   help="one encoder pass per tile of the image, maps pieced together (large images; "
+                        "images over 2048 px are reduced to it first, tiled or not)")
+    p.add_argument("--tile", type=int, default=512, help="tile side in pixels of the (reduced) image (default 512)")
     add_device(p)
     return _run_explain
 
@@ -39,11 +43,15 @@ def _run_explain(args: argparse.Namespace) -> int:
     from ..training.runtime import select_device
 
     explainer = Explainer(args.checkpoint, device=select_device(args.device))
-    pca = fit_patch_pca(explainer, args.pca_images or [args.image])
-    exp = explainer.explain(args.image, pca=pca, classes=args.cam_class)
+    pca = fit_patch_pca(explainer, args.pca_images) if args.pca_images else None
+    if args.tiled:
+        exp = explainer.explain_tiled(args.image, tile=args.tile, pca=pca, classes=args.cam_class)
+    else:
+        exp = explainer.explain(args.image, pca=pca or fit_patch_pca(explainer, [args.image]), classes=args.cam_class)
     paths = exp.save(args.out)
     print(json.dumps({"out": str(args.out), "files": sorted(p.name for p in paths), "heads": len(exp.attn_heads),
-                      "cams": sorted(exp.cams)}))
+                      "cams": sorted(exp.cams), "tiles": exp.tiles, "scale": exp.scale,
+                      "shape": list(exp.attn_mean.shape)}))
     return 0
 
 

@@ -68,11 +68,12 @@ class Embedder:
         (float32, after the final norm; grids wider than ``MAX_GRID`` average-pooled to it)."""
         from ..models.classifier import patch_grid
         from ..models.encoder import encoder_tokens
+        from .explain import bounded
 
         enc = self.explainer.encoder
         if not images:
             return np.zeros((0, enc.embed_dim), np.float32), np.zeros((0, enc.embed_dim, 1, 1), np.float32)
-        x = torch.cat([self.explainer.model_input(im)[0] for im in images])
+        x = torch.cat([self.explainer.model_input(bounded(im)[0])[0] for im in images])
         tokens = encoder_tokens(enc, x)
         P = enc.num_prefix_tokens
         feat = tokens[:, 0] if self.pool == "token" and enc.cls_token is not None else tokens[:, P:].mean(1)

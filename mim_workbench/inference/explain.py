@@ -4,10 +4,17 @@ Maps are computed on the encoder's patch grid for the letterboxed image and brou
 the image's own grid (the letterbox undone), so they lie on the image as layers with its
 scale and translate.  The patch-feature colours come from a PCA fitted once over a set of
 images (:func:`fit_patch_pca`), so a colour means the same thing from image to image.
+
+Large images: an image longer than ``MAX_MAP_SIDE`` pixels is reduced to it first (lazily
+for dask / zarr arrays, so a whole slide is never loaded at full size) and its maps come at
+that size, with :attr:`Explanation.scale` source pixels per map pixel.  On such images one
+pass of the encoder sees the whole image through a few patches; :meth:`Explainer.explain_tiled`
+explains it tile by tile instead and pieces the maps together.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ..io.model_input import as_unit_array, to_channels
+
+#: maps of a larger image are computed and returned at this many pixels on its long side
+MAX_MAP_SIDE = 2048
+#: side (map pixels) of a tile of :meth:`Explainer.explain_tiled`
+DEFAULT_TILE = 512
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -56,7 +68,9 @@ class Explanation:
     rollout: np.ndarray                 # [H, W] in [0, 1]: attention rollout through every block
     pca_rgb: np.ndarray | None = None   # [H, W, 3] in [0, 1]: patch features through a fitted PatchPCA
     cams: dict[str, np.ndarray] = field(default_factory=dict)   # class -> [H, W] per-patch logit
-    grid: dict[str, np.ndarray] = field(default_factory=dict)   # the raw maps on the patch grid
+    grid: dict[str, np.ndarray] = field(default_factory=dict)   # the raw maps on the patch grid (one pass only)
+    scale: float = 1.0                  # source pixels per map pixel (> 1 for images reduced to MAX_MAP_SIDE)
+    tiles: int = 1                      # encoder passes the maps are pieced from
 
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write ``attn_mean.png``, ``attn_head_<k>.png``, ``rollout.png``, ``pca_rgb.png`` and
@@ -123,7 +137,7 @@ class Explainer:
         from ..models.classifier import patch_grid
         from ..models.encoder import encoder_tokens
 
-        x, _ = self.model_input(image)
+        x, _ = self.model_input(bounded(image)[0])
         grid = patch_grid(self.encoder, encoder_tokens(self.encoder, x))[0]     # [D, gh, gw]
         return grid.permute(1, 2, 0).float().cpu().numpy()
 
@@ -134,6 +148,7 @@ class Explainer:
         a classifier's class-activation maps are drawn for ``classes`` (default: the predicted one)."""
         from ..models.attention import block_attentions, query_attention, rollout
 
+        image, factor = bounded(image)
         x, lb = self.model_input(image)
         attns = block_attentions(self.encoder, x)
         heads = query_attention(self.encoder, attns[-1])[0]                      # [heads, gh, gw]
@@ -146,7 +161,44 @@ class Explainer:
             exp.pca_rgb = np.stack([back(rgb[..., c], order=0) for c in range(3)], axis=-1)
         if self.classifier is not None:
             exp.cams = self._cams(x, back, classes)
+        exp.scale = factor
         return exp
+
+    def explain_tiled(self, image: ImageLike, *, tile: int | None = None, pca: PatchPCA | None = None,
+                      classes: list[str] | None = None,
+                      on_tile: Callable[[int, int], None] | None = None) -> Explanation:
+        """The maps of ``image`` pieced together from one encoder pass per ``tile`` × ``tile``
+        block of it (after reducing it to ``MAX_MAP_SIDE``; default ``DEFAULT_TILE``).  Attention and rollout are each
+        tile's own (they say where inside a tile the encoder looks); the feature colours use
+        ``pca``, by default one fitted on all the tiles, so they agree across tiles; a
+        classifier maps ``classes`` (default: its prediction for the whole image) in every tile.
+        ``on_tile(done, total)`` after each tile.  ConfigError for a tile under 16 pixels."""
+        from ..errors import ConfigError
+
+        tile = DEFAULT_TILE if tile is None else tile
+        if tile < 16:
+            raise ConfigError(f"tile={tile}: tiles must be at least 16 pixels")
+        pixels, factor = bounded(image)
+        h, w = pixels.shape[:2]
+        boxes = [(r, c, min(r + tile, h), min(c + tile, w)) for r in range(0, h, tile) for c in range(0, w, tile)]
+        crops = [pixels[r0:r1, c0:c1] for r0, c0, r1, c1 in boxes]
+        pca = pca or fit_patch_pca(self, crops)
+        if self.classifier is not None and classes is None:
+            with torch.no_grad():
+                classes = [self.classes[int(self.classifier(self.model_input(pixels)[0]).argmax())]]
+        out: Explanation | None = None
+        for k, ((r0, c0, r1, c1), crop) in enumerate(zip(boxes, crops), 1):
+            part = self.explain(crop, pca=pca, classes=classes)
+            out = out or _blank_like(part, (h, w))
+            for name in ("attn_heads", "attn_mean", "rollout"):
+                getattr(out, name)[..., r0:r1, c0:c1] = getattr(part, name)
+            out.pca_rgb[r0:r1, c0:c1] = part.pca_rgb
+            for c, m in part.cams.items():
+                out.cams[c][r0:r1, c0:c1] = m
+            if on_tile is not None:
+                on_tile(k, len(boxes))
+        out.scale, out.tiles = factor, len(boxes)
+        return out
 
     def _cams(self, x: torch.Tensor, back: _Back, classes: list[str] | None) -> dict[str, np.ndarray]:
         """Per-patch logits of ``classes`` (default: the predicted class), on the image's grid."""
@@ -159,6 +211,35 @@ class Explainer:
         if unknown:
             raise ConfigError(f"class {unknown[0]!r} is not one of this classifier's ({', '.join(self.classes)})")
         return {c: back(logits[self.classes.index(c)]) for c in classes}
+
+
+def bounded(image: ImageLike) -> tuple[np.ndarray, float]:
+    """``image`` as a float32 [0, 1] array at most ``MAX_MAP_SIDE`` pixels on its long side (a
+    larger dask / zarr array is reduced block by block, never loaded whole) and its source
+    pixels per returned pixel."""
+    from ..io import LoadedImage, read_image
+    from ..io.letterbox import fit_shape, resize_to
+
+    if isinstance(image, (str, Path)):
+        image = read_image(image, keep_color=False)
+    data = image.data if isinstance(image, LoadedImage) else image
+    if isinstance(data, (list, tuple)):        # a multiscale pyramid: its finest level
+        data = data[0]
+    shape = tuple(int(v) for v in data.shape[:2])
+    if max(shape) <= MAX_MAP_SIDE:
+        return as_unit_array(image), 1.0
+    if np.dtype(data.dtype).kind in "ui":      # scale integers as as_unit_array would, before resampling
+        data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
+    target = fit_shape(shape, (MAX_MAP_SIDE, MAX_MAP_SIDE))
+    return as_unit_array(resize_to(data, target, order=1)), shape[0] / target[0]
+
+
+def _blank_like(part: Explanation, shape: tuple[int, int]) -> Explanation:
+    """An all-zero :class:`Explanation` of ``shape`` with the maps ``part`` has."""
+    zeros = lambda *lead: np.zeros((*lead, *shape), np.float32)  # noqa: E731
+    return Explanation(attn_heads=zeros(len(part.attn_heads)), attn_mean=zeros(), rollout=zeros(),
+                       pca_rgb=None if part.pca_rgb is None else np.zeros((*shape, 3), np.float32),
+                       cams={c: zeros() for c in part.cams})
 
 
 class _Back:
@@ -205,4 +286,4 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-__all__ = ["Explainer", "Explanation", "PatchPCA", "fit_patch_pca"]
+__all__ = ["DEFAULT_TILE", "Explainer", "Explanation", "MAX_MAP_SIDE", "PatchPCA", "bounded", "fit_patch_pca"]

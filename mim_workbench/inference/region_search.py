@@ -68,13 +68,14 @@ def similar_region(index: EmbeddingIndex, image: ImageLike, box: tuple[float, ..
     """The ``k`` images of ``index`` with the window most like ``box`` of ``image``, nearest first:
     ``path``, ``distance`` (1 − cosine), ``label`` and ``box`` (where in that image, pixels).
     ConfigError for an index without patch features (embed again) or a box outside the image."""
-    from ..io.model_input import as_unit_array
     from .embed import Embedder, _own_row
+    from .explain import bounded
 
     if index.patches is None or index.img_size is None or any(r.get("size") is None for r in index.rows):
         raise ConfigError(f"{index.root}: this index holds no patch features; run mim-workbench embed again")
-    pixels = as_unit_array(image)
-    box = check_box(box, pixels.shape)
+    pixels, factor = bounded(image)         # a large image: reduced, and the box with it
+    full = (round(pixels.shape[0] * factor), round(pixels.shape[1] * factor))
+    box = tuple(v / factor for v in check_box(box, full))
     grid = tuple(index.patches.shape[-2:])
     query_grid = torch.from_numpy(Embedder(index.checkpoint, pool=index.pool, device=device).encode([pixels])[1])
     if tuple(query_grid.shape[-2:]) != grid:

@@ -70,42 +70,53 @@ class ExplainPanel(Container):
 
     # ------------------------------------------------------------------ maps
     def explain(self) -> None:
-        """Compute the image's maps in the background; they arrive as layers aligned with it."""
+        """Compute the image's maps in the background; they arrive as layers aligned with it.
+        Large images (multiscale, or above the tiled threshold) are explained tile by tile."""
+        from ._multiscale import wants_tiled
+
         chosen = self._inputs()
         if chosen is None:
             return
         ckpt, img = chosen
-        data = np.asarray(img.data)
-        folder = str(self.data.value)
+        data, level_scale = _explain_source(img)
+        tiled, folder = wants_tiled(img), str(self.data.value)
 
         def work():
             """Load the encoder, fit the colours (on the image and a few of the Similar-in folder's
-            images, when one is chosen) and compute the maps, off the GUI thread."""
+            images, when one is chosen; on the tiles of a tiled image) and compute the maps, off
+            the GUI thread."""
             from mim_workbench.inference.explain import Explainer, fit_patch_pca
 
             explainer = Explainer(ckpt)
+            if tiled:
+                return explainer.explain_tiled(data)
             return explainer.explain(data, pca=fit_patch_pca(explainer, [data, *_some_images(folder)]))
             yield  # a generator, as start_job expects
 
-        self.status.value = "explaining…"
+        self.status.value = "explaining tile by tile…" if tiled else "explaining…"
         self.explain_button.enabled = False
-        self.worker = start_job(work, on_yield=lambda _: None, on_done=lambda exp: self._show_maps(exp, img),
+        self.worker = start_job(work, on_yield=lambda _: None,
+                                on_done=lambda exp: self._show_maps(exp, img, level_scale),
                                 on_error=self._failed, on_finished=self._done)
 
-    def _show_maps(self, exp: Explanation, img: Any) -> None:
-        """Add (or update) the map layers of ``img``: same scale and translate as the image."""
+    def _show_maps(self, exp: Explanation, img: Any, level_scale: float = 1.0) -> None:
+        """Add (or update) the map layers of ``img``: aligned with it (its translate, and its scale
+        times the maps' own: a large image's maps are computed at a reduced size)."""
         layers = [(f"{prefix}: {img.name}", getattr(exp, field), cmap) for prefix, field, cmap in MAP_LAYERS]
         layers.append((f"features: {img.name}", exp.pca_rgb, None))
         layers += [(f"class {c}: {img.name}", m, "inferno") for c, m in exp.cams.items()]
+        scale = np.asarray(img.scale[-2:], float) * level_scale * exp.scale
         for name, data, cmap in layers:
             if name in self.viewer.layers:
                 self.viewer.layers[name].data = data
+                self.viewer.layers[name].scale = scale
                 continue
             extra = {"rgb": True} if cmap is None else {"colormap": cmap, "opacity": 0.6, "blending": "additive"}
-            self.viewer.add_image(data, name=name, scale=img.scale[-2:], translate=img.translate[-2:], **extra)
+            self.viewer.add_image(data, name=name, scale=scale, translate=img.translate[-2:], **extra)
         cams = f"; class map of {', '.join(exp.cams)}" if exp.cams else ""
+        tiles = f" ({exp.tiles} tiles)" if exp.tiles > 1 else ""
         self.status.value = (f"attention of {len(exp.attn_heads)} heads, rollout and feature colours "
-                             f"of {img.name}{cams}")
+                             f"of {img.name}{tiles}{cams}")
 
     # ------------------------------------------------------------------ similar cases
     def find_similar(self) -> None:
@@ -120,7 +131,9 @@ class ExplainPanel(Container):
             show_error("Choose a folder of images to search (Similar in).")
             return
         ckpt, img = chosen
-        data, k, box = np.asarray(img.data), int(self.k.value), self.search_box(img)
+        (data, level_scale), k, box = _explain_source(img), int(self.k.value), self.search_box(img)
+        if box is not None:          # drawn in the layer's level-0 pixels
+            box = tuple(v / level_scale for v in box)
         out = index_folder(ckpt, folder)
 
         def work():
@@ -192,6 +205,20 @@ class ExplainPanel(Container):
         what = "the search box's region" if by_box else "the image"
         self.status.value = (f"{len(hits)} images of the folder most like {what}, nearest first (cosine distance)"
                              + ("; yellow: where each matches best" if by_box else ""))
+
+
+def _explain_source(img: Any) -> tuple[Any, float]:
+    """The array to explain for layer ``img`` and its pixels' size in the layer's level-0 pixels:
+    for a multiscale layer the coarsest level still at least ``MAX_MAP_SIDE`` long (the maps are
+    computed at that size anyway), else its finest; a plain layer's data as it is."""
+    from mim_workbench.inference.explain import MAX_MAP_SIDE
+
+    if not img.multiscale:
+        return img.data, 1.0
+    levels = list(img.data)
+    big = [lv for lv in levels if max(lv.shape[:2]) >= MAX_MAP_SIDE]
+    chosen = big[-1] if big else levels[0]
+    return chosen, levels[0].shape[0] / chosen.shape[0]
 
 
 def index_folder(checkpoint: str, folder: str) -> Path:
