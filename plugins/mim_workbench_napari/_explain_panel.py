@@ -111,7 +111,7 @@ class ExplainPanel(Container):
                 self.viewer.layers[name].data = data
                 self.viewer.layers[name].scale = scale
                 continue
-            extra = {"rgb": True} if cmap is None else {"colormap": cmap, "opacity": 0.6, "blending": "additive"}
+            extra = {"rgb": True} if cmap is None else {"colormap": cmap, "opacity": 0.5, "blending": "translucent"}
             self.viewer.add_image(data, name=name, scale=scale, translate=img.translate[-2:], **extra)
         cams = f"; class map of {', '.join(exp.cams)}" if exp.cams else ""
         tiles = f" ({exp.tiles} tiles)" if exp.tiles > 1 else ""
