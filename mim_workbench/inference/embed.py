@@ -117,9 +117,9 @@ class EmbeddingIndex:
     def save(self) -> None:
         """Write the files (the arrays first, so a crash never leaves rows without vectors)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        np.save(self.root / VECTORS_FILE, self.vectors.astype(np.float32))
+        _save_array(self.root / VECTORS_FILE, self.vectors.astype(np.float32))
         if self.patches is not None:
-            np.save(self.root / PATCHES_FILE, np.asarray(self.patches, dtype=np.float16))
+            _save_array(self.root / PATCHES_FILE, np.asarray(self.patches, dtype=np.float16))
         meta = {"checkpoint": self.checkpoint, "digest": self.digest, "pool": self.pool,
                 "img_size": list(self.img_size) if self.img_size else None, "rows": self.rows}
         (self.root / INDEX_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
@@ -127,6 +127,15 @@ class EmbeddingIndex:
     def labels(self) -> list[str | None]:
         """Each row's label (None where the data set has none)."""
         return [r.get("label") for r in self.rows]
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file: an index open elsewhere (memory-mapped) keeps its old file."""
+    import os
+
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
 
 
 def _fingerprint(path: Path) -> list[Any]:

@@ -168,8 +168,8 @@ class Explainer:
                       classes: list[str] | None = None,
                       on_tile: Callable[[int, int], None] | None = None) -> Explanation:
         """The maps of ``image`` pieced together from one encoder pass per ``tile`` × ``tile``
-        block of it (after reducing it to ``MAX_MAP_SIDE``; default ``DEFAULT_TILE``).  Attention and rollout are each
-        tile's own (they say where inside a tile the encoder looks); the feature colours use
+        block of it (default ``DEFAULT_TILE``, after reducing it to ``MAX_MAP_SIDE``).  Attention
+        and rollout are each tile's own (where inside a tile the encoder looks); the colours use
         ``pca``, by default one fitted on all the tiles, so they agree across tiles; a
         classifier maps ``classes`` (default: its prediction for the whole image) in every tile.
         ``on_tile(done, total)`` after each tile.  ConfigError for a tile under 16 pixels."""
@@ -227,7 +227,7 @@ def bounded(image: ImageLike) -> tuple[np.ndarray, float]:
         data = data[0]
     shape = tuple(int(v) for v in data.shape[:2])
     if max(shape) <= MAX_MAP_SIDE:
-        return as_unit_array(image), 1.0
+        return as_unit_array(data), 1.0
     if np.dtype(data.dtype).kind in "ui":      # scale integers as as_unit_array would, before resampling
         data = data.astype(np.float32) / float(np.iinfo(data.dtype).max)
     target = fit_shape(shape, (MAX_MAP_SIDE, MAX_MAP_SIDE))

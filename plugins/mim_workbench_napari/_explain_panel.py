@@ -6,8 +6,8 @@ fine-tuned classifier, the class-activation map of the predicted class.  *Simila
 embeds a data folder once (kept in the workbench's cache, redone when the checkpoint or the
 images change) and shows the image's nearest neighbours beside it in grid mode, with their
 distances and labels; with a search box drawn on the image it searches by that region, and
-each neighbour shows the box where it matches best.  Both run in the background through the core's ``explain`` and
-``embed`` functions.
+each neighbour shows the box where it matches best.  Both run in the background through the
+core's ``explain``, ``embed`` and ``region_search`` functions.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ class ExplainPanel(Container):
         self.extend([self.explain_button, self.data, self.k, self.box_button, self.similar_button, self.status])
         self._failed, self._done = job_handlers(self, label=self.status, button=self.explain_button,
                                                 worker_attr="worker", action="Explaining")
+        self._search_failed, _ = job_handlers(self, label=self.status, button=self.similar_button,
+                                              worker_attr="worker", action="Search")
         self.explain_button.changed.connect(self.explain)
         self.similar_button.changed.connect(self.find_similar)
         self.box_button.changed.connect(self.draw_box)
@@ -148,7 +150,7 @@ class ExplainPanel(Container):
         self.status.value = "embedding the folder…"
         self.similar_button.enabled = False
         self.worker = start_job(work, on_yield=self._embedded, on_done=lambda hits: self._show_neighbours(hits, img),
-                                on_error=self._failed, on_finished=self._similar_done)
+                                on_error=self._search_failed, on_finished=self._similar_done)
 
     def draw_box(self) -> None:
         """Add (or select) the image's search-box layer, ready to draw a rectangle on it."""
