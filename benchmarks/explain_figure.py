@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from mim_workbench.inference.explain import Explainer, fit_patch_pca
 from mim_workbench.io.datasets import discover
 from mim_workbench.io.model_input import as_unit_array
