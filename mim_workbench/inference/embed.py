@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +96,14 @@ class EmbeddingIndex:
     vectors: np.ndarray              # [N, D] float32, unit length
     patches: np.ndarray | None = None   # [N, D, gh, gw] float16 (None: an index without them)
     img_size: tuple[int, int] | None = None   # the encoder's input (H, W), which the patch grid covers
+    _embedder: Embedder | None = field(default=None, repr=False, compare=False)
+
+    def embedder(self, device: str | torch.device = "cpu") -> Embedder:
+        """The encoder that embeds queries for this index: loaded once per index (the one that
+        made it, for an index :func:`embed_dataset` returns)."""
+        if self._embedder is None:
+            self._embedder = Embedder(self.checkpoint, pool=self.pool, device=device)
+        return self._embedder
 
     @classmethod
     def load(cls, root: str | Path) -> EmbeddingIndex:
@@ -174,7 +182,7 @@ def embed_dataset(checkpoint: CheckpointLike, data: str | Path, out: str | Path,
         if on_progress is not None:
             on_progress(len(samples) - len(todo) + start + len(part), len(samples))
     index = EmbeddingIndex(Path(out), str(checkpoint), digest, pool, rows, np.stack(vectors).astype(np.float32),
-                           np.stack(grids), tuple(embedder.explainer.img_size))
+                           np.stack(grids), tuple(embedder.explainer.img_size), embedder)
     index.save()
     return index
 
@@ -230,7 +238,7 @@ def similar(index: EmbeddingIndex, image: ImageLike, *, k: int = 8, exclude_same
     if own is not None:
         query = index.vectors[own]
     else:
-        query = Embedder(index.checkpoint, pool=index.pool, device=device).vectors([image])[0]
+        query = index.embedder(device).vectors([image])[0]
     dist = 1.0 - index.vectors @ query
     if own is not None:
         dist[own] = 0.0

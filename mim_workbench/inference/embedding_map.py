@@ -54,7 +54,8 @@ def project(vectors: np.ndarray, method: str = "pca", *, seed: int = 0) -> np.nd
 def colour_columns(rows: list[dict], data: str | os.PathLike | None = None) -> dict[str, list[str | None]]:
     """What each row of an index can be coloured by: ``label``, ``patient`` (where any row has
     one) and every column of ``data``'s table (its manifest or ``labels.csv``)."""
-    from ..io.datasets import discover, table_columns
+    from ..io.datasets import table_columns
+    from ..io.samples import Sample
 
     columns: dict[str, list[str | None]] = {}
     for key in ("label", "patient"):
@@ -62,12 +63,11 @@ def colour_columns(rows: list[dict], data: str | os.PathLike | None = None) -> d
         if any(v is not None for v in values):
             columns[key] = values
     if data is not None:
-        samples = {str(s.image): s for s in discover(data).samples}
-        ordered = [samples[r["path"]] for r in rows if r["path"] in samples]
-        if len(ordered) == len(rows):
-            for col, values in table_columns(data, ordered).items():
-                if col.lower() not in columns and any(v is not None for v in values):
-                    columns[col] = values
+        # the index's rows already name each image and its id: no second discovery of the folder
+        samples = [Sample(id=r.get("id", ""), image=Path(r["path"])) for r in rows]
+        for col, values in table_columns(data, samples).items():
+            if col.lower() not in columns and any(v is not None for v in values):
+                columns[col] = values
     return columns
 
 
@@ -96,6 +96,12 @@ def save_labels(path: str | os.PathLike, labels: Mapping[str, str], patients: Ma
     return path
 
 
+def read_labels(path: str | os.PathLike) -> dict[str, str | None]:
+    """The labels a manifest written by :func:`save_labels` gives, by absolute image path (empty
+    when the file does not exist).  ConfigError for a file that is not such a manifest."""
+    return {image: row["label"] or None for image, row in _read_manifest(Path(path)).items()}
+
+
 def _read_manifest(path: Path) -> dict[str, dict]:
     """Rows of an existing labels manifest by absolute image path (empty when there is none)."""
     if not path.exists():
@@ -120,4 +126,4 @@ def _relative(image: str, base: Path) -> str:
         return image
 
 
-__all__ = ["PROJECTIONS", "colour_columns", "project", "save_labels"]
+__all__ = ["PROJECTIONS", "colour_columns", "project", "read_labels", "save_labels"]

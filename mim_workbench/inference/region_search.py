@@ -68,7 +68,7 @@ def similar_region(index: EmbeddingIndex, image: ImageLike, box: tuple[float, ..
     """The ``k`` images of ``index`` with the window most like ``box`` of ``image``, nearest first:
     ``path``, ``distance`` (1 − cosine), ``label`` and ``box`` (where in that image, pixels).
     ConfigError for an index without patch features (embed again) or a box outside the image."""
-    from .embed import Embedder, _own_row
+    from .embed import _own_row
     from .explain import bounded
 
     if index.patches is None or index.img_size is None or any(r.get("size") is None for r in index.rows):
@@ -77,7 +77,7 @@ def similar_region(index: EmbeddingIndex, image: ImageLike, box: tuple[float, ..
     full = (round(pixels.shape[0] * factor), round(pixels.shape[1] * factor))
     box = tuple(v / factor for v in check_box(box, full))
     grid = tuple(index.patches.shape[-2:])
-    query_grid = torch.from_numpy(Embedder(index.checkpoint, pool=index.pool, device=device).encode([pixels])[1])
+    query_grid = torch.from_numpy(index.embedder(device).encode([pixels])[1])
     if tuple(query_grid.shape[-2:]) != grid:
         raise ConfigError(f"{index.root}: its patch grid {grid} is not the checkpoint's; run mim-workbench embed again")
     r0, c0, r1, c1 = box_cells(box, pixels.shape[:2], index.img_size, grid)

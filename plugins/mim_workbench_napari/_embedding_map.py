@@ -198,15 +198,18 @@ class EmbeddingMapWidget(Container):
         return Path(chosen) if chosen not in ("", ".") else Path(str(self.data.value)) / "map-labels.csv"
 
     def _add_labels_file_column(self) -> None:
-        """The labels file's labels as a colour column, when it exists."""
-        import csv
+        """The labels file's labels as a colour column, when it exists (a file that is not a
+        labels manifest gives an empty column; saving to it says why)."""
+        from mim_workbench.errors import MimError
+        from mim_workbench.inference.embedding_map import read_labels
 
         target = self._labels_path()
         if not target.is_file() or not self.rows:
             return
-        with open(target, newline="", encoding="utf-8-sig") as fh:
-            given = {str((target.parent / r["image"]).resolve()): r.get("label") or None
-                     for r in csv.DictReader(fh) if r.get("image")}
+        try:
+            given = read_labels(target)
+        except MimError:
+            given = {}
         self.columns[target.name] = [given.get(str(Path(r["path"]).resolve())) for r in self.rows]
 
 
