@@ -72,22 +72,29 @@ def test_inspect_bad_checkpoint_notifies(make_napari_viewer, qtbot, tmp_path):
     assert len(notification_manager.records) > before
 
 
+def _explained(viewer, layer, checkpoint, qtbot):
+    """An Inspect dock on ``layer`` with ``checkpoint``, after Explain finished: (dock, its explain panel)."""
+    from mim_workbench_napari._inspect_widget import InspectWidget
+
+    w = InspectWidget(viewer)
+    w.checkpoint.value = checkpoint
+    w.image.value = layer
+    panel = w.explain_panel
+    panel.explain()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    return w, panel
+
+
 def test_explain_adds_aligned_maps_and_similar_cases_sit_beside_the_image(make_napari_viewer, qtbot,
                                                                           tiny_checkpoint, sample_root, tmp_path,
                                                                           monkeypatch):
     from mim_workbench.io import read_image
-    from mim_workbench_napari._inspect_widget import InspectWidget
 
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path))
     viewer = make_napari_viewer()
     image = read_image(sample_root / "paediatric" / "images" / "km_n00001.png")
     layer = viewer.add_image(image.data, name="child", scale=(0.5, 0.5), translate=(10, 20))
-    w = InspectWidget(viewer)
-    w.checkpoint.value = tiny_checkpoint
-    w.image.value = layer
-    panel = w.explain_panel
-    panel.explain()
-    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    w, panel = _explained(viewer, layer, tiny_checkpoint, qtbot)
     for name in ("attention: child", "rollout: child", "features: child"):
         out = viewer.layers[name]
         assert out.data.shape[:2] == image.data.shape[:2], name
@@ -136,7 +143,6 @@ def test_a_multiscale_image_is_explained_tile_by_tile_at_its_own_scale(make_napa
                                                                        sample_root, monkeypatch):
     from mim_workbench.inference import explain as explain_module
     from mim_workbench.io import read_image
-    from mim_workbench_napari._inspect_widget import InspectWidget
 
     monkeypatch.setattr(explain_module, "MAX_MAP_SIDE", 200)
     monkeypatch.setattr(explain_module, "DEFAULT_TILE", 100)
@@ -144,12 +150,7 @@ def test_a_multiscale_image_is_explained_tile_by_tile_at_its_own_scale(make_napa
     level0 = np.tile(base, (2, 2))                                   # 448 x 448
     viewer = make_napari_viewer()
     layer = viewer.add_image([level0, level0[::2, ::2]], multiscale=True, name="big", scale=(0.1, 0.1))
-    w = InspectWidget(viewer)
-    w.checkpoint.value = tiny_checkpoint
-    w.image.value = layer
-    panel = w.explain_panel
-    panel.explain()
-    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    _, panel = _explained(viewer, layer, tiny_checkpoint, qtbot)
     rollout = viewer.layers["rollout: big"]
     assert rollout.data.shape == (200, 200) and "(4 tiles)" in panel.status.value
     # level 1 (224 px) was explained and reduced to 200 px: each map pixel covers 448 / 200 level-0 pixels
