@@ -225,12 +225,7 @@ def encoder_tokens(enc: VisionTransformer, images: torch.Tensor) -> torch.Tensor
     ``fc_norm`` for models built with average pooling), so features match what
     the encoder saw in pretraining.
     """
-    x = enc.patch_embed(images)
-    x = enc._pos_embed(x)
-    x = enc.patch_drop(x)
-    x = enc.norm_pre(x)
-    x = enc.blocks(x)
-    return token_norm(enc)(x)
+    return _run_blocks(enc, enc.patch_drop(enc._pos_embed(enc.patch_embed(images))))
 
 
 def block_outputs(enc: VisionTransformer, images: torch.Tensor) -> list[torch.Tensor]:
