@@ -131,13 +131,16 @@ class Explainer:
         canvas, lb = letterbox(as_unit_array(image), self.img_size, order=1)
         return torch.from_numpy(to_channels(canvas, self.in_chans)).float()[None].to(self.device), lb
 
-    @torch.no_grad()
     def patch_features(self, image: ImageLike) -> np.ndarray:
         """``[gh, gw, D]`` float32 patch tokens of ``image`` after the encoder's final norm."""
+        return self._grid_features(self.model_input(bounded(image)[0])[0])
+
+    @torch.no_grad()
+    def _grid_features(self, x: torch.Tensor) -> np.ndarray:
+        """``[gh, gw, D]`` patch tokens of one model input ``x [1, C, H, W]``."""
         from ..models.classifier import patch_grid
         from ..models.encoder import encoder_tokens
 
-        x, _ = self.model_input(bounded(image)[0])
         grid = patch_grid(self.encoder, encoder_tokens(self.encoder, x))[0]     # [D, gh, gw]
         return grid.permute(1, 2, 0).float().cpu().numpy()
 
@@ -157,7 +160,7 @@ class Explainer:
         exp = Explanation(attn_heads=np.stack([back(h) for h in grid["attn_heads"]]),
                           attn_mean=back(grid["attn_heads"].mean(0)), rollout=back(grid["rollout"]), grid=grid)
         if pca is not None:
-            rgb = pca.colours(self.patch_features(image))                         # [gh, gw, 3]
+            rgb = pca.colours(self._grid_features(x))                             # [gh, gw, 3]
             exp.pca_rgb = np.stack([back(rgb[..., c], order=0) for c in range(3)], axis=-1)
         if self.classifier is not None:
             exp.cams = self._cams(x, back, classes)
