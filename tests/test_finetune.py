@@ -120,7 +120,7 @@ def test_classifier_modes():
     assert torch.allclose(full(x), full.patch_logits(x).mean(dim=(2, 3)), atol=1e-5)
     probe = Classifier(create_encoder(ModelConfig.from_dict(TINY_ARCH)), 2, "probe")
     probe.train()
-    assert not probe.encoder.training and probe.pool == "token"
+    assert not probe.encoder.training and probe.pool == "avg"   # DEFAULT_POOL
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
     roll = probe.attention_rollout(x)
     assert roll.shape == (2, 4, 4) and float(roll.min()) >= 0 and float(roll.max()) == pytest.approx(1.0)

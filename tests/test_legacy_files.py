@@ -35,11 +35,13 @@ def test_legacy_pretrain_settings_file_parses_to_the_same_run():
 
 
 def test_legacy_finetune_settings_file_parses():
+    from mim_workbench.training.config import saved_finetune_values
     from mim_workbench.training.finetune import FinetuneConfig
 
     values = json.loads((LEGACY / "finetune" / "config.json").read_text())
-    cfg = FinetuneConfig.from_dict(values)
+    cfg = FinetuneConfig.from_dict(saved_finetune_values(values))
     assert cfg.mode == "probe" and cfg.epochs == 1 and cfg.lr == 0.001
+    assert "pool" not in values and cfg.pool == "token"   # probes of that version used the class token
 
 
 def test_legacy_pretrain_checkpoint_reconstructs(tmp_path, sample_root):
@@ -55,7 +57,7 @@ def test_legacy_pretrain_checkpoint_reconstructs(tmp_path, sample_root):
 
 
 def test_legacy_pretrain_checkpoint_fine_tunes_and_its_probe_predicts(tmp_path, sample_root, one_thread):
-    from mim_workbench.inference.predict import predict
+    from mim_workbench.inference.predict import load_predictor, predict
     from mim_workbench.io import read_image
     from mim_workbench.training.finetune import FinetuneConfig, finetune
 
@@ -65,14 +67,16 @@ def test_legacy_pretrain_checkpoint_fine_tunes_and_its_probe_predicts(tmp_path, 
     assert res.reason == "completed"
     old_probe = _copy(tmp_path, "finetune")
     image = read_image(sample_root / "images" / "cxr0058.png")
-    for ckpt in (res.checkpoint, old_probe / "ckpt-1"):
+    for ckpt, pool in ((res.checkpoint, "avg"), (old_probe / "ckpt-1", "token")):
         pred = predict(ckpt, image)
         probs = np.asarray(pred.probs)
         assert probs.shape == (2,) and abs(float(probs.sum()) - 1.0) < 1e-5
+        assert load_predictor(ckpt).model.pool == pool   # rebuilt on the feature it was trained on
     assert torch.get_num_threads() == 1
 
 
 def test_fine_tuning_stopped_by_a_flat_settings_version_resumes(tmp_path, monkeypatch, sample_root):
+    from mim_workbench.training.config import saved_finetune_values
     from mim_workbench.training.finetune import FinetuneConfig, finetune
 
     # The stopped run names its data and folder relatively: rebuild that layout here.
@@ -81,7 +85,7 @@ def test_fine_tuning_stopped_by_a_flat_settings_version_resumes(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     values = json.loads((tmp_path / "run" / "config.json").read_text())
     assert "embed_dim" in values and "encoder" not in values      # written in the flat spelling
-    cfg = FinetuneConfig.from_dict({**values, "resume": True, "max_steps": None})
+    cfg = FinetuneConfig.from_dict(saved_finetune_values({**values, "resume": True, "max_steps": None}))
     assert cfg.encoder.embed_dim == 32 and cfg.img_size == (64, 64)
     res = finetune(cfg)
     assert res.reason == "completed" and any("resumed at epoch 3" in n for n in res.notes)

@@ -63,8 +63,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> Runner:
     add_checkpoint(p, "pretraining or fine-tuning checkpoint, or an exported encoder")
     add_data(p, "image folder, class folders or CSV manifest", required=True)
     add_out(p, "index folder")
-    p.add_argument("--pool", choices=("token", "avg"), default="token",
-                   help="the class token (default) or the mean of the patch tokens")
+    p.add_argument("--pool", choices=("token", "avg"), default="avg",
+                   help="the mean of the patch tokens (default) or the class token")
     p.add_argument("-k", type=int, default=20, help="neighbours of the label agreement (default 20)")
     p.add_argument("--batch-size", type=int, default=32)
     add_device(p)

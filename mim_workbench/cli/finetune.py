@@ -81,7 +81,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--test-data", metavar="PATH",
                    help="an external labelled set (another hospital): scored as 'external', never trained on")
     p.add_argument("--pool", choices=("token", "avg"),
-                   help="image feature: class token or mean of the patch tokens (default token probe, avg full)")
+                   help="image feature: mean of the patch tokens (default) or class token")
     p.add_argument("--balance", choices=("weights", "sampler", "none"), help="class imbalance (default weights)")
     p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss (0 = off)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,

@@ -43,7 +43,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
                    "point a second study at the first one's to reuse its encoders")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the mode's)")
     p.add_argument("--batch-size", type=int, help="batch size of pretraining and fine-tuning")
-    p.add_argument("--pool", choices=("token", "avg"), help="probe feature: class token or mean of the patch tokens")
+    p.add_argument("--pool", choices=("token", "avg"), help="image feature: mean of the patch tokens (default) or class token")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0)

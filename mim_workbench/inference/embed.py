@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..models.config import DEFAULT_POOL
 
 if TYPE_CHECKING:
     from ..io.samples import Sample
@@ -49,8 +50,9 @@ def checkpoint_digest(checkpoint: CheckpointLike) -> str:
 class Embedder:
     """A checkpoint's encoder turning images into unit-length feature vectors."""
 
-    def __init__(self, checkpoint: CheckpointLike, *, pool: str = "token", device: str | torch.device = "cpu") -> None:
-        """``pool``: the class token ("token", the mean of the patch tokens without one) or "avg".
+    def __init__(self, checkpoint: CheckpointLike, *, pool: str = DEFAULT_POOL, device: str | torch.device = "cpu") -> None:
+        """``pool``: the mean of the patch tokens ("avg") or the class token ("token"; the mean
+        when the model has none).
         CheckpointError when the checkpoint holds no encoder; ConfigError for another pool."""
         from .explain import Explainer
 
@@ -151,7 +153,7 @@ def _fingerprint(path: Path) -> list[Any]:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def embed_dataset(checkpoint: CheckpointLike, data: str | Path, out: str | Path, *, pool: str = "token",
+def embed_dataset(checkpoint: CheckpointLike, data: str | Path, out: str | Path, *, pool: str = DEFAULT_POOL,
                   batch_size: int = 32, device: str | torch.device = "cpu",
                   on_progress: Callable[[int, int], None] | None = None) -> EmbeddingIndex:
     """Embed every image of ``data`` (any layout ``discover`` reads) into the index folder ``out``,

@@ -138,6 +138,7 @@ class Predictor:
         from ..models.encoder import create_encoder
         from ..models.checkpoint import Checkpoint, load_checkpoint
         from ..models.classifier import FINETUNE_KIND
+        from ..training.config import saved_finetune_values
 
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         if ckpt.kind != FINETUNE_KIND:
@@ -151,7 +152,7 @@ class Predictor:
         except (KeyError, TypeError, ConfigError) as exc:
             raise CheckpointError(f"{ckpt.path}: classifier metadata is incomplete ({exc})") from None
         dropout = float((meta.get("config") or {}).get("dropout") or 0.0)
-        pool = (meta.get("config") or {}).get("pool")
+        pool = saved_finetune_values({**(meta.get("config") or {}), "mode": mode})["pool"]
         model = Classifier(create_encoder(model_cfg), len(self.classes), mode, dropout=dropout, pool=pool)
         try:
             model.load_state_dict(ckpt.model_state(), strict=True)

@@ -3,15 +3,13 @@
 Two heads, as in MAE's ``main_linprobe.py`` / ``main_finetune.py``:
 
 ``probe``
-    the encoder is frozen (always in eval mode); the feature is the class token
-    (the mean of the patch tokens when the model has none or ``pool="avg"``: after
-    a short MAE pretraining the class token, which no loss reaches directly, has
-    learned little) after the encoder's final norm, then ``BatchNorm1d(affine=False)`` and a linear layer.  The
+    the encoder is frozen (always in eval mode); the feature (see ``DEFAULT_POOL``)
+    after the encoder's final norm, then ``BatchNorm1d(affine=False)`` and a linear layer.  The
     parameter-free BatchNorm only standardises the features, so the head stays a
     linear classifier of the frozen features.
 ``full``
-    every weight trains; the feature is the global average of the patch tokens
-    (after the encoder's final norm), then dropout and a linear layer.  Because
+    every weight trains; the feature (the global average of the patch tokens by
+    default, after the encoder's final norm), then dropout and a linear layer.  Because
     the pooling is an average, the logit of class ``c`` is exactly the average of
     the per-patch logits ``W_c . token_i + b_c``: :meth:`Classifier.patch_logits`
     returns those, a class-activation map with no approximation.
@@ -28,11 +26,10 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import ConfigError
+from .config import DEFAULT_POOL, POOLS
 from .encoder import encoder_tokens, grid_of
 
 MODES = ("probe", "full")
-#: image features: the class token, or the mean of the patch tokens
-POOLS = ("token", "avg")
 #: the ``kind`` of a fine-tuned classifier's checkpoint
 FINETUNE_KIND = "finetune"
 
@@ -60,8 +57,7 @@ class Classifier(nn.Module):
         D = encoder.embed_dim
         if pool not in (None, *POOLS):
             raise ConfigError(f"pool={pool!r}: choose {' or '.join(POOLS)}")
-        # Default: MAE's linprobe head (class token) and global-pool fine-tuning head.
-        self.pool = pool or ("token" if mode == "probe" else "avg")
+        self.pool = pool or DEFAULT_POOL
         if encoder.cls_token is None:
             self.pool = "avg"
         self.bn: nn.Module = nn.BatchNorm1d(D, affine=False, eps=1e-6) if mode == "probe" else nn.Identity()

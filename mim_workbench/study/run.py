@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..models.config import EncoderConfig
+from ..models.config import DEFAULT_POOL, EncoderConfig
 from ..training.control import Control, NullControl
 from .cells import METRICS, Cell, positive_index, run_cell
 from .config import StudyConfig, Variant
@@ -195,7 +195,7 @@ def _feature_table(cfg: StudyConfig, data: StudyData, enc: Encoder,
     from .knn import encoder_features
 
     samples = data.splits["train"] + data.splits["val"] + data.test + data.external
-    pool = cfg.finetune.get("pool") or ("token" if cfg.mode == "probe" else "avg")
+    pool = cfg.finetune.get("pool") or DEFAULT_POOL
     made: dict[int, dict[str, np.ndarray]] = {}
 
     def features(seed: int) -> dict[str, np.ndarray]:

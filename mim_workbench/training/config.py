@@ -385,6 +385,16 @@ _MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def saved_finetune_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A fine-tuning run's saved settings, as written by any version: those written before the
+    pooling was recorded (no ``pool``, or ``None``) probed the class token and fine-tuned on the
+    mean of the patch tokens."""
+    values = dict(values)
+    if values.get("pool") is None:
+        values["pool"] = "token" if values.get("mode", "probe") == "probe" else "avg"
+    return values
+
+
 @dataclass
 class FinetuneConfig:
     """Everything ``finetune`` needs; None means "the mode's default" (see ``resolved``)."""
@@ -412,7 +422,7 @@ class FinetuneConfig:
     label_smoothing: float | None = None
     drop_path: float | None = None         # full mode only
     dropout: float = 0.0                   # before the head, full mode only
-    pool: str | None = None                # image feature: "token" or "avg"; None: token (probe), avg (full)
+    pool: str = "avg"                      # image feature: "token" (class token) or "avg" (mean of the patch tokens)
     warmup_epochs: float | None = None
     balance: str = "weights"
     patience: int | None = None            # epochs without a better validation loss; 0 = never stop early
@@ -452,7 +462,7 @@ class FinetuneConfig:
         check_field_types(self)  # wrong types first: the range checks below assume numbers
         if self.mode not in _MODE_DEFAULTS:
             bad("mode", "choose probe or full")
-        if self.pool not in (None, "token", "avg"):
+        if self.pool not in ("token", "avg"):
             bad("pool", "choose token or avg")
         if not (0.0 < self.fraction <= 1.0):
             bad("fraction", "must be in (0, 1]")

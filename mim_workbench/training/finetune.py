@@ -70,7 +70,7 @@ from .control import Control, NullControl
 from .events import CheckpointSaved, EventHandler, Failed, Finished, Progress, Started, null_handler
 from ..models.checkpoint import restore_rng_state
 from ..models.classifier import FINETUNE_KIND
-from .config import FinetuneConfig
+from .config import FinetuneConfig, saved_finetune_values
 from .finetune_state import LoopState, load_state, remove_state, restore_loop, save_state
 
 if TYPE_CHECKING:
@@ -361,7 +361,7 @@ class _Finetune:
         if not cfg.resume:
             return LoopState()
         payload = load_state(self.run_dir, cfg.to_dict(), [s.id for s in self.train_samples],
-                             read_settings=lambda saved: FinetuneConfig.from_dict(saved).to_dict())
+                             read_settings=lambda saved: FinetuneConfig.from_dict(saved_finetune_values(saved)).to_dict())
         st = restore_loop(payload)
         self.model.load_state_dict(payload["model"], strict=cfg.mode == "full")
         load_optimizer_state(optimizer, payload["optimizer"])

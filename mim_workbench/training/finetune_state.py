@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from .config import saved_finetune_values
 
 STATE_FILE = "resume.safetensors"
 STATE_FORMAT = 1
@@ -150,6 +151,7 @@ def resume_config(run_dir: str | Path, *, device: str | None = None, threads: in
                           "run folder?") from None
     if not isinstance(values, dict):
         raise ConfigError(f"resume: {str(cfg_file)!r} is not a fine-tuning config")
+    values = saved_finetune_values(values)
     values.update(out=str(run_dir), resume=True, max_steps=max_steps, time_budget_s=time_budget_s)
     if device is not None:
         values["device"] = device
