@@ -75,6 +75,10 @@ def test_pretrain_dock_preset_fills_fields_and_config(make_napari_viewer, tmp_pa
     viewer = make_napari_viewer()
     w = PretrainWidget(viewer)
     w.out.value = str(tmp_path / "run")
+    # the default preset: BEiT with what the preset leaves to it (its masking, ratio and rate)
+    assert (w.preset.value, w.method.value, w.strategy.value, w.ratio.value, w.blr.value, w.img_size.value) == \
+        ("cpu", "beit", "blockwise", 0.4, 2e-3, 112)
+    assert w.config_dict()["time_budget_s"] == 1200.0
     w.preset.value = "quick-cpu"
     assert (w.method.value, w.strategy.value, w.img_size.value, w.batch.value) == ("simmim", "region", 64, 8)
     cfg = w.config_dict()

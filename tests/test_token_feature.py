@@ -156,6 +156,21 @@ def test_pretrain_logs_its_step_metric_and_resumes_exactly(tmp_path, method):
     assert any(k.startswith("teacher.") for k in wa) == (method == "feature")
 
 
+def test_a_codebook_left_to_the_data_fits_a_dozen_images_and_resumes(tmp_path):
+    # 11 training images of 16 patches: 176 patches fit 16 tokens of 8+ patches, not 512
+    events: list = []
+    first = pretrain(PretrainConfig.from_dict(tiny(tmp_path / "run", method="beit", epochs=3, max_steps=2)),
+                     on_event=events.append)
+    notes = next(e.notes for e in events if type(e).__name__ == "Started")
+    assert first.step == 2 and any("16 visual tokens instead of 512" in n for n in notes), notes
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model_options"] == {"codebook_size": 16}
+    second = pretrain(PretrainConfig(resume=str(tmp_path / "run"), max_steps=3))
+    assert second.step == 3
+    model = build_model(ModelConfig.from_dict(dict(method="beit", **{**ARCH, "codebook_size": 512})))
+    assert model.cfg.codebook_size == 512   # a size the user gives is kept (and refused if too big: above)
+
+
 # --------------------------------------------------------------------- checkpoints and pictures
 def test_beit_checkpoint_carries_its_tokenizer_and_refuses_a_broken_one(tmp_path):
     from safetensors.torch import load_file, save_file

@@ -49,7 +49,7 @@ from .metrics_log import MetricsLog
 from .optim import build_optimizer, grad_norm_, load_optimizer_state, lr_at, set_lr
 from .runtime import CompiledForward, DistContext, prepare_device, resolve_amp
 from .sampler import LocalBatches, StepPlan
-from .targets import fit_targets
+from .targets import codebook_for, fit_targets
 
 # Fixed seeds (offsets from config.seed) of the generators that must not depend on
 # how far training got: validation masks and preview masks.
@@ -224,6 +224,7 @@ class _Trainer:
         self.model_cfg = model_config_for(cfg)
         self._setup_data(cfg)
         self._setup_model(cfg, resume)
+        cfg = self.cfg   # the model's setup may fix what the user left to the data (codebook size)
         self._setup_schedule(cfg, resume)
         self._setup_run_dir(cfg, resume)
 
@@ -313,6 +314,8 @@ class _Trainer:
         from ..models import build_model
 
         model = build_model(self.model_cfg, init=None if resume else cfg.init)
+        if resume is None and self._fit_codebook_to_data(cfg, model.num_patches):
+            model = build_model(self.model_cfg, init=cfg.init)
         if resume is not None:
             model.load_weights(resume.model_state(), str(resume.path))
         else:
@@ -349,6 +352,22 @@ class _Trainer:
         self.train_forward: Any = self.ddp_model
         if cfg.compile:
             self.train_forward = CompiledForward(self.ddp_model, on_fallback=self._compile_messages.append)
+
+    def _fit_codebook_to_data(self, cfg: PretrainConfig, num_patches: int) -> bool:
+        """Shrink a codebook the user did not size to what the training images can fit; True
+        when it changed.  The size is kept in the run's settings, so a resumed run rebuilds the
+        same model."""
+        if self.model_cfg.method != "beit" or "codebook_size" in cfg.model_options:
+            return False
+        size = codebook_for(len(self.train_ds), num_patches, self.model_cfg.codebook_size)
+        if size == self.model_cfg.codebook_size:
+            return False
+        self.notes.append(f"beit: {size} visual tokens instead of {self.model_cfg.codebook_size}: "
+                          f"{len(self.train_ds)} training images of {num_patches} patches fit no more "
+                          "(--codebook-size sets it)")
+        self.cfg = dataclasses.replace(cfg, model_options={**cfg.model_options, "codebook_size": size})
+        self.model_cfg = model_config_for(self.cfg)
+        return True
 
     def _setup_schedule(self, cfg: PretrainConfig, resume: ckpt_mod.Checkpoint | None) -> None:
         self.plan = StepPlan(n=len(self.train_ds), batch_size=cfg.batch_size, accum_steps=cfg.accum_steps,

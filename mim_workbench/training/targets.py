@@ -24,6 +24,20 @@ from ..models.base import MIMModel
 from .events import Preparing
 
 FIT_IMAGES = 256   # images the fit sees at most: ~12k patches at 112 px, 50k at 224 px
+#: patches each visual token is fitted from, at least, when the codebook size is left to the data
+PATCHES_PER_TOKEN = 8
+MIN_CODEBOOK = 16
+
+
+def codebook_for(n_images: int, num_patches: int, default: int) -> int:
+    """The codebook size a data set of ``n_images`` (of ``num_patches`` patches each) can fit:
+    ``default``, or the largest power of two that leaves :data:`PATCHES_PER_TOKEN` patches to
+    each token (at least :data:`MIN_CODEBOOK`), so that a dozen images still make sensible tokens."""
+    patches = min(n_images, FIT_IMAGES) * num_patches
+    size = default
+    while size > MIN_CODEBOOK and size * PATCHES_PER_TOKEN > patches:
+        size //= 2
+    return size
 
 
 def targets_cache_path(signature: str, settings: dict[str, Any]) -> Path:

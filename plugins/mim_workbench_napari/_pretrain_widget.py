@@ -98,9 +98,12 @@ class PretrainWidget(RunControls, Container):
     # ------------------------------------------------------------------ settings → config
     def apply_preset(self, *_) -> None:
         """Show a preset's values in the fields it sets; settings without a field come from it too."""
-        from mim_workbench.training.config import PRESETS
+        from mim_workbench.training.config import PRESETS, method_defaults
 
         values = PRESETS.get(self.preset.value, {})
+        if "method" in values:   # what the preset leaves to its method: the method's own
+            defaults = method_defaults(values["method"])
+            values = {**{k: defaults[k] for k in ("strategy", "ratio", "blr")}, **values}
         encoder = values.get("encoder", {})
         fields = {"method": self.method, "strategy": self.strategy, "ratio": self.ratio,
                   "epochs": self.epochs, "batch_size": self.batch, "blr": self.blr}
