@@ -165,11 +165,18 @@ def test_bad_input_is_refused_naming_what(sets, tmp_path):
 
 def test_evaluate_command(sets, tmp_path, capsys):
     torch.set_num_threads(1)
-    rc = main(["evaluate", "--data", str(SAMPLE), "--out", str(tmp_path / "ev"), "--fractions", "0.5,1",
-               "--seeds", "1", "--budget-steps", "2", "--variants", "scratch,mae", "--epochs", "3",
-               "--batch-size", "4", "--threads", "1", "--img-size", "64", "--embed-dim", "64", "--depth", "2",
-               "--num-heads", "2", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2", "--quiet"])
+    flags = ["--data", str(SAMPLE), "--seeds", "1", "--budget-steps", "2", "--variants", "scratch,mae",
+             "--epochs", "3", "--batch-size", "4", "--threads", "1", "--img-size", "64", "--embed-dim", "64",
+             "--depth", "2", "--num-heads", "2", "--decoder-dim", "32", "--decoder-depth", "1",
+             "--decoder-heads", "2", "--quiet"]
+    rc = main(["evaluate", "--out", str(tmp_path / "ev"), "--fractions", "0.5,1", *flags])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "## AUC with 95 % interval" in printed and "| mae − scratch |" in printed
     assert (tmp_path / "ev" / "plot.png").is_file()
+    # another pretraining seed pretrains the encoders again, beside the first ones
+    assert main(["evaluate", "--out", str(tmp_path / "ev1"), "--fractions", "1", "--pretrain-seed", "1",
+                 "--encoders", str(tmp_path / "ev" / "encoders"), *flags]) == 0
+    mae = json.loads((tmp_path / "ev1" / "summary.json").read_text())["pretraining"]["mae"]
+    assert not mae["reused"] and json.loads((Path(mae["run_dir"]) / "config.json").read_text())["seed"] == 1
+    assert len(list((tmp_path / "ev" / "encoders").glob("mae-*"))) == 2

@@ -47,6 +47,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--pretrain-seed", type=int, default=0,
+                   help="seed of every variant's pretraining (another seed pretrains the encoders again)")
     p.add_argument("--positive-class", help="positive class of binary AUC/AP (default the second class name)")
     add_device(p)
     add_threads(p)
@@ -77,7 +79,7 @@ def _study_config(args: argparse.Namespace) -> Any:
         fractions=parse_fractions(args.fractions, "--fractions"), seeds=args.seeds, mode=args.mode,
         budget_minutes=args.budget_minutes, budget_steps=args.budget_steps, pretrain=pre, finetune=ft,
         encoders=args.encoders, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        split_seed=args.split_seed, device=args.device, threads=args.threads)
+        split_seed=args.split_seed, pretrain_seed=args.pretrain_seed, device=args.device, threads=args.threads)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
