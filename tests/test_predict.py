@@ -45,13 +45,15 @@ def test_prediction_probs_and_maps_on_the_image_grid(classifiers):
         assert p.label in p.classes and p.map_class == p.label
         assert p.map_kind == kind and p.map.shape == shape and p.map.dtype == np.float32
         assert p.patch_map.shape == (4, 4) and np.isfinite(p.map).all()
-    full = Predictor(classifiers["full"])
-    p = full(IMAGE)
-    # Full fine-tuning pools by averaging: the patch-logit map averages to the image logit.
+    # Both pool by averaging: the patch-logit map averages to the image logit.
     canvas, _ = letterbox(read_image(IMAGE).data, (64, 64), order=1)
-    with torch.no_grad():
-        logit = full.model(torch.from_numpy(canvas)[None, None].float())[0, p.index]
-    assert float(p.patch_map.mean()) == pytest.approx(float(logit), abs=1e-4)
+    for mode in ("probe", "full"):
+        model = Predictor(classifiers[mode])
+        p = model(IMAGE)
+        with torch.no_grad():
+            logit = model.model(torch.from_numpy(canvas)[None, None].float())[0, p.index]
+        assert float(p.patch_map.mean()) == pytest.approx(float(logit), abs=1e-4), mode
+    full = Predictor(classifiers["full"])
     r = full(IMAGE, map="rollout")
     assert r.map_kind == "rollout" and 0.0 <= r.map.min() and r.map.max() <= 1.0 + 1e-5
     with pytest.raises(ConfigError):

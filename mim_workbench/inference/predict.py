@@ -12,14 +12,14 @@ padded bottom/right with 0, as in training).  Its spatial map (``map=``):
 
 ``"patch_logits"``
     the head applied to every patch token, for the predicted class.  For a
-    ``full`` fine-tuned model (average pooling) the image logit is exactly the
-    mean of this map: a class-activation map.  For a ``probe`` model it uses the
-    BatchNorm statistics of the class token, an approximation.
+    model that pools by averaging (the default, probe or full) the image logit is
+    exactly the mean of this map: a class-activation map.  For a probe on the
+    class token it uses the BatchNorm statistics of the class token, an approximation.
 ``"rollout"``
     attention rollout from the class token (Abnar & Zuidema), in [0, 1].
 ``"auto"`` (default)
-    patch logits when the model pools by averaging (``full``), rollout when it
-    reads the class token (``probe``).
+    patch logits when the model pools by averaging, rollout when it reads the
+    class token.
 
 The map is upsampled bilinearly from the patch grid to the letterbox canvas,
 cropped to the content and resized to the source image, so it overlays the

@@ -108,9 +108,9 @@ class Classifier(nn.Module):
     def patch_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, K, gh, gw]``: the head applied to every patch token.
 
-        In ``full`` mode (average pooling, no BatchNorm) the image logits are
-        exactly the mean of these maps.  In ``probe`` mode they use the
-        BatchNorm statistics of the pooled feature, an approximation.
+        With average pooling the image logits are exactly the mean of these maps
+        (a probe's BatchNorm, in eval mode, is affine); on the class token they
+        use its BatchNorm statistics, an approximation.
         """
         tokens = self.tokens(images)
         grid = patch_grid(self.encoder, tokens)                             # [B, D, gh, gw]

@@ -3,7 +3,8 @@
 Two modes (:mod:`mim_workbench.models.classifier`):
 
 ``probe`` (linear probing, MAE's ``main_linprobe``)
-    frozen encoder, BatchNorm(affine=False) + linear head on the class token.
+    frozen encoder, BatchNorm(affine=False) + linear head on the pooled feature
+    (the mean of the patch tokens unless ``pool="token"``).
     Without augmentation (the default in this mode) the encoder's features are
     computed once and the head trains on them: hundreds of epochs cost seconds.
 ``full`` (fine-tuning, MAE's ``main_finetune``)
