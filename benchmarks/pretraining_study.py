@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--mode", default="probe")
-    p.add_argument("--variants", default="scratch,mae,rgmim")
+    p.add_argument("--variants", default="scratch,mae,rgmim,simmim,miram,beit,feature")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", type=Path,
                    default=Path(__file__).resolve().parent / "results" / f"study-{time.strftime('%Y-%m-%d')}")
