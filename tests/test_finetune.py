@@ -176,6 +176,22 @@ def test_finetune_full_fraction_export_and_stop(pretrained, tmp_path):
     assert res.reason == "stopped" and res.checkpoint and isinstance(events[-1], ev.Finished)
 
 
+def test_full_finetuning_can_start_from_a_head_fitted_on_the_frozen_features(pretrained, tmp_path):
+    # lr ~ 0: the kept head is the one training started from
+    kw = dict(data=str(SAMPLE), checkpoint=str(pretrained), mode="full", epochs=1, batch_size=4, threads=1,
+              lr=1e-12, warmup_epochs=0.0, augment=False, drop_path=0.0)
+    norms = {}
+    for init in ("random", "probe"):
+        res = finetune(FinetuneConfig(out=str(tmp_path / init), head_init=init, **kw))
+        norms[init] = float(load_checkpoint(res.checkpoint).model_state()["head.weight"].norm())
+        assert any("head_init=probe" in n for n in res.notes) == (init == "probe")
+        if init == "probe":   # a logistic regression separates the handful of training images
+            assert res.history and res.history[0]["loss"] < 0.69
+    assert norms["probe"] > 100 * norms["random"]
+    with pytest.raises(ConfigError, match="head_init='lpft'"):
+        FinetuneConfig(head_init="lpft")
+
+
 def test_finetune_early_stopping_and_feature_cache(tmp_path):
     cache = FeatureCache()
     kw = dict(data=str(SAMPLE), checkpoint=None, mode="probe", epochs=200, batch_size=4, threads=1, patience=2,

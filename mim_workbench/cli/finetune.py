@@ -82,6 +82,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> Runner:
                    help="an external labelled set (another hospital): scored as 'external', never trained on")
     p.add_argument("--pool", choices=("token", "avg"),
                    help="image feature: mean of the patch tokens (default) or class token")
+    p.add_argument("--head-init", choices=("random", "probe"),
+                   help="full mode: start from a random head (default) or one fitted on the frozen features (LP-FT)")
     p.add_argument("--balance", choices=("weights", "sampler", "none"), help="class imbalance (default weights)")
     p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss (0 = off)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -131,7 +133,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
                               "device": args.device, **arch_values(args)}
     for k in ("masks", "epochs", "lr", "weight_decay", "layer_decay", "label_smoothing", "drop_path", "balance",
               "patience", "augment", "val_fraction", "test_fraction", "split_seed", "positive_class", "threads",
-              "max_steps", "pool", "test_data"):
+              "max_steps", "pool", "head_init", "test_data"):
         if getattr(args, k) is not None:
             values[k] = getattr(args, k)
     if args.time_budget is not None:

@@ -44,6 +44,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the mode's)")
     p.add_argument("--batch-size", type=int, help="batch size of pretraining and fine-tuning")
     p.add_argument("--pool", choices=("token", "avg"), help="image feature: mean of the patch tokens (default) or class token")
+    p.add_argument("--head-init", choices=("random", "probe"),
+                   help="--mode full: a random head (default) or one fitted on the frozen features first (LP-FT)")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0)
@@ -69,7 +71,7 @@ def _study_config(args: argparse.Namespace) -> Any:
     ft: dict[str, Any] = {}
     if args.batch_size is not None:
         pre["batch_size"] = ft["batch_size"] = args.batch_size
-    for key in ("epochs", "positive_class", "pool"):
+    for key in ("epochs", "positive_class", "pool", "head_init"):
         if getattr(args, key) is not None:
             ft[key] = getattr(args, key)
     return StudyConfig(

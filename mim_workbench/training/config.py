@@ -427,6 +427,7 @@ class FinetuneConfig:
     drop_path: float | None = None         # full mode only
     dropout: float = 0.0                   # before the head, full mode only
     pool: str = "avg"                      # image feature: "token" (class token) or "avg" (mean of the patch tokens)
+    head_init: str = "random"              # full mode: "probe" fits the head on the frozen features first (LP-FT)
     warmup_epochs: float | None = None
     balance: str = "weights"
     patience: int | None = None            # epochs without a better validation loss; 0 = never stop early
@@ -468,6 +469,8 @@ class FinetuneConfig:
             bad("mode", "choose probe or full")
         if self.pool not in ("token", "avg"):
             bad("pool", "choose token or avg")
+        if self.head_init not in ("random", "probe"):
+            bad("head_init", "choose random or probe")
         if not (0.0 < self.fraction <= 1.0):
             bad("fraction", "must be in (0, 1]")
         for name in ("val_fraction", "test_fraction"):

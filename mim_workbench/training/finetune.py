@@ -301,9 +301,36 @@ class _Finetune:
         setup_s = self._prepare_data()
         optimizer, scaler = self._build_optimiser()
         st = self._restore(optimizer, scaler)
+        if self.cfg.head_init == "probe" and self.cfg.mode == "full" and st.step == 0:
+            self._fit_head_on_frozen_features()
         self._announce(setup_s)
         reason = self._train_epochs(st, optimizer, scaler)
         return self._finish(st, reason)
+
+    def _fit_head_on_frozen_features(self) -> None:
+        """LP-FT (Kumar et al., ICLR 2022): start full fine-tuning from a logistic-regression head
+        fitted on the pretrained encoder's frozen features, so that the first updates do not
+        reshape the features to suit a random head."""
+        from sklearn.linear_model import LogisticRegression
+
+        feats, labels = self._features(self.train_samples)
+        if len(set(labels.tolist())) < 2:
+            self.notes.append("head_init=probe: the training images hold one class only; the head starts random")
+            return
+        weight = "balanced" if self.cfg.balance != "none" else None
+        fit = LogisticRegression(max_iter=1000, class_weight=weight).fit(feats.numpy(), labels.numpy())
+        coef = torch.as_tensor(fit.coef_, dtype=torch.float32)
+        bias = torch.as_tensor(fit.intercept_, dtype=torch.float32)
+        if coef.shape[0] == 1:   # binary: sklearn's one logit is the second class's against the first's
+            coef, bias = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros_like(bias), bias])
+        present = torch.as_tensor(fit.classes_)
+        with torch.no_grad():
+            self.model.head.weight.zero_()
+            self.model.head.bias.zero_()
+            self.model.head.weight[present] = coef.to(self.model.head.weight)
+            self.model.head.bias[present] = bias.to(self.model.head.bias)
+        self.notes.append(f"head_init=probe: the head starts as a logistic regression on the frozen features of "
+                          f"{len(self.train_samples)} training images")
 
     def _prepare_data(self) -> float:
         """Loss weights, the splits' data (frozen features or datasets) and the step plan.
