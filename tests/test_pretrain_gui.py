@@ -79,8 +79,10 @@ def test_pretrain_dock_preset_fills_fields_and_config(make_napari_viewer, tmp_pa
     assert (w.preset.value, w.method.value, w.strategy.value, w.ratio.value, w.blr.value, w.img_size.value) == \
         ("cpu", "beit", "blockwise", 0.4, 2e-3, 112)
     assert w.config_dict()["time_budget_s"] == 1200.0
+    assert w.regions.native.isHidden()   # where region masks come from matters to region masking only
     w.preset.value = "quick-cpu"
     assert (w.method.value, w.strategy.value, w.img_size.value, w.batch.value) == ("simmim", "region", 64, 8)
+    assert not w.regions.native.isHidden()
     cfg = w.config_dict()
     encoder = cfg["encoder"]
     assert (encoder["patch_size"], encoder["embed_dim"], encoder["depth"], cfg["lr"]) == (4, 64, 2, 3e-3)

@@ -86,6 +86,7 @@ class PretrainWidget(RunControls, Container):
 
         self.preset.changed.connect(self.apply_preset)
         self.method.changed.connect(self.show_method_defaults)
+        self.strategy.changed.connect(self._show_region_source)
         self.start.changed.connect(self.start_training)
         self.pause.changed.connect(self.toggle_pause)
         self.stop.changed.connect(self.stop_training)
@@ -94,6 +95,7 @@ class PretrainWidget(RunControls, Container):
         self._set_running(False)
         self.native.destroyed.connect(self.job.shutdown)
         self.apply_preset()   # the fields show the default preset's values
+        self._show_region_source(self.strategy.value)
 
     # ------------------------------------------------------------------ settings → config
     def apply_preset(self, *_) -> None:
@@ -114,6 +116,10 @@ class PretrainWidget(RunControls, Container):
             self.model.value = encoder["model"]
         if "img_size" in encoder:
             self.img_size.value = int(encoder["img_size"][0])
+
+    def _show_region_source(self, strategy: str) -> None:
+        """*Regions from* only matters to region masking: hidden for the other strategies."""
+        self.regions.visible = strategy == "region"
 
     def show_method_defaults(self, method: str) -> None:
         """Set the mask ratio and base learning rate to the chosen method's own (MAE masks 75 %,
