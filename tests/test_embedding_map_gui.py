@@ -84,6 +84,7 @@ def test_mapping_without_a_folder_says_so(make_napari_viewer):
 
 def test_a_search_box_finds_its_image_and_shows_where_others_match(make_napari_viewer, qtbot, tiny_checkpoint,
                                                                     sample_root, tmp_path, monkeypatch):
+    from mim_workbench_napari._layers import viewer_grid
     from mim_workbench.io import read_image
     from mim_workbench_napari._explain_panel import BOX_PREFIX
     from mim_workbench_napari._inspect_widget import InspectWidget
@@ -107,7 +108,7 @@ def test_a_search_box_finds_its_image_and_shows_where_others_match(make_napari_v
     qtbot.waitUntil(lambda: panel.worker is None, timeout=90_000)
     names = [l.name for l in viewer.layers if l.name.startswith("similar ")]
     assert names[0].startswith("similar 1: km_p00009 (d=0.000, Pneumonia)") and names[1] == "similar 1 box", names
-    assert len(names) == 6 and w._grid().stride == 2 and "region" in panel.status.value
+    assert len(names) == 6 and viewer_grid(w.viewer).stride == 2 and "region" in panel.status.value
     assert all(len(h["box"]) == 4 for h in panel.neighbours)
 
     from napari.utils.notifications import notification_manager

@@ -21,6 +21,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_inspect_unseen_layer_side_by_side(make_napari_viewer, qtbot, tiny_checkpoint):
+    from mim_workbench_napari._layers import viewer_grid
     from mim_workbench import sample
     from mim_workbench.io import read_image
     from mim_workbench_napari._inspect_widget import InspectWidget
@@ -52,7 +53,7 @@ def test_inspect_unseen_layer_side_by_side(make_napari_viewer, qtbot, tiny_check
     assert not np.array_equal(first, viewer.layers["masked: unseen"].data), "a new mask was drawn"
 
     w.side_by_side.value = True
-    assert w._grid().enabled
+    assert viewer_grid(w.viewer).enabled
 
 
 def test_inspect_bad_checkpoint_notifies(make_napari_viewer, qtbot, tmp_path):
@@ -88,6 +89,7 @@ def _explained(viewer, layer, checkpoint, qtbot):
 def test_explain_adds_aligned_maps_and_similar_cases_sit_beside_the_image(make_napari_viewer, qtbot,
                                                                           tiny_checkpoint, sample_root, tmp_path,
                                                                           monkeypatch):
+    from mim_workbench_napari._layers import viewer_grid
     from mim_workbench.io import read_image
 
     monkeypatch.setenv("MIM_WORKBENCH_CACHE", str(tmp_path))
@@ -108,7 +110,7 @@ def test_explain_adds_aligned_maps_and_similar_cases_sit_beside_the_image(make_n
     qtbot.waitUntil(lambda: panel.worker is None, timeout=90_000)
     similar = [l.name for l in viewer.layers if l.name.startswith("similar ")]
     assert len(similar) == 3 and similar[0].startswith("similar 1: km_n00001 (d=0.000, Normal)"), similar
-    assert w._grid().enabled and [h["distance"] for h in panel.neighbours] == sorted(h["distance"] for h in panel.neighbours)
+    assert viewer_grid(w.viewer).enabled and [h["distance"] for h in panel.neighbours] == sorted(h["distance"] for h in panel.neighbours)
 
 
 @pytest.mark.parametrize("method", ["beit", "feature"])

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.gui
 
 
 def test_pretrain_dock_runs_previews_and_checkpoints(make_napari_viewer, qtbot, tmp_path, sample_root):
+    from mim_workbench_napari._layers import viewer_grid
     from mim_workbench_napari._pretrain_widget import PretrainWidget
 
     viewer = make_napari_viewer()
@@ -29,6 +30,7 @@ def test_pretrain_dock_runs_previews_and_checkpoints(make_napari_viewer, qtbot, 
     assert w.checkpoints.choices, "checkpoints are listed"
     for prefix in ("masked", "recon", "error"):
         assert f"{prefix}: {sample_root.name}" in viewer.layers
+    assert viewer_grid(viewer).enabled   # the previews side by side, not stacked
     assert len(w.plot.train[0]) >= 2
     assert time.monotonic() - timer_start < 50
 

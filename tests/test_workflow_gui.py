@@ -30,6 +30,7 @@ def _paint_points(layer, mask: np.ndarray, label: int, n: int, seed: int) -> Non
 
 
 def test_whole_flow(make_napari_viewer, qtbot, tmp_path, sample_root):
+    from mim_workbench_napari._layers import viewer_grid
     from mim_workbench import sample
     from mim_workbench.io import read_image, read_mask
     from mim_workbench.regions import dice
@@ -118,7 +119,7 @@ def test_whole_flow(make_napari_viewer, qtbot, tmp_path, sample_root):
         assert viewer.layers[f"{prefix}: unseen"].data.shape == unseen.data.shape
     assert "PSNR" in insp.metrics.value
     insp.side_by_side.value = True
-    assert insp._grid().enabled
+    assert viewer_grid(insp.viewer).enabled
     insp.side_by_side.value = False
 
     # -- fine-tune a dense head from a few strokes, on the pretrained encoder ------------------

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import Container, PushButton, SpinBox
 
+from ._layers import show_side_by_side
 from ._status import job_handlers, path_edit, start_job, status_label
 
 if TYPE_CHECKING:
@@ -200,9 +201,7 @@ class ExplainPanel(Container):
                 top, left, bottom, right = hit["box"]
                 rect = np.array([[top, left], [top, right], [bottom, right], [bottom, left]], dtype=float)
                 self.viewer.add_shapes([rect], name=f"{SIMILAR_PREFIX}{rank} box", **MATCH_STYLE)
-        grid = getattr(getattr(self.viewer, "canvas", None), "grid", None) or self.viewer.grid
-        grid.enabled, grid.stride = True, 2 if by_box else 1
-        self.viewer.reset_view()
+        show_side_by_side(self.viewer, 2 if by_box else 1)
         self.neighbours = hits
         what = "the search box's region" if by_box else "the image"
         self.status.value = (f"{len(hits)} images of the folder most like {what}, nearest first (cosine distance)"

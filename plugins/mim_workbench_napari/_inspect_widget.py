@@ -26,6 +26,7 @@ from mim_workbench.inference.reconstruct import ReconstructionResult, model_from
 from mim_workbench.models.render import METHOD_PICTURES
 
 from ._explain_panel import MAP_LAYERS, SIMILAR_PREFIX, ExplainPanel
+from ._layers import show_side_by_side, viewer_grid
 from ._multiscale import ScratchMaps, wants_tiled
 from ._self_check import arm_from_env
 from ._status import job_handlers, path_edit, status_label
@@ -96,17 +97,12 @@ class InspectWidget(Container):
         self.seed.value = int(self.seed.value) + 1
         self.reconstruct()
 
-    def _grid(self):
-        # napari >= 0.9 moved the grid to viewer.canvas.grid
-        canvas = getattr(self.viewer, "canvas", None)
-        return canvas.grid if canvas is not None and hasattr(canvas, "grid") else self.viewer.grid
-
     def _toggle_grid(self) -> None:
-        grid = self._grid()
-        grid.enabled = bool(self.side_by_side.value)
         if self.side_by_side.value:
-            grid.stride = 1
-        self.viewer.reset_view()  # the grid (or its end) changes the scene: show all of it, not a corner
+            show_side_by_side(self.viewer)
+            return
+        viewer_grid(self.viewer).enabled = False
+        self.viewer.reset_view()  # the grid's end changes the scene: show all of it, not a corner
 
     # ------------------------------------------------------------------ run
     def _model(self, path: str):

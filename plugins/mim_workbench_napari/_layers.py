@@ -30,3 +30,17 @@ def to_layer_data(loaded: LoadedImage, *, name: str | None = None) -> LayerData:
         kwargs.pop("colormap")
         kwargs.pop("contrast_limits")
     return loaded.data, kwargs, "image"
+
+
+def viewer_grid(viewer: Any) -> Any:
+    """The viewer's grid settings (napari >= 0.9 keeps them on ``viewer.canvas.grid``)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
+def show_side_by_side(viewer: Any, stride: int = 1) -> None:
+    """Grid mode (each layer, or each ``stride`` layers, in a cell of its own), all of it in view."""
+    grid = viewer_grid(viewer)
+    grid.enabled, grid.stride = True, stride
+    viewer.reset_view()
+

@@ -20,6 +20,7 @@ from mim_workbench.training.events import (CheckpointSaved, Event, Failed, Finis
                                           Started)
 
 from ._background import BackgroundRun, RunControls
+from ._layers import show_side_by_side
 from ._self_check import arm_from_env
 from ._status import checkpoint_phrase, path_edit, status_label
 from ._training_widgets import LossPlot, detected_devices, fmt_eta
@@ -246,6 +247,7 @@ class PretrainWidget(RunControls, Container):
         layers = {"masked": event.masked, "recon": event.reconstruction, "error": event.error, **event.extra}
         if "similarity" in event.extra:   # latent targets: no pixels to show, the cosine map instead
             del layers["recon"], layers["error"]
+        added = False
         for prefix, data in layers.items():
             name = f"{prefix}: {self._preview_name}"
             top = max(1e-6, float(data.max())) if prefix == "error" else 1.0
@@ -253,6 +255,7 @@ class PretrainWidget(RunControls, Container):
             if layer is None:
                 cmap = "inferno" if prefix in ("error", "similarity") else "gray"
                 self.viewer.add_image(data, name=name, colormap=cmap, contrast_limits=(0.0, top))
+                added = True
                 continue
             if prefix == "error":  # the error shrinks as training goes on: keep it visible
                 layer.contrast_limits = (0.0, top)
@@ -264,3 +267,5 @@ class PretrainWidget(RunControls, Container):
                 layer.refresh(extent=False, highlight=False)
             else:
                 layer.data = data
+        if added:   # a run's first previews: one cell each, not stacked on one another
+            show_side_by_side(self.viewer)
