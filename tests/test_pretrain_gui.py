@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 from _mim_tiny import fill_pretrain_dock
 
@@ -15,6 +16,7 @@ def test_pretrain_dock_runs_previews_and_checkpoints(make_napari_viewer, qtbot, 
     from mim_workbench_napari._pretrain_widget import PretrainWidget
 
     viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((256, 128), np.float32), name="an open image")
     w = PretrainWidget(viewer)
     viewer.window.add_dock_widget(w)
     fill_pretrain_dock(w, sample_root, tmp_path / "run", epochs=2)
@@ -30,7 +32,9 @@ def test_pretrain_dock_runs_previews_and_checkpoints(make_napari_viewer, qtbot, 
     assert w.checkpoints.choices, "checkpoints are listed"
     for prefix in ("masked", "recon", "error"):
         assert f"{prefix}: {sample_root.name}" in viewer.layers
-    assert viewer_grid(viewer).enabled   # the previews side by side, not stacked
+    assert viewer_grid(viewer).enabled   # the previews side by side, not stacked,
+    recon = viewer.layers[f"recon: {sample_root.name}"]   # each as large as the open image (64 px -> 256)
+    assert tuple(recon.scale) == pytest.approx((4.0, 4.0))
     assert len(w.plot.train[0]) >= 2
     assert time.monotonic() - timer_start < 50
 

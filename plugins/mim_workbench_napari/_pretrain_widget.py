@@ -243,6 +243,15 @@ class PretrainWidget(RunControls, Container):
         self._preview_shown_at = time.monotonic()
         self._show_preview(event)
 
+    def _preview_scale(self, shape: tuple[int, ...]) -> float:
+        """Previews are drawn as large as the largest other image open, so that side by side
+        each fills a grid cell like it instead of a corner of one."""
+        own = f": {self._preview_name}"
+        # a layer's world extent runs between its first and last pixel centres: one pixel more
+        sides = [float((np.ptp(layer.extent.world[:, -2:], axis=0) + np.asarray(layer.scale[-2:])).max())
+                 for layer in self.viewer.layers if layer._type_string == "image" and not layer.name.endswith(own)]
+        return max(sides) / max(shape) if sides else 1.0
+
     def _show_preview(self, event: Preview) -> None:
         layers = {"masked": event.masked, "recon": event.reconstruction, "error": event.error, **event.extra}
         if "similarity" in event.extra:   # latent targets: no pixels to show, the cosine map instead
@@ -254,7 +263,8 @@ class PretrainWidget(RunControls, Container):
             layer = self.viewer.layers[name] if name in self.viewer.layers else None
             if layer is None:
                 cmap = "inferno" if prefix in ("error", "similarity") else "gray"
-                self.viewer.add_image(data, name=name, colormap=cmap, contrast_limits=(0.0, top))
+                scale = (self._preview_scale(data.shape[:2]),) * 2
+                self.viewer.add_image(data, name=name, colormap=cmap, contrast_limits=(0.0, top), scale=scale)
                 added = True
                 continue
             if prefix == "error":  # the error shrinks as training goes on: keep it visible
