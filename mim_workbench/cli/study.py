@@ -25,8 +25,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
                    "labelled test images in it are never pretrained on")
     p.add_argument("--test-data", metavar="PATH", help="external labelled set (another hospital): scored only")
     add_out(p)
-    p.add_argument("--variants", default="scratch,mae,rgmim",
-                   help="comma list of scratch, mae, rgmim, simmim, miram, beit, feature, init=FILE (default scratch,mae,rgmim)")
+    p.add_argument("--variants", default="scratch,mae,rgmim,beit",
+                   help="comma list of scratch, mae, rgmim, simmim, miram, beit, feature, init=FILE "
+                        "(default scratch,mae,rgmim,beit: no pretraining, random and region-guided masking, "
+                        "and the cpu preset's visual tokens)")
     regions = p.add_mutually_exclusive_group()
     regions.add_argument("--masks", metavar="DIR", help="region masks of the pool's images (rgmim)")
     regions.add_argument("--region-preset", help="propose the pool's missing region masks with a preset (e.g. lungs)")

@@ -94,7 +94,7 @@ class StudyConfig:
     region_preset: str | None = None         # or proposed by a region preset ...
     region_model: str | None = None          # ... or by a learned region model
     out: str | None = None
-    variants: tuple[str, ...] = ("scratch", "mae", "rgmim")
+    variants: tuple[str, ...] = ("scratch", "mae", "rgmim", "beit")
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     seeds: int = 3                           # seeds 0 .. seeds-1
     mode: str = "probe"                      # "probe" | "full"

@@ -71,7 +71,7 @@ class EvaluateWidget(RunControls, Container):
                               placeholder="class folders, labels.csv or a CSV manifest")
         self.external = path_edit(label="External test set", mode="d", value="",
                                   placeholder="optional: another hospital's labelled images, scored only")
-        self.variants = Select(label="Variants", choices=VARIANTS, value=["scratch", "mae", "rgmim"])
+        self.variants = Select(label="Variants", choices=VARIANTS, value=["scratch", "mae", "rgmim", "beit"])
         self.regions = ComboBox(label="Regions (rgmim)", choices=REGION_SOURCES, value=REGION_SOURCES[0])
         self.masks = path_edit(label="Masks folder", mode="d", value="", placeholder="the pool's region masks")
         self.fractions = LineEdit(label="Label fractions", value="0.1, 0.5, 1")
