@@ -105,7 +105,8 @@ def test_cache_info_and_clear(tmp_path, capsys):
 
 def _events():
     return [
-        ev.Started(run_dir="r", config={"method": "mae", "strategy": "random", "model": "m", "img_size": [64, 64]},
+        ev.Started(run_dir="r", config={"method": "mae", "strategy": "random",
+                                        "encoder": {"model": "vit_tiny_patch16_224", "img_size": [64, 64]}},
                    total_steps=40, device="cpu", steps_per_epoch=20, n_train=10, n_val=2, lr=1e-4, stop_at=40,
                    notes=("hello",)),
         *[ev.Progress(step=s, total=40, epoch=0, loss=0.5, lr=1e-4, images_per_s=10.0, eta_s=3.0,
@@ -121,7 +122,7 @@ def test_progress_printer_plain_lines_when_not_a_tty():
     for e in _events():
         p(e)
     lines = buf.getvalue().splitlines()
-    assert lines[0].startswith("pretrain: mae/random") and "note: hello" in lines[1]
+    assert lines[0].startswith("pretrain: mae/random vit_tiny_patch16_224 64x64,") and "note: hello" in lines[1]
     steps = [ln for ln in lines if ln.startswith("step ")]
     assert 15 <= len(steps) <= 25 and "\r" not in buf.getvalue()
     assert any("val 0.4000" in ln for ln in steps) and "ETA 0:03" in steps[-1]

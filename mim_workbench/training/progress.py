@@ -40,10 +40,11 @@ class ProgressPrinter:
                 self._line(f"{event.stage}: {event.done}/{event.total} | ETA {_hms(event.eta_s)}")
         elif isinstance(event, ev.Started):
             c = event.config
+            enc = c.get("encoder") or c   # the architecture nests under "encoder" (flat in older runs)
             where = f"{event.device}" + (f" x{event.world_size}" if event.world_size > 1 else "")
             resumed = f", resuming at step {event.start_step}" if event.start_step else ""
-            self._line(f"pretrain: {c.get('method')}/{c.get('strategy')} {c.get('model')} "
-                       f"{'x'.join(map(str, c.get('img_size', [])))}, {event.n_train} train / {event.n_val} val "
+            self._line(f"pretrain: {c.get('method')}/{c.get('strategy')} {enc.get('model')} "
+                       f"{'x'.join(map(str, enc.get('img_size') or []))}, {event.n_train} train / {event.n_val} val "
                        f"images, {event.total_steps} steps ({event.steps_per_epoch}/epoch), lr {event.lr:.3g}, "
                        f"{where}{', amp ' + event.amp if event.amp != 'off' else ''}{resumed} -> {event.run_dir}")
             for note in event.notes:
