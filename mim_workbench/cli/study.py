@@ -25,7 +25,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
                    "labelled test images in it are never pretrained on")
     p.add_argument("--test-data", metavar="PATH", help="external labelled set (another hospital): scored only")
     add_out(p)
-    p.add_argument("--variants", default="scratch,mae,rgmim,beit",
+    p.add_argument("--variants",
                    help="comma list of scratch, mae, rgmim, simmim, miram, beit, feature, init=FILE "
                         "(default scratch,mae,rgmim,beit: no pretraining, random and region-guided masking, "
                         "and the cpu preset's visual tokens)")
@@ -63,7 +63,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Runner:
 
 def _study_config(args: argparse.Namespace) -> Any:
     from ..study import StudyConfig
-    from ..study.config import parse_fractions
+    from ..study.config import DEFAULT_VARIANTS, parse_fractions
     from ..training.config import read_config_file
 
     pre: dict[str, Any] = {"preset": args.preset}
@@ -79,7 +79,7 @@ def _study_config(args: argparse.Namespace) -> Any:
     return StudyConfig(
         data=args.data, unlabeled=args.unlabeled, test_data=args.test_data, masks=args.masks,
         region_preset=args.region_preset, region_model=args.region_model, out=args.out,
-        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants else DEFAULT_VARIANTS,
         fractions=parse_fractions(args.fractions, "--fractions"), seeds=args.seeds, mode=args.mode,
         budget_minutes=args.budget_minutes, budget_steps=args.budget_steps, pretrain=pre, finetune=ft,
         encoders=args.encoders, val_fraction=args.val_fraction, test_fraction=args.test_fraction,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..models.config import DEFAULT_POOL
+from ..models.config import DEFAULT_POOL, POOLS
 
 if TYPE_CHECKING:
     from ..io.samples import Sample
@@ -56,8 +56,8 @@ class Embedder:
         CheckpointError when the checkpoint holds no encoder; ConfigError for another pool."""
         from .explain import Explainer
 
-        if pool not in ("token", "avg"):
-            raise ConfigError(f"pool={pool!r}: choose token or avg")
+        if pool not in POOLS:
+            raise ConfigError(f"pool={pool!r}: choose {' or '.join(POOLS)}")
         self.explainer, self.pool = Explainer(checkpoint, device=device), pool
 
     def vectors(self, images: list[ImageLike]) -> np.ndarray:

@@ -35,6 +35,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "feature": {"method": "feature"},
 }
 VARIANT_NAMES = ("scratch", *METHODS, "init=FILE")
+#: what a study compares unless told: no pretraining, random and region-guided masking, and
+#: the visual tokens the ``cpu`` preset pretrains
+DEFAULT_VARIANTS = ("scratch", "mae", "rgmim", "beit")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class StudyConfig:
     region_preset: str | None = None         # or proposed by a region preset ...
     region_model: str | None = None          # ... or by a learned region model
     out: str | None = None
-    variants: tuple[str, ...] = ("scratch", "mae", "rgmim", "beit")
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
     seeds: int = 3                           # seeds 0 .. seeds-1
     mode: str = "probe"                      # "probe" | "full"

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import ConfigError, check_known_keys
-from ..models.config import ENCODER_FIELDS, METHODS, EncoderConfig, ModelConfig, nest_encoder_fields, parse_img_size
+from ..models.config import (DEFAULT_POOL, ENCODER_FIELDS, METHODS, POOLS, EncoderConfig, ModelConfig, nest_encoder_fields,
+                             parse_img_size)
 from .schema import check_field_types
 
 STRATEGY_NAMES = ("random", "block", "blockwise", "region")
@@ -426,7 +427,7 @@ class FinetuneConfig:
     label_smoothing: float | None = None
     drop_path: float | None = None         # full mode only
     dropout: float = 0.0                   # before the head, full mode only
-    pool: str = "avg"                      # image feature: "token" (class token) or "avg" (mean of the patch tokens)
+    pool: str = DEFAULT_POOL               # image feature: "token" (class token) or "avg" (mean of the patch tokens)
     head_init: str = "random"              # full mode: "probe" fits the head on the frozen features first (LP-FT)
     warmup_epochs: float | None = None
     balance: str = "weights"
@@ -467,8 +468,8 @@ class FinetuneConfig:
         check_field_types(self)  # wrong types first: the range checks below assume numbers
         if self.mode not in _MODE_DEFAULTS:
             bad("mode", "choose probe or full")
-        if self.pool not in ("token", "avg"):
-            bad("pool", "choose token or avg")
+        if self.pool not in POOLS:
+            bad("pool", f"choose {' or '.join(POOLS)}")
         if self.head_init not in ("random", "probe"):
             bad("head_init", "choose random or probe")
         if not (0.0 < self.fraction <= 1.0):

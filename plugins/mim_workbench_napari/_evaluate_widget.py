@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import napari  # the viewer annotation must resolve: napari injects it by type
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, LineEdit, ProgressBar, PushButton, Select, SpinBox
 
+from mim_workbench.study.config import DEFAULT_VARIANTS, METHODS
 from mim_workbench.training.events import Failed
 
 from ._background import BackgroundRun, RunControls
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
     from mim_workbench.study import StudyFinished, StudyProgress
 
-VARIANTS = ["scratch", "mae", "rgmim", "simmim", "miram", "beit", "feature"]
+VARIANTS = ["scratch", *METHODS]
 #: where rgmim's region masks come from
 REGION_SOURCES = ["propose: lungs", "propose: breast", "propose: teeth", "propose: tissue", "pool's masks folder"]
 
@@ -71,7 +72,7 @@ class EvaluateWidget(RunControls, Container):
                               placeholder="class folders, labels.csv or a CSV manifest")
         self.external = path_edit(label="External test set", mode="d", value="",
                                   placeholder="optional: another hospital's labelled images, scored only")
-        self.variants = Select(label="Variants", choices=VARIANTS, value=["scratch", "mae", "rgmim", "beit"])
+        self.variants = Select(label="Variants", choices=VARIANTS, value=list(DEFAULT_VARIANTS))
         self.regions = ComboBox(label="Regions (rgmim)", choices=REGION_SOURCES, value=REGION_SOURCES[0])
         self.masks = path_edit(label="Masks folder", mode="d", value="", placeholder="the pool's region masks")
         self.fractions = LineEdit(label="Label fractions", value="0.1, 0.5, 1")

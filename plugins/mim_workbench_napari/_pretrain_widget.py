@@ -249,7 +249,8 @@ class PretrainWidget(RunControls, Container):
         own = f": {self._preview_name}"
         # a layer's world extent runs between its first and last pixel centres: one pixel more
         sides = [float((np.ptp(layer.extent.world[:, -2:], axis=0) + np.asarray(layer.scale[-2:])).max())
-                 for layer in self.viewer.layers if layer._type_string == "image" and not layer.name.endswith(own)]
+                 for layer in self.viewer.layers
+                 if isinstance(layer, napari.layers.Image) and not layer.name.endswith(own)]
         return max(sides) / max(shape) if sides else 1.0
 
     def _show_preview(self, event: Preview) -> None:
